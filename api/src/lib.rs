@@ -1,0 +1,37 @@
+//! Cobalt's resource model.
+//!
+//! Everything users write and tools read: the [`Volume`] and [`Machine`] kinds with their
+//! metadata, spec and status; byte [`Quantity`]s; [`validate`] that reports *every* problem with
+//! its field path; [`manifest`] parsing of multi-document YAML/JSON with positions in errors; and
+//! the JSON Schemas generated from these types ([`schema`]).
+//!
+//! Architecture invariant: this crate does no I/O and knows nothing of etcd, HTTP or BTRFS.
+//!
+//! ```
+//! let docs = cobalt_api::manifest::parse_manifests(r#"
+//! apiVersion: cobalt.io/v1alpha1
+//! kind: Volume
+//! metadata: {name: media}
+//! spec: {size: 10Gi}
+//! "#).unwrap();
+//! assert_eq!(docs[0].name(), "media");
+//! ```
+
+pub mod condition;
+pub mod machine;
+pub mod manifest;
+pub mod meta;
+pub mod quantity;
+pub mod schema;
+pub mod validate;
+pub mod volume;
+
+pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
+pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus};
+pub use meta::{ObjectMeta, Resource, API_VERSION};
+pub use quantity::{Quantity, QuantityError};
+pub use validate::{FieldError, ValidationErrors};
+pub use volume::{
+    Access, Compression, Endpoint, Export, ExportClient, Placement, Usage, Volume, VolumePhase,
+    VolumeSource, VolumeSpec, VolumeStatus,
+};

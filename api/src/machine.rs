@@ -1,0 +1,105 @@
+//! The Machine kind: one storage machine running one `cobalt-agent`.
+//!
+//! Users may declare a Machine (labels, cordon via `unschedulable`, `maxFill`); an agent
+//! registers its own if absent and never overwrites fields a user set. Liveness is not part of
+//! the object: it is the agent's lease-bound `alive` key.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+use crate::meta::{resource, ObjectMeta, API_VERSION};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "Machine", description = "A Cobalt storage machine.")]
+pub struct Machine {
+    /// Always `cobalt.io/v1alpha1`.
+    #[schemars(extend("const" = "cobalt.io/v1alpha1"))]
+    pub api_version: String,
+    /// Always `Machine`.
+    #[schemars(extend("const" = "Machine"))]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: MachineSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MachineStatus>,
+}
+
+resource!(Machine, MachineStatus, "Machine", "machines");
+
+impl Machine {
+    pub fn new(name: impl Into<String>, spec: MachineSpec) -> Self {
+        Machine {
+            api_version: API_VERSION.to_string(),
+            kind: "Machine".to_string(),
+            metadata: ObjectMeta::named(name),
+            spec,
+            status: None,
+        }
+    }
+}
+
+/// Default `maxFill`: the share of a machine's bytes the scheduler may reserve.
+pub const DEFAULT_MAX_FILL_PERCENT: u8 = 90;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MachineSpec {
+    /// The address NFS clients reach this machine at.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// Cordon: no new volumes are placed here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+    /// Percent of total capacity the scheduler may reserve (1–100, default 90).
+    #[serde(default = "default_max_fill")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_fill: u8,
+}
+
+fn default_max_fill() -> u8 {
+    DEFAULT_MAX_FILL_PERCENT
+}
+
+impl Default for MachineSpec {
+    fn default() -> Self {
+        MachineSpec {
+            address: String::new(),
+            unschedulable: false,
+            max_fill: DEFAULT_MAX_FILL_PERCENT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MachineStatus {
+    #[serde(default)]
+    pub phase: MachinePhase,
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Volumes bound to this machine.
+    #[serde(default)]
+    pub volumes: u32,
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MachinePhase {
+    #[default]
+    NotReady,
+    Ready,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub reserved_bytes: u64,
+    pub used_bytes: u64,
+}

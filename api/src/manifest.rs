@@ -1,0 +1,209 @@
+//! Reading manifests: multi-document YAML (JSON is YAML too) into typed, validated objects.
+//!
+//! Parsing runs in two steps so every error is one a user can act on:
+//! 1. YAML syntax → a generic document; errors carry line and column.
+//! 2. document → typed object; errors carry the field path (`spec.sise: unknown field …`),
+//!    then [`crate::validate`] reports every semantic problem at once.
+//!
+//! Empty documents (a trailing `---`) are skipped.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::machine::Machine;
+use crate::validate::{validate_machine, validate_volume, FieldError, ValidationErrors};
+use crate::volume::Volume;
+use crate::Resource;
+
+/// One object from a manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Manifest {
+    Volume(Volume),
+    Machine(Machine),
+}
+
+impl Manifest {
+    pub fn name(&self) -> &str {
+        match self {
+            Manifest::Volume(v) => v.name(),
+            Manifest::Machine(m) => m.name(),
+        }
+    }
+
+    /// `volume`, `machine`: the lowercase kind as `cobaltctl` prints it.
+    pub fn kind_lower(&self) -> &'static str {
+        match self {
+            Manifest::Volume(_) => "volume",
+            Manifest::Machine(_) => "machine",
+        }
+    }
+}
+
+/// Why a manifest was refused. `document` counts from 1 in the order the documents appear.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("invalid YAML: {0}")]
+    Syntax(String),
+    #[error("document {document}: {error}")]
+    Shape { document: usize, error: FieldError },
+    #[error("document {document}: kind {kind:?} is unknown; expected Volume or Machine")]
+    UnknownKind { document: usize, kind: String },
+    #[error("document {document} ({kind}/{name}) is invalid: {errors}")]
+    Invalid {
+        document: usize,
+        kind: &'static str,
+        name: String,
+        errors: ValidationErrors,
+    },
+}
+
+/// Parses YAML text with one or more documents into generic values, skipping empty ones.
+pub fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, ManifestError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Converts a generic document into a typed object, naming the offending field on failure.
+pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        FieldError {
+            field: if path == "." { "(root)".into() } else { path },
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Decodes and validates one document of any known kind.
+pub fn decode_manifest(document: usize, value: Value) -> Result<Manifest, ManifestError> {
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let shape = |error| ManifestError::Shape { document, error };
+    match kind.as_str() {
+        "Volume" => {
+            let v: Volume = from_value(value).map_err(shape)?;
+            validate_volume(&v).map_err(|errors| ManifestError::Invalid {
+                document,
+                kind: "Volume",
+                name: v.metadata.name.clone(),
+                errors,
+            })?;
+            Ok(Manifest::Volume(v))
+        }
+        "Machine" => {
+            let m: Machine = from_value(value).map_err(shape)?;
+            validate_machine(&m).map_err(|errors| ManifestError::Invalid {
+                document,
+                kind: "Machine",
+                name: m.metadata.name.clone(),
+                errors,
+            })?;
+            Ok(Manifest::Machine(m))
+        }
+        "" => Err(shape(FieldError {
+            field: "kind".into(),
+            message: "is missing; expected Volume or Machine".into(),
+        })),
+        _ => Err(ManifestError::UnknownKind { document, kind }),
+    }
+}
+
+/// Parses and validates every document of a manifest. Nothing is returned unless all are valid,
+/// so a caller never applies half a file.
+pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
+    parse_yaml_documents(text)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, doc)| decode_manifest(i + 1, doc))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOLUME: &str =
+        "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {name: a}\nspec: {size: 1Gi}\n";
+
+    #[test]
+    fn several_documents_parse_in_order_and_empty_ones_are_skipped() {
+        let text = format!("{VOLUME}---\napiVersion: cobalt.io/v1alpha1\nkind: Machine\nmetadata: {{name: n1}}\n---\n");
+        let docs = parse_manifests(&text).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!((docs[0].kind_lower(), docs[0].name()), ("volume", "a"));
+        assert_eq!((docs[1].kind_lower(), docs[1].name()), ("machine", "n1"));
+    }
+
+    #[test]
+    fn yaml_syntax_errors_carry_line_and_column() {
+        let err = parse_manifests("kind: Volume\nspec: {size: [1Gi\n").unwrap_err();
+        let ManifestError::Syntax(msg) = err else {
+            panic!("{err:?}")
+        };
+        assert!(msg.contains("line 2 column 14"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_the_field_and_its_place() {
+        let err =
+            parse_manifests(&VOLUME.replace("size: 1Gi", "size: 1Gi, sise: 2Gi")).unwrap_err();
+        let ManifestError::Shape { document: 1, error } = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(error.field, "spec.sise");
+        assert!(error.message.contains("sise"), "{}", error.message);
+    }
+
+    #[test]
+    fn wrong_values_name_the_nested_field() {
+        let text = VOLUME.replace(
+            "size: 1Gi",
+            "size: 1Gi, export: {clients: [{host: a}, {host: b, access: write}]}",
+        );
+        let ManifestError::Shape { error, .. } = parse_manifests(&text).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(error.field, "spec.export.clients[1].access");
+        assert!(error.message.contains("rw"), "{}", error.message);
+        let bad_size = VOLUME.replace("1Gi", "10GB");
+        let ManifestError::Shape { error, .. } = parse_manifests(&bad_size).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(error.field, "spec.size");
+    }
+
+    #[test]
+    fn invalid_objects_report_all_problems_and_nothing_is_returned() {
+        let text = format!(
+            "{VOLUME}---\n{}",
+            VOLUME.replace("name: a", "name: A_B").replace("1Gi", "1k")
+        );
+        let err = parse_manifests(&text).unwrap_err();
+        let ManifestError::Invalid {
+            document: 2,
+            errors,
+            ..
+        } = err
+        else {
+            panic!("{err:?}")
+        };
+        let fields: Vec<_> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.name", "spec.size"]);
+    }
+
+    #[test]
+    fn unknown_and_missing_kinds_are_refused() {
+        assert!(matches!(
+            parse_manifests("kind: Pod\nmetadata: {name: x}\n"),
+            Err(ManifestError::UnknownKind { kind, .. }) if kind == "Pod"
+        ));
+        assert!(matches!(
+            parse_manifests("metadata: {name: x}\n"),
+            Err(ManifestError::Shape { error, .. }) if error.field == "kind"
+        ));
+    }
+}

@@ -1,0 +1,126 @@
+//! Object metadata shared by every kind, and the `Resource` trait that lets generic code (the
+//! store, the reconcile library, the HTTP API) handle Volumes and Machines alike.
+//!
+//! Users set `name`, `labels` and `annotations`. The store sets `uid`, `creationTimestamp`,
+//! `resourceVersion` (the etcd mod revision of the object key) and `generation` (bumped only when
+//! the spec changes); values a user sends for those are ignored on create and must match on
+//! replace. `deletionTimestamp` is set by a delete while `finalizers` remain.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The one API version of this release.
+pub const API_VERSION: &str = "cobalt.io/v1alpha1";
+
+/// Metadata of every object.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    /// Unique within its kind: a DNS-1123 label (lowercase letters, digits and '-', at most 63).
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Set by the store on create; names the object's data for its whole life.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Bumps on every spec change; status.observedGeneration says which one was acted on.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: i64,
+    /// The etcd mod revision of the object; a replace must send the current one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<DateTime<Utc>>,
+    /// While any remain, a delete only marks the object (deletionTimestamp).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl ObjectMeta {
+    pub fn named(name: impl Into<String>) -> Self {
+        ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The resourceVersion as an etcd revision (0 when unset or not a number).
+    pub fn revision(&self) -> i64 {
+        self.resource_version.parse().unwrap_or(0)
+    }
+
+    pub fn is_deleting(&self) -> bool {
+        self.deletion_timestamp.is_some()
+    }
+}
+
+/// A kind stored by Cobalt: an object (metadata + spec) and a separately written status.
+pub trait Resource:
+    Serialize + DeserializeOwned + Clone + PartialEq + Send + Sync + std::fmt::Debug + 'static
+{
+    type Status: Serialize
+        + DeserializeOwned
+        + Clone
+        + PartialEq
+        + Default
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static;
+
+    /// `Volume`, `Machine`.
+    const KIND: &'static str;
+    /// `volumes`, `machines`: the path segment in etcd keys and URLs.
+    const PLURAL: &'static str;
+
+    fn meta(&self) -> &ObjectMeta;
+    fn meta_mut(&mut self) -> &mut ObjectMeta;
+    fn status(&self) -> Option<&Self::Status>;
+    fn status_mut(&mut self) -> &mut Option<Self::Status>;
+    /// True when the two objects' specs are equal (generation bumps only when this is false).
+    fn same_spec(&self, other: &Self) -> bool;
+
+    fn name(&self) -> &str {
+        &self.meta().name
+    }
+}
+
+/// Implements [`Resource`] for a struct with `metadata`, `spec` and `status: Option<_>` fields.
+macro_rules! resource {
+    ($ty:ty, $status:ty, $kind:literal, $plural:literal) => {
+        impl $crate::Resource for $ty {
+            type Status = $status;
+            const KIND: &'static str = $kind;
+            const PLURAL: &'static str = $plural;
+            fn meta(&self) -> &$crate::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut $crate::ObjectMeta {
+                &mut self.metadata
+            }
+            fn status(&self) -> Option<&$status> {
+                self.status.as_ref()
+            }
+            fn status_mut(&mut self) -> &mut Option<$status> {
+                &mut self.status
+            }
+            fn same_spec(&self, other: &Self) -> bool {
+                self.spec == other.spec
+            }
+        }
+    };
+}
+pub(crate) use resource;

@@ -1,0 +1,400 @@
+//! Semantic validation that reports *every* problem at once, each with its field path
+//! (`spec.export.clients[1].host`), so a user fixes a manifest in one round.
+//!
+//! Shape errors (unknown fields, wrong types, unknown enum values) are caught earlier, when the
+//! manifest is parsed ([`crate::manifest`]); this module checks what the types cannot express.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::machine::Machine;
+use crate::meta::{ObjectMeta, API_VERSION};
+use crate::quantity::MIB;
+use crate::volume::Volume;
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.export.clients[1].host`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every problem found in one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl ValidationErrors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// Maximum length of names and label values.
+pub const MAX_NAME_LEN: usize = 63;
+/// Maximum dilation percentage.
+pub const MAX_DILATION_PERCENT: u32 = 1000;
+
+/// Why `name` is not a DNS-1123 label, if it is not one.
+pub fn dns1123_label_problem(name: &str) -> Option<String> {
+    const RULE: &str = "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters";
+    if name.is_empty() {
+        return Some(format!("is empty; {RULE}"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Some(format!("is {} characters long; {RULE}", name.len()));
+    }
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        return Some(format!("{name:?} {RULE}"));
+    }
+    None
+}
+
+/// Why `host` is not an IP address, a CIDR or a hostname, if it is not one.
+pub fn export_host_problem(host: &str) -> Option<String> {
+    const RULE: &str = "must be an IP address, a CIDR (10.0.0.0/24) or a hostname";
+    if let Some((addr, prefix)) = host.split_once('/') {
+        let Ok(ip) = addr.parse::<IpAddr>() else {
+            return Some(format!("{host:?} {RULE}: {addr:?} is not an IP address"));
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        return match prefix.parse::<u8>() {
+            Ok(p) if p <= max => None,
+            _ => Some(format!(
+                "{host:?} {RULE}: the prefix length must be 0 to {max}"
+            )),
+        };
+    }
+    if host.parse::<IpAddr>().is_ok() || is_hostname(host) {
+        None
+    } else {
+        Some(format!("{host:?} {RULE}"))
+    }
+}
+
+fn is_hostname(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        if !is_hostname(p) {
+            return Some(format!(
+                "key {key:?} has an invalid prefix {p:?}: it must be a DNS subdomain"
+            ));
+        }
+    }
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !label_chars_ok(name) {
+        return Some(format!(
+            "key {key:?} must be at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (optionally behind a DNS prefix and '/')"
+        ));
+    }
+    None
+}
+
+fn label_value_problem(value: &str) -> Option<String> {
+    if value.is_empty() || (value.len() <= MAX_NAME_LEN && label_chars_ok(value)) {
+        None
+    } else {
+        Some(format!(
+            "value {value:?} must be empty or at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn label_chars_ok(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn check_labels<'a>(
+    errors: &mut ValidationErrors,
+    field: &str,
+    labels: impl Iterator<Item = (&'a String, &'a String)>,
+) {
+    for (k, v) in labels {
+        for problem in [label_key_problem(k), label_value_problem(v)]
+            .into_iter()
+            .flatten()
+        {
+            errors.push(format!("{field}[{k}]"), problem);
+        }
+    }
+}
+
+fn check_header(
+    errors: &mut ValidationErrors,
+    api_version: &str,
+    kind: &str,
+    want_kind: &str,
+    meta: &ObjectMeta,
+) {
+    if api_version != API_VERSION {
+        errors.push(
+            "apiVersion",
+            format!("{api_version:?} is not supported; use {API_VERSION:?}"),
+        );
+    }
+    if kind != want_kind {
+        errors.push("kind", format!("{kind:?} is not {want_kind:?}"));
+    }
+    if let Some(p) = dns1123_label_problem(&meta.name) {
+        errors.push("metadata.name", p);
+    }
+    check_labels(errors, "metadata.labels", meta.labels.iter());
+    for key in meta.annotations.keys() {
+        if let Some(p) = label_key_problem(key) {
+            errors.push(format!("metadata.annotations[{key}]"), p);
+        }
+    }
+}
+
+/// Checks a Volume; `Err` lists every problem.
+pub fn validate_volume(v: &Volume) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    check_header(&mut errors, &v.api_version, &v.kind, "Volume", &v.metadata);
+    let spec = &v.spec;
+    if spec.size.bytes() < MIB {
+        errors.push(
+            "spec.size",
+            format!("{} is below the minimum of 1Mi", spec.size),
+        );
+    }
+    if spec.dilation > MAX_DILATION_PERCENT {
+        errors.push(
+            "spec.dilation",
+            format!(
+                "{} is out of range: 0 to {MAX_DILATION_PERCENT} percent",
+                spec.dilation
+            ),
+        );
+    }
+    if let Some(source) = &spec.source {
+        if let Some(p) = dns1123_label_problem(&source.volume) {
+            errors.push("spec.source.volume", p);
+        } else if source.volume == v.metadata.name {
+            errors.push("spec.source.volume", "a volume cannot be a clone of itself");
+        }
+    }
+    if let Some(placement) = &spec.placement {
+        check_labels(
+            &mut errors,
+            "spec.placement.selector",
+            placement.selector.iter(),
+        );
+    }
+    if let Some(machine) = &spec.machine {
+        if let Some(p) = dns1123_label_problem(machine) {
+            errors.push("spec.machine", p);
+        }
+    }
+    if let Some(export) = &spec.export {
+        for (i, client) in export.clients.iter().enumerate() {
+            if let Some(p) = export_host_problem(&client.host) {
+                errors.push(format!("spec.export.clients[{i}].host"), p);
+            }
+            if export.clients[..i].iter().any(|c| c.host == client.host) {
+                errors.push(
+                    format!("spec.export.clients[{i}].host"),
+                    format!("{:?} is listed twice", client.host),
+                );
+            }
+        }
+    }
+    errors.into_result()
+}
+
+/// Checks a Machine; `Err` lists every problem.
+pub fn validate_machine(m: &Machine) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    check_header(&mut errors, &m.api_version, &m.kind, "Machine", &m.metadata);
+    if !(1..=100).contains(&m.spec.max_fill) {
+        errors.push(
+            "spec.maxFill",
+            format!("{} is out of range: 1 to 100 percent", m.spec.max_fill),
+        );
+    }
+    let address = &m.spec.address;
+    if !address.is_empty() && address.parse::<IpAddr>().is_err() && !is_hostname(address) {
+        errors.push(
+            "spec.address",
+            format!("{address:?} must be an IP address or a hostname"),
+        );
+    }
+    errors.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{Access, Export, ExportClient, VolumeSpec};
+
+    fn volume(name: &str) -> Volume {
+        Volume::new(
+            name,
+            VolumeSpec {
+                size: "1Gi".parse().unwrap(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn fields(r: Result<(), ValidationErrors>) -> Vec<String> {
+        r.err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_plain_volume_is_valid() {
+        assert_eq!(validate_volume(&volume("media-site-42")), Ok(()));
+    }
+
+    #[test]
+    fn names_must_be_dns_labels_so_they_are_safe_as_paths() {
+        for bad in ["../etc", "A_B", "", "-x", "x-", "a/b", &"a".repeat(64)] {
+            assert_eq!(
+                fields(validate_volume(&volume(bad))),
+                ["metadata.name"],
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field_path() {
+        let mut v = volume("ok");
+        v.spec.size = crate::Quantity::from_bytes(1000);
+        v.spec.dilation = 5000;
+        v.spec.export = Some(Export {
+            clients: vec![
+                ExportClient {
+                    host: "10.0.0.0/24".into(),
+                    access: Access::Rw,
+                    root_squash: true,
+                },
+                ExportClient {
+                    host: "not a host!".into(),
+                    access: Access::Ro,
+                    root_squash: true,
+                },
+                ExportClient {
+                    host: "10.0.0.1/40".into(),
+                    access: Access::Ro,
+                    root_squash: true,
+                },
+            ],
+        });
+        let errs = validate_volume(&v).unwrap_err();
+        let got: Vec<&str> = errs.0.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            got,
+            [
+                "spec.size",
+                "spec.dilation",
+                "spec.export.clients[1].host",
+                "spec.export.clients[2].host"
+            ]
+        );
+        assert!(errs.0[0].message.contains("1Mi"));
+        assert!(errs.0[2].message.contains("CIDR"));
+    }
+
+    #[test]
+    fn export_hosts_accept_ips_cidrs_and_hostnames() {
+        for ok in [
+            "10.0.0.12",
+            "10.0.0.0/24",
+            "fd00::1",
+            "fd00::/64",
+            "client-1.example.org",
+            "localhost",
+        ] {
+            assert_eq!(export_host_problem(ok), None, "{ok}");
+        }
+        for bad in ["", "a..b", "10.0.0.0/33", "x/24", "-a.b", "a b"] {
+            assert!(export_host_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn labels_and_selectors_are_checked() {
+        let mut v = volume("ok");
+        v.metadata.labels.insert("bad key!".into(), "v".into());
+        v.spec.placement = Some(crate::Placement {
+            selector: [("disk".to_string(), "-ssd".to_string())].into(),
+        });
+        assert_eq!(
+            fields(validate_volume(&v)),
+            ["metadata.labels[bad key!]", "spec.placement.selector[disk]"]
+        );
+    }
+
+    #[test]
+    fn clone_of_itself_and_bad_machine_names_are_refused() {
+        let mut v = volume("a");
+        v.spec.source = Some(crate::VolumeSource { volume: "a".into() });
+        v.spec.machine = Some("Node_1".into());
+        assert_eq!(
+            fields(validate_volume(&v)),
+            ["spec.source.volume", "spec.machine"]
+        );
+    }
+
+    #[test]
+    fn machine_fill_and_address_are_checked() {
+        let mut m = Machine::new("node-1", Default::default());
+        assert_eq!(validate_machine(&m), Ok(()));
+        m.spec.max_fill = 0;
+        m.spec.address = "bad address".into();
+        assert_eq!(
+            fields(validate_machine(&m)),
+            ["spec.maxFill", "spec.address"]
+        );
+    }
+}
