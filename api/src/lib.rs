@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod meta;
 pub mod quantity;
 pub mod schema;
+pub mod selector;
 pub mod validate;
 pub mod volume;
 

@@ -16,6 +16,7 @@ use crate::volume::Volume;
 use crate::Resource;
 
 /// One object from a manifest.
+#[allow(clippy::large_enum_variant)] // a handful per file; boxing would only add noise
 #[derive(Clone, Debug, PartialEq)]
 pub enum Manifest {
     Volume(Volume),

@@ -1,0 +1,44 @@
+# Cobalt — build, test and run. `make help` lists the targets.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Debian packages the tests and the demo use (real etcd, btrfs, nfs-ganesha, libnfs client),
+# and protoc + includes that etcd-client needs at build time.
+DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
+                   protobuf-compiler libprotobuf-dev iproute2 procps
+
+.PHONY: help deps build test test-unit lint schemas clean
+
+help:
+	@echo "make deps     install missing Debian packages (needs root)"
+	@echo "make build    build every crate"
+	@echo "make test     deps, then the whole test suite (real etcd, btrfs, ganesha)"
+	@echo "make lint     rustfmt and clippy, warnings are errors"
+	@echo "make schemas  regenerate schemas/*.json from the Rust types"
+
+deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "deps: all present"; fi
+	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+test: deps
+	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+schemas:
+	$(CARGO) run -q -p cobalt-api --bin cobalt-schemas -- schemas
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,225 @@
+//! Connecting to etcd: several endpoints, optional TLS with a client certificate, and a deadline
+//! on every call so an unreachable etcd is a clear error, never a hang.
+//!
+//! Connecting is lazy: [`Store::connect`] succeeds while etcd is down, and calls fail with
+//! [`Error::Unavailable`] until it is back. Daemons therefore start without etcd and become ready
+//! by themselves when it appears.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+/// Default deadline for one etcd call.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `etcd:` in the daemons' config files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `http://127.0.0.1:2379`, or `https://…` with `tls`.
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Deadline for each call, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+/// PEM files for etcd client TLS.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA that signed etcd's server certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key, for etcd started with `--client-cert-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+fn default_prefix() -> String {
+    "/cobalt".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT.as_millis() as u64
+}
+
+impl EtcdConfig {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdConfig {
+            endpoints,
+            prefix: default_prefix(),
+            tls: None,
+            request_timeout_ms: default_timeout_ms(),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+}
+
+/// A handle on Cobalt's data in etcd. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) client: Client,
+    pub(crate) keys: Keys,
+    pub(crate) endpoints: String,
+    pub(crate) timeout: Duration,
+    pub(crate) fence: Option<crate::election::Fence>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.keys.prefix())
+            .field("fenced", &self.fence.is_some())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds a client for `config`. Does not wait for etcd (see the module docs).
+    pub async fn connect(config: &EtcdConfig) -> Result<Store> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Invalid(
+                "no etcd endpoints given (etcd.endpoints / --etcd-endpoints)".into(),
+            ));
+        }
+        let timeout = config.request_timeout();
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(5), timeout);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls_options(tls)?);
+        }
+        let endpoints = config.endpoints.join(",");
+        let client =
+            tokio::time::timeout(timeout, Client::connect(&config.endpoints, Some(options)))
+                .await
+                .map_err(|_| unavailable(&endpoints, timeout, "connect timed out"))?
+                .map_err(|e| match e {
+                    etcd_client::Error::InvalidArgs(m) => {
+                        Error::Invalid(format!("etcd endpoints {endpoints}: {m}"))
+                    }
+                    etcd_client::Error::InvalidUri(m) => {
+                        Error::Invalid(format!("etcd endpoints {endpoints}: {m}"))
+                    }
+                    other => unavailable(&endpoints, timeout, other),
+                })?;
+        Ok(Store {
+            client,
+            keys: Keys::new(&config.prefix),
+            endpoints,
+            timeout,
+            fence: None,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The raw etcd client, for what the typed API does not cover (tests, benchmarks).
+    pub fn raw(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs one etcd call under the store's deadline, mapping transport failures to
+    /// [`Error::Unavailable`].
+    pub(crate) async fn call<T, F>(&self, fut: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(unavailable(
+                &self.endpoints,
+                self.timeout,
+                "deadline exceeded",
+            )),
+            Ok(Err(e)) => Err(self.map_err(e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    pub(crate) fn map_err(&self, e: etcd_client::Error) -> Error {
+        if let etcd_client::Error::GRpcStatus(status) = &e {
+            if status
+                .message()
+                .contains("required revision has been compacted")
+            {
+                return Error::Compacted {
+                    requested: 0,
+                    compact_revision: 0,
+                };
+            }
+        }
+        unavailable(&self.endpoints, self.timeout, e)
+    }
+
+    /// The current etcd revision (a linearizable read).
+    pub async fn revision(&self) -> Result<i64> {
+        let mut kv = self.client.kv_client();
+        let key = self.keys.prefix().to_string();
+        let resp = self
+            .call(kv.get(key, Some(etcd_client::GetOptions::new().with_count_only())))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Compacts etcd's history up to `revision` (operators and tests; watchers behind it relist).
+    pub async fn compact(&self, revision: i64) -> Result<()> {
+        let mut kv = self.client.kv_client();
+        self.call(kv.compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn unavailable(
+    endpoints: &str,
+    deadline: Duration,
+    cause: impl std::fmt::Display,
+) -> Error {
+    Error::Unavailable {
+        endpoints: endpoints.to_string(),
+        deadline,
+        cause: cause.to_string(),
+    }
+}
+
+fn tls_options(files: &TlsFiles) -> Result<TlsOptions> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| Error::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&files.ca)?));
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?)),
+        (None, None) => {}
+        _ => {
+            return Err(Error::Tls(
+                "etcd.tls.cert and etcd.tls.key go together: give both or neither".into(),
+            ))
+        }
+    }
+    Ok(tls)
+}

@@ -1,0 +1,477 @@
+//! Typed create/get/list/replace/delete of objects and writes of their status.
+//!
+//! Every write is one etcd transaction guarded by a compare, so concurrent writers never lose
+//! each other's changes:
+//! - create compares that the object key does not exist (else [`Error::AlreadyExists`]);
+//! - replace compares the object key's mod revision with the `resourceVersion` sent
+//!   (else [`Error::Conflict`]);
+//! - status writes compare the *status* key's mod revision and the object's create revision, so
+//!   spec writers and status writers never conflict with each other;
+//! - with a fence ([`Store::fenced`]), every write also compares the leader key
+//!   (else [`Error::Fenced`]).
+//!
+//! A replace or status write that would store the same bytes writes nothing.
+
+use chrono::Utc;
+use cobalt_api::selector::LabelSelector;
+use cobalt_api::Resource;
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use serde_json::Value;
+
+use crate::connection::Store;
+use crate::error::{Error, Result};
+use crate::keys::Part;
+
+/// Keys fetched per range request when listing (keeps each response well under gRPC limits).
+const LIST_PAGE: i64 = 500;
+/// Bound on read-modify-write retries of a status update under contention.
+const STATUS_RETRIES: usize = 16;
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deleted<R> {
+    /// The object is gone; its last state.
+    Gone(R),
+    /// Finalizers remain: the object is marked with a deletionTimestamp and stays until they go.
+    Pending(R),
+}
+
+/// What a status update did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate<R> {
+    pub object: R,
+    /// The revision written, or `None` when the status was already as wanted.
+    pub written: Option<i64>,
+}
+
+/// One object as read from etcd, with the revisions its compares need.
+#[derive(Debug, Clone)]
+pub struct Stored<R> {
+    pub object: R,
+    pub object_create_revision: i64,
+    pub object_mod_revision: i64,
+    /// 0 when no status has been written.
+    pub status_mod_revision: i64,
+}
+
+impl Store {
+    /// Creates `obj`. The store sets uid, creationTimestamp, generation 1 and resourceVersion;
+    /// any status sent is ignored (status is written through [`Store::update_status`]).
+    pub async fn create<R: Resource>(&self, obj: &R) -> Result<R> {
+        let mut obj = obj.clone();
+        let name = obj.name().to_string();
+        {
+            let m = obj.meta_mut();
+            m.uid = uuid::Uuid::new_v4().to_string();
+            m.creation_timestamp = Some(Utc::now());
+            m.generation = 1;
+            m.resource_version.clear();
+            m.deletion_timestamp = None;
+        }
+        *obj.status_mut() = None;
+        let key = self.keys.object(R::PLURAL, &name);
+        let txn = Txn::new()
+            .when(self.with_fence(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )]))
+            .and_then(vec![TxnOp::put(key, encode(&obj)?, None)])
+            .or_else(self.fence_probe());
+        let resp = self.call(self.client.kv_client().txn(txn)).await?;
+        if !resp.succeeded() {
+            self.check_fence(&resp.op_responses())?;
+            return Err(Error::AlreadyExists {
+                kind: R::KIND,
+                name,
+            });
+        }
+        obj.meta_mut().resource_version = header_revision(resp.header()).to_string();
+        Ok(obj)
+    }
+
+    /// Reads one object with its status (one range read: both at the same revision).
+    pub async fn get<R: Resource>(&self, name: &str) -> Result<Option<R>> {
+        Ok(self.get_stored(name).await?.map(|s| s.object))
+    }
+
+    /// Like [`Store::get`], with the revisions behind the object.
+    pub async fn get_stored<R: Resource>(&self, name: &str) -> Result<Option<Stored<R>>> {
+        let dir = self.keys.object_dir(R::PLURAL, name);
+        let resp = self
+            .call(
+                self.client
+                    .kv_client()
+                    .get(dir, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut objects = assemble::<R>(self, resp.kvs())?;
+        Ok(objects.pop())
+    }
+
+    /// Lists every object of a kind matching `selector`, and the revision they were read at
+    /// (a watch from `revision + 1` continues exactly where the list ends).
+    pub async fn list<R: Resource>(&self, selector: &LabelSelector) -> Result<(Vec<R>, i64)> {
+        let prefix = self.keys.kind(R::PLURAL);
+        let end = prefix_end(&prefix);
+        let mut kv = self.client.kv_client();
+        let mut start = prefix.clone().into_bytes();
+        let mut revision = 0;
+        let mut kvs: Vec<KeyValue> = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut resp = self.call(kv.get(start.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = header_revision(resp.header());
+            }
+            let more = resp.more();
+            let page = resp.take_kvs();
+            let Some(last) = page.last() else { break };
+            start = last.key().to_vec();
+            start.push(0);
+            kvs.extend(page);
+            if !more {
+                break;
+            }
+        }
+        let objects = assemble::<R>(self, &kvs)?
+            .into_iter()
+            .map(|s| s.object)
+            .filter(|o| selector.matches(&o.meta().labels))
+            .collect();
+        Ok((objects, revision))
+    }
+
+    /// Replaces the object's metadata and spec. `obj.metadata.resourceVersion` must be the
+    /// current one. uid, creationTimestamp and deletionTimestamp are kept from the stored object;
+    /// generation bumps when the spec changed. While the object is being deleted, removing its
+    /// last finalizer deletes it.
+    pub async fn replace<R: Resource>(&self, obj: &R) -> Result<R> {
+        let name = obj.name().to_string();
+        let sent = obj.meta().resource_version.clone();
+        let conflict = || Error::Conflict {
+            kind: R::KIND,
+            name: name.clone(),
+            sent: sent.clone(),
+        };
+        let expected: i64 = sent.parse().map_err(|_| {
+            Error::Invalid(format!(
+                "metadata.resourceVersion {sent:?} must be the object's current resourceVersion"
+            ))
+        })?;
+        let current = self
+            .get_stored::<R>(&name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: R::KIND,
+                name: name.clone(),
+            })?;
+        if current.object_mod_revision != expected {
+            return Err(conflict());
+        }
+        let old = &current.object;
+        let mut new = obj.clone();
+        {
+            let (o, m) = (old.meta(), new.meta_mut());
+            m.uid = o.uid.clone();
+            m.creation_timestamp = o.creation_timestamp;
+            m.deletion_timestamp = o.deletion_timestamp;
+            m.generation = if old.same_spec(obj) {
+                o.generation
+            } else {
+                o.generation + 1
+            };
+        }
+        *new.status_mut() = old.status().cloned();
+        let key = self.keys.object(R::PLURAL, &name);
+        if encode(&new)? == encode(old)? {
+            return Ok(current.object);
+        }
+        let guard = Compare::mod_revision(key.clone(), CompareOp::Equal, expected);
+        if new.meta().is_deleting() && new.meta().finalizers.is_empty() {
+            let resp = self
+                .commit(vec![guard], self.delete_ops::<R>(&name))
+                .await?;
+            return match resp {
+                Some(_) => Ok(new),
+                None => Err(conflict()),
+            };
+        }
+        match self
+            .commit(vec![guard], vec![TxnOp::put(key, encode(&new)?, None)])
+            .await?
+        {
+            Some(revision) => {
+                new.meta_mut().resource_version = revision.to_string();
+                Ok(new)
+            }
+            None => Err(conflict()),
+        }
+    }
+
+    /// Deletes an object. With finalizers it is only marked (deletionTimestamp) and goes when
+    /// the last finalizer is removed. `precondition` is an optional resourceVersion that must match.
+    pub async fn delete<R: Resource>(
+        &self,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<Deleted<R>> {
+        let current = self
+            .get_stored::<R>(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: R::KIND,
+                name: name.to_string(),
+            })?;
+        if let Some(rv) = precondition {
+            if rv != current.object_mod_revision.to_string() {
+                return Err(Error::Conflict {
+                    kind: R::KIND,
+                    name: name.into(),
+                    sent: rv.into(),
+                });
+            }
+        }
+        let mut obj = current.object;
+        let key = self.keys.object(R::PLURAL, name);
+        let guard =
+            Compare::mod_revision(key.clone(), CompareOp::Equal, current.object_mod_revision);
+        if obj.meta().finalizers.is_empty() {
+            return match self.commit(vec![guard], self.delete_ops::<R>(name)).await? {
+                Some(_) => Ok(Deleted::Gone(obj)),
+                None => Err(Error::Conflict {
+                    kind: R::KIND,
+                    name: name.into(),
+                    sent: current.object_mod_revision.to_string(),
+                }),
+            };
+        }
+        if obj.meta().is_deleting() {
+            return Ok(Deleted::Pending(obj));
+        }
+        obj.meta_mut().deletion_timestamp = Some(Utc::now());
+        let status = obj.status_mut().take();
+        let put = TxnOp::put(key, encode(&obj)?, None);
+        *obj.status_mut() = status;
+        match self.commit(vec![guard], vec![put]).await? {
+            Some(revision) => {
+                obj.meta_mut().resource_version = revision.to_string();
+                Ok(Deleted::Pending(obj))
+            }
+            None => Err(Error::Conflict {
+                kind: R::KIND,
+                name: name.into(),
+                sent: current.object_mod_revision.to_string(),
+            }),
+        }
+    }
+
+    /// Read-modify-write of an object's status. `change` gets the current object (with status)
+    /// and returns the status it should have, or `None` to leave it. Nothing is written when the
+    /// result equals what is stored. Retries on concurrent status writes, a bounded number of times.
+    pub async fn update_status<R, F>(&self, name: &str, mut change: F) -> Result<StatusUpdate<R>>
+    where
+        R: Resource,
+        F: FnMut(&R) -> Option<R::Status>,
+    {
+        for _ in 0..STATUS_RETRIES {
+            let current = self
+                .get_stored::<R>(name)
+                .await?
+                .ok_or_else(|| Error::NotFound {
+                    kind: R::KIND,
+                    name: name.to_string(),
+                })?;
+            let mut object = current.object;
+            let Some(status) = change(&object) else {
+                return Ok(StatusUpdate {
+                    object,
+                    written: None,
+                });
+            };
+            if object.status() == Some(&status) {
+                return Ok(StatusUpdate {
+                    object,
+                    written: None,
+                });
+            }
+            let key = self.keys.status(R::PLURAL, name);
+            let guards = vec![
+                Compare::create_revision(
+                    self.keys.object(R::PLURAL, name),
+                    CompareOp::Equal,
+                    current.object_create_revision,
+                ),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, current.status_mod_revision),
+            ];
+            let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
+            if let Some(revision) = self
+                .commit(guards, vec![TxnOp::put(key, value, None)])
+                .await?
+            {
+                *object.status_mut() = Some(status);
+                return Ok(StatusUpdate {
+                    object,
+                    written: Some(revision),
+                });
+            }
+        }
+        Err(Error::Conflict {
+            kind: R::KIND,
+            name: name.to_string(),
+            sent: format!("status (after {STATUS_RETRIES} attempts under contention)"),
+        })
+    }
+
+    fn delete_ops<R: Resource>(&self, name: &str) -> Vec<TxnOp> {
+        vec![
+            TxnOp::delete(self.keys.object(R::PLURAL, name), None),
+            TxnOp::delete(self.keys.status(R::PLURAL, name), None),
+        ]
+    }
+
+    /// Runs a guarded transaction. `Some(revision)` when it applied, `None` when a guard failed;
+    /// a failed fence is [`Error::Fenced`].
+    pub(crate) async fn commit(
+        &self,
+        guards: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<Option<i64>> {
+        let txn = Txn::new()
+            .when(self.with_fence(guards))
+            .and_then(ops)
+            .or_else(self.fence_probe());
+        let resp = self.call(self.client.kv_client().txn(txn)).await?;
+        if resp.succeeded() {
+            Ok(Some(header_revision(resp.header())))
+        } else {
+            self.check_fence(&resp.op_responses())?;
+            Ok(None)
+        }
+    }
+
+    fn with_fence(&self, mut guards: Vec<Compare>) -> Vec<Compare> {
+        if let Some(f) = &self.fence {
+            guards.push(f.compare());
+        }
+        guards
+    }
+
+    /// On a failed txn, reads the leader key so we can tell a lost election from a conflict.
+    fn fence_probe(&self) -> Vec<TxnOp> {
+        match &self.fence {
+            Some(f) => vec![TxnOp::get(f.key.clone(), None)],
+            None => vec![],
+        }
+    }
+
+    fn check_fence(&self, responses: &[TxnOpResponse]) -> Result<()> {
+        let Some(fence) = &self.fence else {
+            return Ok(());
+        };
+        let held = responses.iter().any(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .iter()
+                .any(|kv| kv.create_revision() == fence.create_revision),
+            _ => false,
+        });
+        if held {
+            Ok(())
+        } else {
+            Err(Error::Fenced {
+                election: fence.election.clone(),
+            })
+        }
+    }
+}
+
+pub(crate) fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
+    h.map(|h| h.revision()).unwrap_or(0)
+}
+
+/// The first key after every key starting with `prefix`.
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Serializes an object without its status (status lives in its own key).
+pub(crate) fn encode<R: Resource>(obj: &R) -> Result<Vec<u8>> {
+    let mut value = serde_json::to_value(obj).map_err(|e| Error::Invalid(e.to_string()))?;
+    if let Value::Object(map) = &mut value {
+        map.remove("status");
+        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            meta.remove("resourceVersion");
+        }
+    }
+    serde_json::to_vec(&value).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+pub(crate) fn decode_object<R: Resource>(kv: &KeyValue) -> Result<R> {
+    let mut obj: R = serde_json::from_slice(kv.value()).map_err(|e| corrupt(kv, e))?;
+    obj.meta_mut().resource_version = kv.mod_revision().to_string();
+    Ok(obj)
+}
+
+pub(crate) fn decode_status<R: Resource>(kv: &KeyValue) -> Result<R::Status> {
+    serde_json::from_slice(kv.value()).map_err(|e| corrupt(kv, e))
+}
+
+fn corrupt(kv: &KeyValue, e: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Groups a sorted range of keys into objects with their status.
+fn assemble<R: Resource>(store: &Store, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>> {
+    let mut out: Vec<Stored<R>> = Vec::new();
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key());
+        let Some((name, part)) = store.keys.parse(R::PLURAL, &key) else {
+            continue;
+        };
+        match part {
+            // "object" sorts before "status", so the object is already in `out`.
+            Part::Object => out.push(Stored {
+                object: decode_object(kv)?,
+                object_create_revision: kv.create_revision(),
+                object_mod_revision: kv.mod_revision(),
+                status_mod_revision: 0,
+            }),
+            Part::Status => {
+                // A status without its object cannot be written (status writes compare the
+                // object's create revision), so an orphan is skipped.
+                if let Some(s) = out.last_mut().filter(|s| s.object.name() == name) {
+                    *s.object.status_mut() = Some(decode_status::<R>(kv)?);
+                    s.status_mod_revision = kv.mod_revision();
+                }
+            }
+            Part::Alive => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
+    }
+}

@@ -1,0 +1,566 @@
+//! The store against a real etcd: CAS semantics, spec/status separation, finalizers, watches
+//! across restarts and compaction, TLS, outages, leases and fenced leadership.
+
+use std::time::{Duration, Instant};
+
+use cobalt_api::selector::LabelSelector;
+use cobalt_api::{Volume, VolumePhase, VolumeSpec, VolumeStatus};
+use cobalt_store::{Deleted, Error, EtcdConfig, Store, TlsFiles, WatchEvent};
+use cobalt_testkit::certs::TestCerts;
+use cobalt_testkit::etcd::Etcd;
+
+async fn connect(etcd: &Etcd) -> Store {
+    Store::connect(&EtcdConfig::new(etcd.endpoints()))
+        .await
+        .unwrap()
+}
+
+fn volume(name: &str, size: &str) -> Volume {
+    Volume::new(
+        name,
+        VolumeSpec {
+            size: size.parse().unwrap(),
+            ..Default::default()
+        },
+    )
+}
+
+fn phase(p: VolumePhase) -> VolumeStatus {
+    VolumeStatus {
+        phase: p,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn create_sets_server_fields_and_a_second_create_is_already_exists() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let created = store.create(&volume("a", "1Gi")).await.unwrap();
+    assert!(!created.metadata.uid.is_empty());
+    assert_eq!(created.metadata.generation, 1);
+    assert!(created.metadata.creation_timestamp.is_some());
+    assert!(created.metadata.revision() > 0);
+    let again = store.create(&volume("a", "2Gi")).await.unwrap_err();
+    assert!(matches!(again, Error::AlreadyExists { .. }), "{again}");
+    let read: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(read, created);
+}
+
+#[tokio::test]
+async fn stale_resource_version_is_rejected_with_conflict() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let v1 = store.create(&volume("a", "1Gi")).await.unwrap();
+    let mut first = v1.clone();
+    first.spec.size = "2Gi".parse().unwrap();
+    let v2 = store.replace(&first).await.unwrap();
+    assert_eq!(v2.metadata.generation, 2);
+
+    let mut stale = v1.clone();
+    stale.spec.size = "3Gi".parse().unwrap();
+    let err = store.replace(&stale).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert!(err.to_string().contains("read it again"), "{err}");
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        live.spec.size,
+        "2Gi".parse().unwrap(),
+        "the stale write must not land"
+    );
+}
+
+#[tokio::test]
+async fn generation_bumps_only_on_spec_change_and_an_unchanged_replace_writes_nothing() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let v1 = store.create(&volume("a", "1Gi")).await.unwrap();
+    let mut labelled = v1.clone();
+    labelled
+        .metadata
+        .labels
+        .insert("team".into(), "media".into());
+    let v2 = store.replace(&labelled).await.unwrap();
+    assert_eq!(
+        v2.metadata.generation, 1,
+        "a label change is not a spec change"
+    );
+
+    let before = store.revision().await.unwrap();
+    let same = store.replace(&v2).await.unwrap();
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before,
+        "unchanged replace must not write"
+    );
+    assert_eq!(same.metadata.resource_version, v2.metadata.resource_version);
+}
+
+#[tokio::test]
+async fn spec_writer_and_status_writer_never_conflict() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let v = store.create(&volume("a", "1Gi")).await.unwrap();
+    // The agent writes status after the user read the object...
+    let update = store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    assert!(update.written.is_some());
+    // ...and the user's replace with the resourceVersion they read still succeeds.
+    let mut edited = v.clone();
+    edited.spec.size = "5Gi".parse().unwrap();
+    let replaced = store.replace(&edited).await.unwrap();
+    assert_eq!(replaced.status.unwrap().phase, VolumePhase::Ready);
+    // And a status write after the spec change needs no fresh resourceVersion either.
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Resizing)))
+        .await
+        .unwrap();
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(live.spec.size, "5Gi".parse().unwrap());
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Resizing);
+}
+
+#[tokio::test]
+async fn a_status_write_that_changes_nothing_writes_nothing() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("a", "1Gi")).await.unwrap();
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    let before = store.revision().await.unwrap();
+    let again = store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    assert_eq!(again.written, None);
+    assert_eq!(store.revision().await.unwrap(), before);
+}
+
+#[tokio::test]
+async fn concurrent_status_writers_both_land_through_retries() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("a", "1Gi")).await.unwrap();
+    let bump = |s: Store| async move {
+        for _ in 0..10 {
+            s.update_status::<Volume, _>("a", |v| {
+                let mut st = v.status.clone().unwrap_or_default();
+                st.observed_generation += 1;
+                Some(st)
+            })
+            .await
+            .unwrap();
+        }
+    };
+    tokio::join!(bump(store.clone()), bump(store.clone()));
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        live.status.unwrap().observed_generation,
+        20,
+        "no increment may be lost"
+    );
+}
+
+#[tokio::test]
+async fn list_filters_by_label_and_pages_through_many_objects() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let creates = (0..620).map(|i| {
+        let store = store.clone();
+        async move {
+            let mut v = volume(&format!("v{i:04}"), "1Gi");
+            if i % 2 == 0 {
+                v.metadata.labels.insert("tier".into(), "hot".into());
+            }
+            store.create(&v).await.unwrap();
+        }
+    });
+    futures_join_all(creates).await;
+    let (all, revision) = store
+        .list::<Volume>(&LabelSelector::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 620);
+    assert!(all
+        .windows(2)
+        .all(|w| w[0].metadata.name < w[1].metadata.name));
+    assert!(revision >= all.iter().map(|v| v.metadata.revision()).max().unwrap());
+    let hot: LabelSelector = "tier=hot".parse().unwrap();
+    assert_eq!(store.list::<Volume>(&hot).await.unwrap().0.len(), 310);
+}
+
+/// Runs the futures with bounded fan-out, gentle on a 2-core machine.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    use futures::StreamExt;
+    futures::stream::iter(futs)
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+#[tokio::test]
+async fn delete_waits_for_finalizers() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let mut v = volume("a", "1Gi");
+    v.metadata.finalizers = vec!["cobalt.io/agent".into()];
+    store.create(&v).await.unwrap();
+    let pending = store.delete::<Volume>("a", None).await.unwrap();
+    let Deleted::Pending(marked) = pending else {
+        panic!("expected Pending, got {pending:?}")
+    };
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert!(
+        store.get::<Volume>("a").await.unwrap().is_some(),
+        "still there while finalized"
+    );
+    // Deleting again changes nothing.
+    assert!(matches!(
+        store.delete::<Volume>("a", None).await.unwrap(),
+        Deleted::Pending(_)
+    ));
+    // The finalizer's owner removes it: the object goes.
+    let mut done = marked.clone();
+    done.metadata.finalizers.clear();
+    store.replace(&done).await.unwrap();
+    assert!(store.get::<Volume>("a").await.unwrap().is_none());
+    let missing = store.delete::<Volume>("a", None).await.unwrap_err();
+    assert!(matches!(missing, Error::NotFound { .. }));
+}
+
+#[tokio::test]
+async fn delete_without_finalizers_removes_object_and_status() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("a", "1Gi")).await.unwrap();
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.delete::<Volume>("a", None).await.unwrap(),
+        Deleted::Gone(_)
+    ));
+    let mut kv = store.raw().kv_client();
+    let left = kv
+        .get(
+            store.keys().object_dir("volumes", "a"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "no key of the object may remain");
+}
+
+/// Collects the (event kind, name, size or phase) of `n` non-progress events.
+async fn take_events(watch: &mut cobalt_store::ResourceWatch<Volume>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "only got {out:?}");
+        let event = match tokio::time::timeout(Duration::from_secs(20), watch.next()).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(Error::Unavailable { .. })) => continue,
+            other => panic!("watch failed: {other:?}"),
+        };
+        let describe = |o: &Volume| {
+            let phase = o
+                .status
+                .as_ref()
+                .map(|s| format!("{:?}", s.phase))
+                .unwrap_or_default();
+            format!("{}:{}:{}", o.metadata.name, o.spec.size, phase)
+        };
+        match event {
+            WatchEvent::Added { object, .. } => out.push(format!("ADDED {}", describe(&object))),
+            WatchEvent::Modified { object, .. } => {
+                out.push(format!("MODIFIED {}", describe(&object)))
+            }
+            WatchEvent::Deleted { object, .. } => {
+                out.push(format!("DELETED {}", describe(&object)))
+            }
+            WatchEvent::Progress { .. } => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn watcher_sees_every_change_exactly_once_in_order_across_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("before", "1Gi")).await.unwrap();
+    let (items, mut watch) = store.list_and_watch::<Volume>().await.unwrap();
+    assert_eq!(items.len(), 1);
+
+    let v = store.create(&volume("a", "1Gi")).await.unwrap();
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    assert_eq!(
+        take_events(&mut watch, 2).await,
+        ["ADDED a:1Gi:", "MODIFIED a:1Gi:Ready"]
+    );
+
+    etcd.stop();
+    // While etcd is down the watch reports it is unavailable, within its deadline.
+    let down = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
+    assert!(
+        matches!(down, Ok(Err(Error::Unavailable { .. }))),
+        "{down:?}"
+    );
+    etcd.start_again();
+
+    // Changes made after the restart (and one made with a second client) still arrive, once.
+    let store2 = connect(&etcd).await;
+    let mut bigger = v.clone();
+    bigger.spec.size = "2Gi".parse().unwrap();
+    let bigger = loop {
+        match store2.replace(&bigger).await {
+            Ok(b) => break b,
+            Err(e) if e.is_transient() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    store2.create(&volume("b", "3Gi")).await.unwrap();
+    store2
+        .delete::<Volume>("a", Some(&bigger.metadata.resource_version))
+        .await
+        .unwrap();
+    assert_eq!(
+        take_events(&mut watch, 3).await,
+        [
+            "MODIFIED a:2Gi:Ready",
+            "ADDED b:3Gi:",
+            "DELETED a:2Gi:Ready"
+        ]
+    );
+    assert!(watch.restarts() >= 1);
+}
+
+#[tokio::test]
+async fn compaction_makes_the_watcher_relist_and_nothing_is_missed() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let (_, revision) = store
+        .list::<Volume>(&LabelSelector::default())
+        .await
+        .unwrap();
+    store.create(&volume("a", "1Gi")).await.unwrap();
+    store.create(&volume("b", "1Gi")).await.unwrap();
+    let now = store.revision().await.unwrap();
+    store.compact(now).await.unwrap();
+
+    // A watch starting before the compaction point cannot be served: the caller must relist.
+    let err = match store.watch::<Volume>(revision).await {
+        Err(e) => e,
+        Ok(mut w) => w.next().await.unwrap_err(),
+    };
+    assert!(matches!(err, Error::Compacted { .. }), "{err}");
+    let (relisted, rev) = store
+        .list::<Volume>(&LabelSelector::default())
+        .await
+        .unwrap();
+    let names: Vec<_> = relisted.iter().map(|v| v.metadata.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let mut watch = store.watch_after_list(&relisted, rev);
+    store.create(&volume("c", "1Gi")).await.unwrap();
+    assert_eq!(take_events(&mut watch, 1).await, ["ADDED c:1Gi:"]);
+}
+
+#[tokio::test]
+async fn with_etcd_stopped_every_call_fails_within_its_deadline_with_a_clear_message() {
+    let mut etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("a", "1Gi")).await.unwrap();
+    etcd.stop();
+    let deadline = store.request_timeout() + Duration::from_millis(500);
+    let start = Instant::now();
+    let err = store.get::<Volume>("a").await.unwrap_err();
+    assert!(start.elapsed() < deadline, "took {:?}", start.elapsed());
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&etcd.endpoints()[0]),
+        "message must name the endpoint: {msg}"
+    );
+    assert!(msg.contains("etcd"), "{msg}");
+    for call in 0..3 {
+        let start = Instant::now();
+        let err = match call {
+            0 => store
+                .create(&volume("b", "1Gi"))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            1 => store
+                .list::<Volume>(&LabelSelector::default())
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            _ => store
+                .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        };
+        assert!(err.is_transient(), "{err}");
+        assert!(
+            start.elapsed() < deadline,
+            "call {call} took {:?}",
+            start.elapsed()
+        );
+    }
+    // A store connected while etcd is down works once it is back.
+    let late = connect(&etcd).await;
+    etcd.start_again();
+    cobalt_testkit::wait::until(
+        "the store to reach etcd again",
+        Duration::from_secs(15),
+        || async { late.get::<Volume>("a").await.ok().flatten() },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_with_a_certificate_connects_to_tls_etcd_and_one_without_is_refused() {
+    let certs = TestCerts::generate();
+    let etcd = Etcd::start_tls(&certs);
+    let mut config = EtcdConfig::new(etcd.endpoints());
+    config.tls = Some(TlsFiles {
+        ca: certs.path("ca.pem"),
+        cert: Some(certs.path("client.pem")),
+        key: Some(certs.path("client-key.pem")),
+    });
+    let store = Store::connect(&config).await.unwrap();
+    store.create(&volume("secure", "1Gi")).await.unwrap();
+    assert!(store.get::<Volume>("secure").await.unwrap().is_some());
+
+    config.tls.as_mut().unwrap().cert = None;
+    config.tls.as_mut().unwrap().key = None;
+    let anonymous = Store::connect(&config).await.unwrap();
+    let err = anonymous.get::<Volume>("secure").await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+
+    config.tls = None;
+    let plain = Store::connect(&config).await;
+    let refused = match plain {
+        Err(e) => e,
+        Ok(s) => s.get::<Volume>("secure").await.unwrap_err(),
+    };
+    assert!(!refused.to_string().is_empty());
+}
+
+#[tokio::test]
+async fn a_deposed_leaders_fenced_write_fails() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.create(&volume("a", "1Gi")).await.unwrap();
+
+    let lease1 = store.grant_lease(Duration::from_secs(5)).await.unwrap();
+    let leader1 = store
+        .campaign("scheduler", "controller-1", &lease1)
+        .await
+        .unwrap();
+    let fenced1 = store.fenced(leader1.fence());
+    fenced1
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Scheduled)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.leader("scheduler").await.unwrap().as_deref(),
+        Some("controller-1")
+    );
+
+    // A second candidate waits; when the first's lease is revoked (its process died) it wins.
+    let lease2 = store.grant_lease(Duration::from_secs(5)).await.unwrap();
+    let contender = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let leadership = store
+                .campaign("scheduler", "controller-2", &lease2)
+                .await
+                .unwrap();
+            (leadership, lease2)
+        })
+    };
+    lease1.revoke().await.unwrap();
+    let (leader2, _lease2) = tokio::time::timeout(Duration::from_secs(10), contender)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.leader("scheduler").await.unwrap().as_deref(),
+        Some("controller-2")
+    );
+
+    // The old leader has not noticed; its writes are refused all the same.
+    let err = fenced1
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Failed)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    let mut spec_change: Volume = store.get("a").await.unwrap().unwrap();
+    spec_change.spec.machine = Some("node-1".into());
+    assert!(matches!(
+        fenced1.replace(&spec_change).await.unwrap_err(),
+        Error::Fenced { .. }
+    ));
+    assert!(matches!(
+        fenced1.create(&volume("x", "1Gi")).await.unwrap_err(),
+        Error::Fenced { .. }
+    ));
+
+    // The new leader writes fine; a plain conflict under a valid fence is still a Conflict.
+    let fenced2 = store.fenced(leader2.fence());
+    let bound = fenced2.replace(&spec_change).await.unwrap();
+    assert_eq!(bound.spec.machine.as_deref(), Some("node-1"));
+    assert!(matches!(
+        fenced2.replace(&spec_change).await.unwrap_err(),
+        Error::Conflict { .. }
+    ));
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Scheduled);
+    leader2.resign().await.unwrap();
+    assert_eq!(store.leader("scheduler").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn keys_attached_to_a_lease_vanish_when_it_is_revoked_or_expires() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let alive = store.keys().alive("node-1");
+    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    lease.put_attached(&alive, "node-1").await.unwrap();
+    let mut kv = store.raw().kv_client();
+    assert_eq!(kv.get(alive.clone(), None).await.unwrap().kvs().len(), 1);
+    // Kept alive past several TTLs while its holder lives.
+    let held_until = Instant::now() + Duration::from_secs(3);
+    cobalt_testkit::wait::until(
+        "three seconds of keepalives",
+        Duration::from_secs(5),
+        || async { (Instant::now() > held_until).then_some(()) },
+    )
+    .await;
+    assert!(!lease.is_lost());
+    assert_eq!(kv.get(alive.clone(), None).await.unwrap().kvs().len(), 1);
+    // The holder dies (no more keepalives): the key goes after the TTL.
+    drop(lease);
+    cobalt_testkit::wait::until("the alive key to expire", Duration::from_secs(10), || {
+        let mut kv = kv.clone();
+        let alive = alive.clone();
+        async move {
+            kv.get(alive, None)
+                .await
+                .unwrap()
+                .kvs()
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+}
