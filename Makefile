@@ -7,7 +7,7 @@ CARGO ?= cargo
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
                    protobuf-compiler libprotobuf-dev iproute2 procps
 
-.PHONY: help deps build test test-unit lint schemas clean
+.PHONY: help deps build test lint schemas bench clean
 
 help:
 	@echo "make deps     install missing Debian packages (needs root)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test     deps, then the whole test suite (real etcd, btrfs, ganesha)"
 	@echo "make lint     rustfmt and clippy, warnings are errors"
 	@echo "make schemas  regenerate schemas/*.json from the Rust types"
+	@echo "make bench    benchmarks against real components (see bench/README.md)"
 
 deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \
@@ -39,6 +40,9 @@ lint:
 
 schemas:
 	$(CARGO) run -q -p cobalt-api --bin cobalt-schemas -- schemas
+
+bench: deps
+	$(CARGO) bench -p cobalt-reconcile
 
 clean:
 	$(CARGO) clean

@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod proxy;
 pub mod wait;
 
 use std::path::PathBuf;

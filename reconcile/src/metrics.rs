@@ -1,0 +1,113 @@
+//! Prometheus metrics of the reconcile runtime, registered in a registry the binary passes in.
+//!
+//! - `cobalt_reconcile_total{kind,result}` — reconciles by result (`ok`, `requeue`, `error`)
+//! - `cobalt_reconcile_errors_total{kind}`
+//! - `cobalt_reconcile_duration_seconds{kind}` — histogram
+//! - `cobalt_reconcile_queue_depth{kind}` — keys waiting (not counting those running)
+//! - `cobalt_watch_restarts_total{kind}`, `cobalt_relists_total{kind}`
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub kind: String,
+    pub result: String,
+}
+
+/// Cheap to clone; clones update the same series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    reconciles: Family<ResultLabel, Counter>,
+    errors: Family<KindLabel, Counter>,
+    duration: Family<KindLabel, Histogram>,
+    queue_depth: Family<KindLabel, Gauge>,
+    watch_restarts: Family<KindLabel, Counter>,
+    relists: Family<KindLabel, Counter>,
+}
+
+fn kind(k: &str) -> KindLabel {
+    KindLabel {
+        kind: k.to_string(),
+    }
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            reconciles: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            queue_depth: Family::default(),
+            watch_restarts: Family::default(),
+            relists: Family::default(),
+        };
+        registry.register(
+            "cobalt_reconcile",
+            "Reconciles by result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "cobalt_reconcile_errors",
+            "Reconciles that failed",
+            m.errors.clone(),
+        );
+        registry.register(
+            "cobalt_reconcile_duration_seconds",
+            "Time one reconcile took",
+            m.duration.clone(),
+        );
+        registry.register(
+            "cobalt_reconcile_queue_depth",
+            "Keys waiting to be reconciled",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "cobalt_watch_restarts",
+            "Watch streams resumed after breaking",
+            m.watch_restarts.clone(),
+        );
+        registry.register(
+            "cobalt_relists",
+            "Full lists (start and after compaction)",
+            m.relists.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn reconciled(&self, k: &str, result: &str, seconds: f64) {
+        self.reconciles
+            .get_or_create(&ResultLabel {
+                kind: k.into(),
+                result: result.into(),
+            })
+            .inc();
+        if result == "error" {
+            self.errors.get_or_create(&kind(k)).inc();
+        }
+        self.duration.get_or_create(&kind(k)).observe(seconds);
+    }
+
+    pub(crate) fn queue_depth(&self, k: &str, depth: usize) {
+        self.queue_depth.get_or_create(&kind(k)).set(depth as i64);
+    }
+
+    pub(crate) fn watch_restarted(&self, k: &str) {
+        self.watch_restarts.get_or_create(&kind(k)).inc();
+    }
+
+    pub(crate) fn relisted(&self, k: &str) {
+        self.relists.get_or_create(&kind(k)).inc();
+    }
+}

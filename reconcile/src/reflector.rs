@@ -1,0 +1,86 @@
+//! The reflector keeps a [`Cache`] equal to etcd: list at revision R, watch from R+1, and on
+//! compaction list again (announcing what vanished meanwhile). An etcd restart or connection
+//! loss is handled inside the store's watch, which resumes from the last revision + 1; while etcd
+//! is unreachable the reflector retries with capped backoff and the cache keeps serving what it
+//! last saw.
+
+use std::time::Duration;
+
+use cobalt_api::selector::LabelSelector;
+use cobalt_api::Resource;
+use cobalt_store::{Error, Store, WatchEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+
+const LIST_RETRY: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(2),
+};
+
+/// Runs until `shutdown` is cancelled.
+pub async fn reflect<R: Resource>(
+    store: Store,
+    cache: Cache<R>,
+    metrics: Option<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let kind = R::KIND;
+    let mut failures = 0u32;
+    let everything = LabelSelector::default();
+    while !shutdown.is_cancelled() {
+        let listed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.list::<R>(&everything) => r,
+        };
+        let (items, revision) = match listed {
+            Ok(v) => v,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(kind, error = %e, "listing failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(LIST_RETRY.delay(failures)) => continue,
+                }
+            }
+        };
+        failures = 0;
+        if let Some(m) = &metrics {
+            m.relisted(kind);
+        }
+        let mut watch = store.watch_after_list(&items, revision);
+        cache.replace_all(items, revision);
+        let mut restarts = watch.restarts();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = watch.next() => e,
+            };
+            if watch.restarts() != restarts {
+                restarts = watch.restarts();
+                if let Some(m) = &metrics {
+                    m.watch_restarted(kind);
+                }
+            }
+            match next {
+                Ok(
+                    WatchEvent::Added { object, revision }
+                    | WatchEvent::Modified { object, revision },
+                ) => cache.upsert(object, revision),
+                Ok(WatchEvent::Deleted { object, revision }) => {
+                    cache.remove(object.name(), revision)
+                }
+                Ok(WatchEvent::Progress { revision }) => cache.advance(revision),
+                Err(Error::Compacted { .. }) => {
+                    tracing::info!(kind, "watch fell behind compaction; listing again");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(kind, error = %e, "watch interrupted; it resumes by itself")
+                }
+            }
+        }
+    }
+}
