@@ -26,6 +26,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all present"; fi
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+	@python3 -c "import openapi_spec_validator" 2>/dev/null || python3 -m pip install -q openapi-spec-validator
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -40,6 +41,7 @@ lint:
 
 schemas:
 	$(CARGO) run -q -p cobalt-api --bin cobalt-schemas -- schemas
+	$(CARGO) run -q -p cobalt-controller -- --print-openapi > schemas/openapi.json
 
 bench: deps
 	$(CARGO) bench -p cobalt-reconcile

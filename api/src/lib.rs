@@ -18,6 +18,7 @@
 //! ```
 
 pub mod condition;
+pub mod duration;
 pub mod machine;
 pub mod manifest;
 pub mod meta;

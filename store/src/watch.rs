@@ -170,6 +170,11 @@ impl<R: Resource> ResourceWatch<R> {
         self.revision
     }
 
+    /// The objects (without status) as of [`ResourceWatch::revision`].
+    pub fn objects(&self) -> impl Iterator<Item = &R> {
+        self.objects.values().map(|(object, _)| object)
+    }
+
     /// How many times the stream was re-subscribed after breaking.
     pub fn restarts(&self) -> u64 {
         self.restarts

@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod process;
 pub mod proxy;
 pub mod wait;
 

@@ -1,0 +1,300 @@
+//! The resource routes: list/watch, create, get, replace, delete, and the status subresource.
+//! Every etcd round trip of a request shares one deadline, so an unreachable etcd answers 503
+//! within it (DESIGN.md: "within 2 s").
+
+use std::future::Future;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cobalt_api::selector::LabelSelector;
+use cobalt_api::{Machine, Volume, API_VERSION};
+use cobalt_store::Deleted;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::kinds::{decode_body, field_error, ApiKind};
+use super::status::ApiError;
+use super::AppState;
+
+/// Query parameters of the resource routes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Params {
+    #[serde(default)]
+    pub watch: Option<String>,
+    pub resource_version: Option<String>,
+    pub label_selector: Option<String>,
+    pub dry_run: Option<String>,
+    pub timeout_seconds: Option<u64>,
+}
+
+impl Params {
+    pub fn is_watch(&self) -> bool {
+        matches!(self.watch.as_deref(), Some("true" | "1" | ""))
+    }
+
+    fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.dry_run.as_deref() {
+            None => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "dryRun={other:?} is not supported; use dryRun=All"
+            ))),
+        }
+    }
+
+    pub fn selector(&self) -> Result<LabelSelector, ApiError> {
+        self.label_selector
+            .as_deref()
+            .unwrap_or("")
+            .parse()
+            .map_err(|e: cobalt_api::selector::SelectorError| ApiError::bad_request(e.to_string()))
+    }
+}
+
+/// Calls the generic handler for the kind named by the path's plural.
+macro_rules! by_kind {
+    ($plural:expr, $f:ident ( $($arg:expr),* )) => {
+        match $plural.as_str() {
+            "volumes" => $f::<Volume>($($arg),*).await,
+            "machines" => $f::<Machine>($($arg),*).await,
+            other => Err(ApiError::not_found(format!(
+                "the API has no resource {other:?}; it serves volumes and machines"
+            ))),
+        }
+    };
+}
+
+/// Runs the etcd part of a request under the API deadline.
+pub(crate) async fn bounded<T>(
+    state: &AppState,
+    fut: impl Future<Output = Result<T, cobalt_store::Error>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(state.deadline, fut).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "etcd did not answer within {:?}; the API will recover by itself when etcd is reachable",
+            state.deadline
+        ))),
+    }
+}
+
+pub async fn collection_get(
+    State(s): State<AppState>,
+    Path(plural): Path<String>,
+    Query(p): Query<Params>,
+) -> Result<Response, ApiError> {
+    if p.is_watch() {
+        return by_kind!(plural, watch_kind(s, p));
+    }
+    by_kind!(plural, list_kind(s, p))
+}
+
+async fn list_kind<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiError> {
+    let selector = p.selector()?;
+    let (items, revision) = bounded(&s, s.store.list::<R>(&selector)).await?;
+    Ok(Json(json!({
+        "apiVersion": API_VERSION,
+        "kind": R::LIST_KIND,
+        "metadata": {"resourceVersion": revision.to_string()},
+        "items": items,
+    }))
+    .into_response())
+}
+
+async fn watch_kind<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiError> {
+    super::watch::serve::<R>(s, p).await
+}
+
+pub async fn create(
+    State(s): State<AppState>,
+    Path(plural): Path<String>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, create_kind(s, p, &headers, &body))
+}
+
+async fn create_kind<R: ApiKind>(
+    s: AppState,
+    p: Params,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let dry_run = p.dry_run()?;
+    let mut object: R = decode_body(headers, body)?;
+    *object.status_mut() = None;
+    if dry_run {
+        if bounded(&s, s.store.get::<R>(object.name()))
+            .await?
+            .is_some()
+        {
+            return Err(cobalt_store::Error::AlreadyExists {
+                kind: R::KIND,
+                name: object.name().into(),
+            }
+            .into());
+        }
+        let m = object.meta_mut();
+        m.generation = 1;
+        m.resource_version.clear();
+        m.uid.clear();
+        return Ok((StatusCode::OK, Json(object)).into_response());
+    }
+    let created = bounded(&s, s.store.create(&object)).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+pub async fn get(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, get_kind(s, &name))
+}
+
+async fn get_kind<R: ApiKind>(s: AppState, name: &str) -> Result<Response, ApiError> {
+    let object = bounded(&s, s.store.get::<R>(name)).await?.ok_or_else(|| {
+        ApiError::from(cobalt_store::Error::NotFound {
+            kind: R::KIND,
+            name: name.into(),
+        })
+    })?;
+    Ok(Json(object).into_response())
+}
+
+pub async fn replace(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, replace_kind(s, &name, p, &headers, &body))
+}
+
+async fn replace_kind<R: ApiKind>(
+    s: AppState,
+    name: &str,
+    p: Params,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let dry_run = p.dry_run()?;
+    let object: R = decode_body(headers, body)?;
+    if object.name() != name {
+        return Err(field_error::<R>(
+            name,
+            "metadata.name",
+            &format!("{:?} does not match the URL's {name:?}", object.name()),
+        ));
+    }
+    if object.meta().resource_version.is_empty() {
+        return Err(field_error::<R>(
+            name,
+            "metadata.resourceVersion",
+            "is required: send the resourceVersion you read, so a concurrent change is not overwritten",
+        ));
+    }
+    if dry_run {
+        let current = bounded(&s, s.store.get_stored::<R>(name))
+            .await?
+            .ok_or_else(|| {
+                ApiError::from(cobalt_store::Error::NotFound {
+                    kind: R::KIND,
+                    name: name.into(),
+                })
+            })?;
+        if current.object_mod_revision.to_string() != object.meta().resource_version {
+            return Err(cobalt_store::Error::Conflict {
+                kind: R::KIND,
+                name: name.into(),
+                sent: object.meta().resource_version.clone(),
+            }
+            .into());
+        }
+        return Ok(Json(object).into_response());
+    }
+    let replaced = bounded(&s, s.store.replace(&object)).await?;
+    Ok(Json(replaced).into_response())
+}
+
+pub async fn delete(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(p): Query<Params>,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, delete_kind(s, &name, p))
+}
+
+async fn delete_kind<R: ApiKind>(s: AppState, name: &str, p: Params) -> Result<Response, ApiError> {
+    if p.dry_run()? {
+        let object = bounded(&s, s.store.get::<R>(name)).await?.ok_or_else(|| {
+            ApiError::from(cobalt_store::Error::NotFound {
+                kind: R::KIND,
+                name: name.into(),
+            })
+        })?;
+        return Ok(Json(object).into_response());
+    }
+    match bounded(&s, s.store.delete::<R>(name, p.resource_version.as_deref())).await? {
+        Deleted::Gone(object) => Ok((StatusCode::OK, Json(object)).into_response()),
+        // Finalizers remain: accepted, the object goes when they are done.
+        Deleted::Pending(object) => Ok((StatusCode::ACCEPTED, Json(object)).into_response()),
+    }
+}
+
+pub async fn get_status(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, get_kind(s, &name))
+}
+
+pub async fn replace_status(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    by_kind!(plural, replace_status_kind(s, &name, p, &headers, &body))
+}
+
+async fn replace_status_kind<R: ApiKind>(
+    s: AppState,
+    name: &str,
+    p: Params,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let dry_run = p.dry_run()?;
+    let object: R = decode_body(headers, body)?;
+    if object.name() != name {
+        return Err(field_error::<R>(
+            name,
+            "metadata.name",
+            "does not match the URL",
+        ));
+    }
+    let Some(status) = object.status().cloned() else {
+        return Err(field_error::<R>(
+            name,
+            "status",
+            "is required on the status subresource",
+        ));
+    };
+    if dry_run {
+        return Ok(Json(object).into_response());
+    }
+    let update = bounded(
+        &s,
+        s.store
+            .update_status::<R, _>(name, |_| Some(status.clone())),
+    )
+    .await?;
+    Ok(Json(update.object).into_response())
+}

@@ -1,0 +1,71 @@
+//! The kinds the API serves, and how a request body becomes a valid object.
+
+use axum::http::HeaderMap;
+use cobalt_api::manifest::from_value;
+use cobalt_api::validate::{validate_machine, validate_volume, ValidationErrors};
+use cobalt_api::{FieldError, Machine, Resource, Volume};
+use serde_json::Value;
+
+use super::status::ApiError;
+
+/// A kind served under `/apis/cobalt.io/v1alpha1/<plural>`.
+pub trait ApiKind: Resource {
+    /// `VolumeList`, `MachineList`.
+    const LIST_KIND: &'static str;
+    fn validate(&self) -> Result<(), ValidationErrors>;
+}
+
+impl ApiKind for Volume {
+    const LIST_KIND: &'static str = "VolumeList";
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        validate_volume(self)
+    }
+}
+
+impl ApiKind for Machine {
+    const LIST_KIND: &'static str = "MachineList";
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        validate_machine(self)
+    }
+}
+
+/// Parses a JSON or YAML (by Content-Type) body: malformed → 400 with the position; wrong shape
+/// → 422 naming the field; semantically invalid → 422 listing every problem.
+pub fn decode_body<R: ApiKind>(headers: &HeaderMap, body: &[u8]) -> Result<R, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let value: Value = if content_type.contains("yaml") {
+        let text = std::str::from_utf8(body)
+            .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
+        serde_saphyr::from_str(text)
+            .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))?
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?
+    };
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let object: R =
+        from_value(value).map_err(|cause| ApiError::invalid(R::KIND, &name, vec![cause]))?;
+    object
+        .validate()
+        .map_err(|errors| ApiError::invalid(R::KIND, &name, errors.0))?;
+    Ok(object)
+}
+
+/// 422 for a single field problem.
+pub fn field_error<R: Resource>(name: &str, field: &str, message: &str) -> ApiError {
+    ApiError::invalid(
+        R::KIND,
+        name,
+        vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }],
+    )
+}

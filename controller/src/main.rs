@@ -1,0 +1,109 @@
+//! `cobalt-controller`: reads config and flags, connects to etcd, serves the API until SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cobalt_controller::config::{ControllerConfig, Flags};
+use cobalt_controller::http::{self, AppState, HttpMetrics, Tokens};
+use cobalt_reconcile::CancellationToken;
+use cobalt_store::Store;
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+    /// Print the OpenAPI document and exit.
+    #[arg(long, hide = true)]
+    print_openapi: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.print_openapi {
+        print!("{}", cobalt_controller::openapi::document_text());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = ControllerConfig::load(&cli.flags)?;
+    let store = Store::connect(&config.etcd)
+        .await
+        .context("etcd configuration")?;
+    let tokens = match &config.tokens_file {
+        Some(path) => Some(Arc::new(Tokens::load(path)?)),
+        None => None,
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let http_metrics = HttpMetrics::new(&mut registry);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let state = AppState {
+        store: store.clone(),
+        tokens,
+        deadline: http::DEFAULT_DEADLINE,
+        bookmark_interval: std::time::Duration::from_secs(10),
+        http_metrics,
+        registry: Arc::new(registry),
+        shutdown: shutdown.clone(),
+    };
+
+    let app = http::router(state);
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(listen = %config.listen, etcd = ?config.etcd.endpoints, tls = config.tls.is_some(), "serving the Cobalt API");
+    let stop = shutdown.clone();
+    let server = async move {
+        match &config.tls {
+            Some(tls) => {
+                let listener = http::tls::TlsListener::new(tcp, &tls.cert, &tls.key)
+                    .map_err(anyhow::Error::msg)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await?
+            }
+            None => {
+                axum::serve(tcp, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await?
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = shutdown.cancelled() => {
+            // In-flight requests get a bounded grace period; watches end at once on shutdown.
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,247 @@
+//! The OpenAPI 3.1 document of the HTTP API, built from the same Rust types as the JSON Schemas
+//! so it cannot drift. Served at `/openapi.json` and checked in as `schemas/openapi.json`
+//! (`make schemas`; a test fails when stale).
+
+use cobalt_api::{Machine, Volume};
+use schemars::generate::SchemaSettings;
+use serde_json::{json, Map, Value};
+
+/// The document as pretty JSON with a trailing newline.
+pub fn document_text() -> String {
+    let mut text = serde_json::to_string_pretty(&document()).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+pub fn document() -> Value {
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|s| {
+            s.definitions_path = "/components/schemas".into();
+            s.meta_schema = None;
+        })
+        .into_generator();
+    let volume = generator.subschema_for::<Volume>();
+    let machine = generator.subschema_for::<Machine>();
+    let mut schemas: Map<String, Value> = generator.take_definitions(true);
+    schemas.insert("Status".into(), status_schema());
+    schemas.insert("VolumeList".into(), list_schema(&volume));
+    schemas.insert("MachineList".into(), list_schema(&machine));
+    schemas.insert("WatchEvent".into(), watch_event_schema());
+
+    let mut paths = Map::new();
+    for (plural, schema) in [("volumes", "Volume"), ("machines", "Machine")] {
+        let base = format!("{}/{plural}", crate::http::API_PREFIX);
+        paths.insert(base.clone(), collection_path(plural, schema));
+        paths.insert(format!("{base}/{{name}}"), item_path(plural, schema));
+        paths.insert(
+            format!("{base}/{{name}}/status"),
+            status_path(plural, schema),
+        );
+    }
+    paths.insert(
+        "/healthz".into(),
+        plain_get("Liveness: the process serves HTTP.", "text/plain"),
+    );
+    paths.insert(
+        "/readyz".into(),
+        plain_get(
+            "Readiness: etcd answers within the deadline (else 503).",
+            "text/plain",
+        ),
+    );
+    paths.insert(
+        "/metrics".into(),
+        plain_get("Prometheus metrics.", "application/openmetrics-text"),
+    );
+    paths.insert(
+        "/openapi.json".into(),
+        plain_get("This document.", "application/json"),
+    );
+
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Cobalt API",
+            "version": "v1alpha1",
+            "description": "Declarative volumes on storage machines: Volumes and Machines with spec/status, stored in etcd."
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "parameters": {
+                "name": {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+                "dryRun": {"name": "dryRun", "in": "query", "required": false, "description": "All: validate and check conflicts, write nothing.", "schema": {"type": "string", "enum": ["All"]}},
+                "labelSelector": {"name": "labelSelector", "in": "query", "required": false, "description": "key=value, key!=value, key, !key joined by commas.", "schema": {"type": "string"}},
+                "watch": {"name": "watch", "in": "query", "required": false, "description": "Stream newline-delimited WatchEvents instead of a list.", "schema": {"type": "boolean"}},
+                "resourceVersion": {"name": "resourceVersion", "in": "query", "required": false, "description": "With watch: continue after this revision (410 if compacted). With delete: precondition.", "schema": {"type": "string"}},
+                "timeoutSeconds": {"name": "timeoutSeconds", "in": "query", "required": false, "description": "With watch: end the stream after this long (default 1800, at most 3600).", "schema": {"type": "integer", "minimum": 1}}
+            }
+        }
+    })
+}
+
+fn r(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn param(name: &str) -> Value {
+    json!({"$ref": format!("#/components/parameters/{name}")})
+}
+
+fn error_responses(codes: &[(&str, &str)]) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (code, description) in codes {
+        m.insert((*code).into(), json!({"description": description, "content": {"application/json": {"schema": r("Status")}}}));
+    }
+    m.insert("401".into(), json!({"description": "No valid bearer token.", "content": {"application/json": {"schema": r("Status")}}}));
+    m.insert("503".into(), json!({"description": "etcd unreachable within the deadline.", "content": {"application/json": {"schema": r("Status")}}}));
+    m
+}
+
+fn with(
+    mut base: Map<String, Value>,
+    code: &str,
+    description: &str,
+    schema: Value,
+    content_type: &str,
+) -> Value {
+    base.insert(
+        code.into(),
+        json!({"description": description, "content": {content_type: {"schema": schema}}}),
+    );
+    Value::Object(base)
+}
+
+fn body(schema: &str) -> Value {
+    json!({"required": true, "content": {
+        "application/json": {"schema": r(schema)},
+        "application/yaml": {"schema": r(schema)}
+    }})
+}
+
+fn collection_path(plural: &str, schema: &str) -> Value {
+    json!({
+        "get": {
+            "operationId": format!("list_{plural}"),
+            "summary": format!("List {plural}, or watch them with ?watch=true."),
+            "parameters": [param("labelSelector"), param("watch"), param("resourceVersion"), param("timeoutSeconds")],
+            "responses": {
+                "200": {"description": "The list, or (watch) a stream of WatchEvents, one JSON object per line.", "content": {
+                    "application/json": {"schema": r(&format!("{schema}List"))},
+                    "application/x-ndjson": {"schema": r("WatchEvent")}
+                }},
+                "400": {"description": "Bad query.", "content": {"application/json": {"schema": r("Status")}}},
+                "410": {"description": "resourceVersion compacted: list again.", "content": {"application/json": {"schema": r("Status")}}},
+                "503": {"description": "etcd unreachable.", "content": {"application/json": {"schema": r("Status")}}}
+            }
+        },
+        "post": {
+            "operationId": format!("create_{plural}"),
+            "summary": format!("Create a {}.", schema.to_lowercase()),
+            "parameters": [param("dryRun")],
+            "requestBody": body(schema),
+            "responses": with(error_responses(&[("400", "Malformed body (position given)."), ("403", "Reader token."), ("409", "AlreadyExists."), ("422", "Invalid: details.causes lists every field.")]), "201", "Created.", r(schema), "application/json")
+        }
+    })
+}
+
+fn item_path(plural: &str, schema: &str) -> Value {
+    json!({
+        "parameters": [param("name")],
+        "get": {
+            "operationId": format!("get_{plural}"),
+            "responses": with(error_responses(&[("404", "Not found.")]), "200", "The object with its status.", r(schema), "application/json")
+        },
+        "put": {
+            "operationId": format!("replace_{plural}"),
+            "summary": "Replace metadata and spec; metadata.resourceVersion must be the current one.",
+            "parameters": [param("dryRun")],
+            "requestBody": body(schema),
+            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token."), ("404", "Not found."), ("409", "Conflict: stale resourceVersion."), ("422", "Invalid.")]), "200", "Replaced.", r(schema), "application/json")
+        },
+        "delete": {
+            "operationId": format!("delete_{plural}"),
+            "parameters": [param("dryRun"), param("resourceVersion")],
+            "responses": {
+                "200": {"description": "Deleted; the last state.", "content": {"application/json": {"schema": r(schema)}}},
+                "202": {"description": "Marked for deletion; finalizers remain.", "content": {"application/json": {"schema": r(schema)}}},
+                "403": {"description": "Reader token.", "content": {"application/json": {"schema": r("Status")}}},
+                "404": {"description": "Not found.", "content": {"application/json": {"schema": r("Status")}}},
+                "409": {"description": "Precondition failed.", "content": {"application/json": {"schema": r("Status")}}},
+                "503": {"description": "etcd unreachable.", "content": {"application/json": {"schema": r("Status")}}}
+            }
+        }
+    })
+}
+
+fn status_path(plural: &str, schema: &str) -> Value {
+    json!({
+        "parameters": [param("name")],
+        "get": {
+            "operationId": format!("get_{plural}_status"),
+            "responses": with(error_responses(&[("404", "Not found.")]), "200", "The object with its status.", r(schema), "application/json")
+        },
+        "put": {
+            "operationId": format!("replace_{plural}_status"),
+            "summary": "Write the status (agents and controllers).",
+            "parameters": [param("dryRun")],
+            "requestBody": body(schema),
+            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token."), ("404", "Not found."), ("422", "Invalid.")]), "200", "Updated.", r(schema), "application/json")
+        }
+    })
+}
+
+fn plain_get(description: &str, content_type: &str) -> Value {
+    json!({"get": {"security": [], "description": description, "responses": {"200": {"description": "OK", "content": {content_type: {"schema": {"type": "string"}}}}}}})
+}
+
+fn status_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "An error: what went wrong, and for invalid input every field at fault.",
+        "required": ["kind", "status", "code", "reason", "message"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"const": "Status"},
+            "status": {"const": "Failure"},
+            "code": {"type": "integer"},
+            "reason": {"type": "string", "enum": ["BadRequest", "Unauthorized", "Forbidden", "NotFound", "AlreadyExists", "Conflict", "Expired", "Invalid", "ServiceUnavailable", "InternalError"]},
+            "message": {"type": "string"},
+            "details": {"type": "object", "properties": {
+                "name": {"type": "string"},
+                "kind": {"type": "string"},
+                "causes": {"type": "array", "items": {"type": "object", "required": ["field", "message"], "properties": {
+                    "field": {"type": "string", "description": "Path such as spec.export.clients[1].host"},
+                    "message": {"type": "string"}
+                }}}
+            }}
+        }
+    })
+}
+
+fn list_schema(item: &schemars::Schema) -> Value {
+    json!({
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "items"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object", "properties": {"resourceVersion": {"type": "string", "description": "Watch from here to miss nothing."}}},
+            "items": {"type": "array", "items": item}
+        }
+    })
+}
+
+fn watch_event_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["type", "object", "resourceVersion"],
+        "properties": {
+            "type": {"type": "string", "enum": ["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]},
+            "object": {"type": "object"},
+            "resourceVersion": {"type": "string", "description": "etcd revision of this event; resume a watch after it."}
+        }
+    })
+}

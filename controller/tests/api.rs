@@ -1,0 +1,594 @@
+//! HTTP-level tests of the API against a real etcd: every route and error code, the watch
+//! stream, dry-run, unchanged replace, auth, limits, and etcd outages.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cobalt_controller::http::{self, AppState, HttpMetrics, Tokens};
+use cobalt_reconcile::CancellationToken;
+use cobalt_store::{EtcdConfig, Store};
+use cobalt_testkit::etcd::Etcd;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+struct Api {
+    url: String,
+    store: Store,
+    stop: CancellationToken,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Api {
+    async fn start(etcd: &Etcd, tokens: Option<&Path>) -> Api {
+        let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
+            .await
+            .unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let stop = CancellationToken::new();
+        let state = AppState {
+            store: store.clone(),
+            tokens: tokens.map(|p| Arc::new(Tokens::load(p).unwrap())),
+            deadline: http::DEFAULT_DEADLINE,
+            bookmark_interval: Duration::from_millis(300),
+            http_metrics: HttpMetrics::new(&mut registry),
+            registry: Arc::new(registry),
+            shutdown: stop.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = http::router(state);
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+        });
+        Api {
+            url,
+            store,
+            stop,
+            client: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    fn path(&self, p: &str) -> String {
+        if p.starts_with('/') {
+            format!("{}{p}", self.url)
+        } else {
+            format!("{}/apis/cobalt.io/v1alpha1/{p}", self.url)
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, p: &str) -> reqwest::RequestBuilder {
+        let r = self
+            .client
+            .request(method, self.path(p))
+            .timeout(Duration::from_secs(10));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let resp = r.send().await.unwrap();
+        let code = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, p: &str) -> (StatusCode, Value) {
+        self.send(self.req(reqwest::Method::GET, p)).await
+    }
+    async fn post(&self, p: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(self.req(reqwest::Method::POST, p).json(body))
+            .await
+    }
+    async fn put(&self, p: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(self.req(reqwest::Method::PUT, p).json(body))
+            .await
+    }
+    async fn delete(&self, p: &str) -> (StatusCode, Value) {
+        self.send(self.req(reqwest::Method::DELETE, p)).await
+    }
+}
+
+fn volume(name: &str, size: &str) -> Value {
+    json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Volume", "metadata": {"name": name}, "spec": {"size": size}})
+}
+
+fn causes(body: &Value) -> Vec<String> {
+    body["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn create_get_list_and_their_errors() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (code, created) = api.post("volumes", &volume("a", "1Gi")).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert!(created["metadata"]["uid"].is_string());
+    let (code, body) = api.post("volumes", &volume("a", "1Gi")).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    assert_eq!(body["kind"], "Status");
+    assert_eq!(body["reason"], "AlreadyExists");
+
+    let (code, got) = api.get("volumes/a").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(got["metadata"]["uid"], created["metadata"]["uid"]);
+    let (code, body) = api.get("volumes/nope").await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NotFound"))
+    );
+    let (code, body) = api.get("pods").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("volumes and machines"));
+
+    let mut labelled = volume("b", "2Gi");
+    labelled["metadata"]["labels"] = json!({"tier": "hot"});
+    api.post("volumes", &labelled).await;
+    let (code, list) = api.get("volumes?labelSelector=tier%3Dhot").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(list["kind"], "VolumeList");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b"]);
+    assert!(
+        list["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+    let (code, _) = api.get("volumes?labelSelector=%3Dbad").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+
+    let machine = json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Machine", "metadata": {"name": "node-1", "labels": {"disk": "ssd"}}, "spec": {"address": "10.0.0.12"}});
+    let (code, m) = api.post("machines", &machine).await;
+    assert_eq!(code, StatusCode::CREATED, "{m}");
+    assert_eq!(m["spec"]["maxFill"], 90);
+}
+
+#[tokio::test]
+async fn bad_input_is_400_with_position_or_422_with_every_field() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let resp = api
+        .req(reqwest::Method::POST, "volumes")
+        .header("content-type", "application/json")
+        .body("{\"kind\": \"Volume\",\n  \"spec\": }")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("line 2"),
+        "{body}"
+    );
+
+    let resp = api
+        .req(reqwest::Method::POST, "volumes")
+        .header("content-type", "application/yaml")
+        .body("kind: Volume\nspec: {size: [1Gi\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("line 2 column"),
+        "{body}"
+    );
+
+    let mut bad = volume("A_B", "1k");
+    bad["spec"]["dilation"] = json!(5000);
+    bad["spec"]["export"] = json!({"clients": [{"host": "not a host"}]});
+    let (code, body) = api.post("volumes", &bad).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["reason"], "Invalid");
+    assert_eq!(
+        causes(&body),
+        [
+            "metadata.name",
+            "spec.size",
+            "spec.dilation",
+            "spec.export.clients[0].host"
+        ]
+    );
+
+    let mut unknown = volume("ok", "1Gi");
+    unknown["spec"]["sise"] = json!("2Gi");
+    let (code, body) = api.post("volumes", &unknown).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(causes(&body), ["spec.sise"]);
+
+    // A YAML manifest is accepted as it is.
+    let resp = api.req(reqwest::Method::POST, "volumes").header("content-type", "application/yaml")
+        .body("apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {name: from-yaml}\nspec: {size: 2Gi}\n").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // Nothing invalid was written.
+    let (_, list) = api.get("volumes").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let resp = api
+        .req(reqwest::Method::POST, "volumes")
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn replace_needs_the_current_resource_version_and_unchanged_writes_nothing() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (_, v1) = api.post("volumes", &volume("a", "1Gi")).await;
+    let mut edit = v1.clone();
+    edit["spec"]["size"] = json!("2Gi");
+    let (code, v2) = api.put("volumes/a", &edit).await;
+    assert_eq!(code, StatusCode::OK, "{v2}");
+    assert_eq!(v2["metadata"]["generation"], 2);
+
+    let (code, body) = api.put("volumes/a", &edit).await; // v1's resourceVersion again
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("Conflict"))
+    );
+
+    let mut missing = v2.clone();
+    missing["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let (code, body) = api.put("volumes/a", &missing).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(causes(&body), ["metadata.resourceVersion"]);
+    let (code, body) = api.put("volumes/b", &v2).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(causes(&body), ["metadata.name"]);
+
+    let before = api.store.revision().await.unwrap();
+    let (code, same) = api.put("volumes/a", &v2).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        same["metadata"]["resourceVersion"],
+        v2["metadata"]["resourceVersion"]
+    );
+    assert_eq!(
+        api.store.revision().await.unwrap(),
+        before,
+        "an unchanged replace must not write to etcd"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_validates_and_checks_conflicts_but_writes_nothing() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (_, v) = api.post("volumes", &volume("a", "1Gi")).await;
+    let before = api.store.revision().await.unwrap();
+
+    let (code, _) = api.post("volumes?dryRun=All", &volume("b", "1Gi")).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = api.post("volumes?dryRun=All", &volume("a", "1Gi")).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    let (code, _) = api.post("volumes?dryRun=All", &volume("b", "1")).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut edit = v.clone();
+    edit["spec"]["size"] = json!("9Gi");
+    let (code, _) = api.put("volumes/a?dryRun=All", &edit).await;
+    assert_eq!(code, StatusCode::OK);
+    edit["metadata"]["resourceVersion"] = json!("1");
+    let (code, _) = api.put("volumes/a?dryRun=All", &edit).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    let (code, _) = api.delete("volumes/a?dryRun=All").await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = api.post("volumes?dryRun=Yes", &volume("c", "1Gi")).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+
+    assert_eq!(
+        api.store.revision().await.unwrap(),
+        before,
+        "dry runs must not write"
+    );
+    let (_, live) = api.get("volumes/a").await;
+    assert_eq!(live["spec"]["size"], "1Gi");
+    assert_eq!(api.get("volumes/b").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn delete_is_200_when_gone_and_202_while_finalizers_remain() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    api.post("volumes", &volume("a", "1Gi")).await;
+    let (code, _) = api.delete("volumes/a").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(api.delete("volumes/a").await.0, StatusCode::NOT_FOUND);
+
+    let mut held = volume("b", "1Gi");
+    held["metadata"]["finalizers"] = json!(["cobalt.io/agent"]);
+    api.post("volumes", &held).await;
+    let (code, body) = api.delete("volumes/b").await;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    assert!(body["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(api.get("volumes/b").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_status_subresource_is_written_apart_from_the_spec() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (_, v) = api.post("volumes", &volume("a", "1Gi")).await;
+    let mut with_status = v.clone();
+    with_status["status"] = json!({"phase": "Ready", "observedGeneration": 1});
+    let (code, body) = api.put("volumes/a/status", &with_status).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // The user's replace with the resourceVersion read before the status write succeeds.
+    let mut edit = v.clone();
+    edit["spec"]["size"] = json!("3Gi");
+    let (code, replaced) = api.put("volumes/a", &edit).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(replaced["status"]["phase"], "Ready");
+    // Status sent in a create or spec replace is ignored.
+    let mut sneaky = replaced.clone();
+    sneaky["status"]["phase"] = json!("Failed");
+    sneaky["spec"]["size"] = json!("4Gi");
+    let (_, after) = api.put("volumes/a", &sneaky).await;
+    assert_eq!(after["status"]["phase"], "Ready");
+    let (code, s) = api.get("volumes/a/status").await;
+    assert_eq!(
+        (code, s["status"]["phase"].as_str()),
+        (StatusCode::OK, Some("Ready"))
+    );
+    let (code, body) = api.put("volumes/a/status", &v).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(causes(&body), ["status"]);
+}
+
+/// Reads watch lines until `n` non-bookmark events, returning (type, name, line revision).
+async fn read_events(
+    resp: &mut reqwest::Response,
+    n: usize,
+    bookmarks: &mut usize,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, resp.chunk())
+            .await
+            .expect("watch events in time")
+            .unwrap()
+            .expect("stream open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(i) = buf.find('\n') {
+            let line: Value = serde_json::from_str(&buf[..i]).unwrap();
+            buf.drain(..=i);
+            let kind = line["type"].as_str().unwrap().to_string();
+            if kind == "BOOKMARK" {
+                *bookmarks += 1;
+                continue;
+            }
+            let name = line["object"]["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            out.push((
+                kind,
+                name,
+                line["resourceVersion"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn watch_streams_events_in_order_resumes_and_answers_410_after_compaction() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    api.post("volumes", &volume("old", "1Gi")).await;
+    let mut resp = api
+        .req(reqwest::Method::GET, "volumes?watch=true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut bookmarks = 0;
+    let first = read_events(&mut resp, 1, &mut bookmarks).await;
+    assert_eq!((first[0].0.as_str(), first[0].1.as_str()), ("ADDED", "old"));
+
+    let (_, a) = api.post("volumes", &volume("a", "1Gi")).await;
+    let mut edit = a.clone();
+    edit["spec"]["size"] = json!("2Gi");
+    api.put("volumes/a", &edit).await;
+    api.delete("volumes/a").await;
+    let events = read_events(&mut resp, 3, &mut bookmarks).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds, ["ADDED", "MODIFIED", "DELETED"]);
+    let revs: Vec<i64> = events.iter().map(|e| e.2.parse().unwrap()).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    // Idle: bookmarks keep coming.
+    let mut idle_bookmarks = 0;
+    let quiet = tokio::time::timeout(
+        Duration::from_secs(2),
+        read_events(&mut resp, 1, &mut idle_bookmarks),
+    )
+    .await;
+    assert!(quiet.is_err(), "no event expected");
+    assert!(
+        idle_bookmarks >= 1 || bookmarks >= 1,
+        "bookmarks expected on an idle watch"
+    );
+    drop(resp);
+
+    // Resume after the first ADDED of "a": the client sees the rest, nothing twice.
+    let mut resumed = api
+        .req(
+            reqwest::Method::GET,
+            &format!("volumes?watch=true&resourceVersion={}", events[0].2),
+        )
+        .send()
+        .await
+        .unwrap();
+    let again = read_events(&mut resumed, 2, &mut bookmarks).await;
+    assert_eq!(
+        again.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["MODIFIED", "DELETED"]
+    );
+
+    let now = api.store.revision().await.unwrap();
+    api.store.compact(now).await.unwrap();
+    let (code, body) = api
+        .get(&format!(
+            "volumes?watch=true&resourceVersion={}",
+            events[0].2
+        ))
+        .await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (StatusCode::GONE, Some("Expired"))
+    );
+}
+
+#[tokio::test]
+async fn tokens_gate_access_by_role() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    std::fs::write(&file, "tokens:\n  - {name: ci, token: admin-token-0123456789, role: admin}\n  - {name: dash, token: reader-token-0123456789, role: reader}\n").unwrap();
+    let mut api = Api::start(&etcd, Some(&file)).await;
+    assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
+    let (code, body) = api.get("volumes").await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("Unauthorized"))
+    );
+    api.token = Some("wrong-token-0000000000".into());
+    assert_eq!(api.get("volumes").await.0, StatusCode::UNAUTHORIZED);
+    api.token = Some("reader-token-0123456789".into());
+    assert_eq!(api.get("volumes").await.0, StatusCode::OK);
+    let (code, body) = api.post("volumes", &volume("a", "1Gi")).await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (StatusCode::FORBIDDEN, Some("Forbidden"))
+    );
+    api.token = Some("admin-token-0123456789".into());
+    assert_eq!(
+        api.post("volumes", &volume("a", "1Gi")).await.0,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn with_etcd_down_the_api_answers_503_within_2s_and_recovers_without_restart() {
+    let mut etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    api.post("volumes", &volume("a", "1Gi")).await;
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
+    etcd.stop();
+    for p in ["volumes", "volumes/a", "/readyz"] {
+        let start = Instant::now();
+        let (code, body) = api.get(p).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{p}: {body}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{p} took {:?}",
+            start.elapsed()
+        );
+    }
+    let start = Instant::now();
+    let (code, _) = api.post("volumes", &volume("b", "1Gi")).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        api.get("/healthz").await.0,
+        StatusCode::OK,
+        "liveness does not depend on etcd"
+    );
+    etcd.start_again();
+    cobalt_testkit::wait::until("the API to recover", Duration::from_secs(15), || async {
+        (api.get("volumes/a").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_code() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    api.get("volumes/missing").await;
+    let text = api
+        .req(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("cobalt_http_requests_total")
+                && l.contains("code=\"404\"")
+                && l.contains("/{plural}/{name}")
+        })
+        .unwrap_or_else(|| panic!("no request counter in:\n{text}"));
+    assert!(line.ends_with(" 1"), "{line}");
+}
+
+#[test]
+fn the_checked_in_openapi_document_is_current_and_valid_openapi_3() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("schemas/openapi.json");
+    let on_disk = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        on_disk == cobalt_controller::openapi::document_text(),
+        "schemas/openapi.json is stale: run `make schemas`"
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sys\nfrom openapi_spec_validator import validate\nfrom openapi_spec_validator.readers import read_from_filename\nd,_=read_from_filename(sys.argv[1]); validate(d); print('valid')")
+        .arg(&path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator (installed by `make deps`) rejected the document:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,90 @@
+//! A daemon under test (controller, agent, ganesha): started with its output captured to a log
+//! file, stopped by its own PID on drop, and never outliving the test process.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with stdout and stderr going to a temporary log file.
+    pub fn spawn(cmd: &mut Command, name: &str) -> Daemon {
+        let log = tempfile::Builder::new()
+            .prefix(&format!("cobalt-{name}-"))
+            .suffix(".log")
+            .tempfile()
+            .expect("log file");
+        let out = log.reopen().expect("reopen log");
+        let err = log.reopen().expect("reopen log");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        crate::etcd::kill_with_parent(cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Daemon {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the daemon printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for it to exit (then SIGKILL).
+    pub fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if start.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not stop within {deadline:?} of SIGTERM; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log());
+        }
+    }
+}
