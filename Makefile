@@ -44,7 +44,7 @@ schemas:
 	$(CARGO) run -q -p cobalt-controller -- --print-openapi > schemas/openapi.json
 
 bench: deps
-	$(CARGO) bench -p cobalt-reconcile
+	$(CARGO) bench -p cobalt-reconcile -p cobalt-controller
 
 clean:
 	$(CARGO) clean

@@ -6,3 +6,4 @@
 pub mod config;
 pub mod http;
 pub mod openapi;
+pub mod scheduler;

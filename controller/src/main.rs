@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use cobalt_controller::config::{ControllerConfig, Flags};
 use cobalt_controller::http::{self, AppState, HttpMetrics, Tokens};
+use cobalt_controller::scheduler::{self, SchedulerConfig, SchedulerMetrics};
 use cobalt_reconcile::CancellationToken;
 use cobalt_store::Store;
 
@@ -43,6 +44,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let http_metrics = HttpMetrics::new(&mut registry);
+    let scheduler_metrics = SchedulerMetrics::new(&mut registry);
+    let reconcile_metrics = cobalt_reconcile::Metrics::new(&mut registry);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let state = AppState {
@@ -55,6 +58,18 @@ async fn main() -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     };
 
+    let scheduler = tokio::spawn(scheduler::run(
+        store.clone(),
+        SchedulerConfig {
+            identity: config.identity(),
+            strategy: config.placement,
+            lease_ttl: config.lease_ttl,
+            resync: std::time::Duration::from_secs(60),
+        },
+        scheduler_metrics,
+        reconcile_metrics,
+        shutdown.clone(),
+    ));
     let app = http::router(state);
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -88,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, scheduler).await;
     tracing::info!("stopped");
     Ok(())
 }

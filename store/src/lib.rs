@@ -24,6 +24,7 @@ pub mod election;
 pub mod error;
 pub mod keys;
 pub mod lease;
+pub mod liveness;
 pub mod objects;
 pub mod watch;
 

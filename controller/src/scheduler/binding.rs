@@ -1,0 +1,351 @@
+//! The volume scheduler: binds unbound volumes to machines, keeps the Scheduled condition, and
+//! handles volumes on machines that went away.
+//!
+//! **Ledger**: reservations are derived from bindings in the cache (`spec.machine`), never kept
+//! on the side. Placement runs under one lock and first waits until the cache has seen the
+//! scheduler's own last write, so a decision never misses a reservation it made itself — which
+//! is why a thousand volumes created at once cannot overcommit a machine. Each pass places every
+//! pending volume at once (first-fit-decreasing for binpack).
+//!
+//! **Lost machines**: a volume bound by the scheduler to a machine whose agent is gone, and never
+//! provisioned (`status.machine` empty), is rebound elsewhere. A provisioned one is marked
+//! phase Lost, Ready=False reason MachineLost — never deleted, never recreated empty; the agent
+//! sets it Ready again when it returns. A volume the *user* pinned is never moved.
+//!
+//! **Pinned volumes** (`spec.machine` set by the user) are respected; if the machine lacks
+//! capacity the Scheduled condition says so (reason PinnedOvercommitted) but the binding stays —
+//! the user asked for it, and the quota still bounds the volume.
+//!
+//! Status ownership: the scheduler writes the Scheduled condition, phase Pending/Scheduled (only
+//! while the agent has not moved it further) and phase Lost; the agent writes the rest.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use cobalt_api::{
+    find_condition, set_condition, ConditionStatus, Machine, Volume, VolumePhase, VolumeStatus,
+};
+use cobalt_reconcile::{Action, Cache, Context, Reconciler};
+use cobalt_store::Store;
+use futures::StreamExt;
+use tokio::sync::Mutex;
+
+use super::metrics::SchedulerMetrics;
+use super::placement::{place_batch, Decision, MachineView, Request};
+use crate::config::PlacementStrategy;
+
+/// Annotation marking a binding the scheduler made (so it may move it; a user's pin it never moves).
+pub const SCHEDULED_BY: &str = "cobalt.io/scheduled-by";
+/// How long placement waits for the cache to reach the scheduler's own last write.
+const OWN_WRITE_WAIT: Duration = Duration::from_secs(10);
+/// Binding writes in flight at once.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// Machines whose agents are alive, refreshed by the liveness poller.
+pub type Alive = Arc<RwLock<BTreeSet<String>>>;
+
+pub struct VolumeScheduler {
+    /// Writes go through the leadership-fenced store.
+    pub store: Store,
+    pub machines: Cache<Machine>,
+    pub alive: Alive,
+    pub strategy: PlacementStrategy,
+    pub metrics: SchedulerMetrics,
+    /// Serialises placement; holds the revision of the last binding written.
+    pub last_write: Mutex<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Store(#[from] cobalt_store::Error),
+}
+
+fn is_alive(alive: &Alive, machine: &str) -> bool {
+    alive.read().map(|a| a.contains(machine)).unwrap_or(false)
+}
+
+impl Reconciler<Volume> for VolumeScheduler {
+    type Error = SchedulerError;
+
+    async fn reconcile(
+        &self,
+        volume: Arc<Volume>,
+        ctx: Context<Volume>,
+    ) -> Result<Action, SchedulerError> {
+        if volume.metadata.is_deleting() {
+            return Ok(Action::Done);
+        }
+        let Some(machine) = volume.spec.machine.clone() else {
+            self.schedule_pending(ctx.cache()).await?;
+            return Ok(Action::Done);
+        };
+        let by_scheduler = volume.metadata.annotations.contains_key(SCHEDULED_BY);
+        let provisioned = volume
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_ref())
+            .is_some();
+        if !is_alive(&self.alive, &machine) {
+            if by_scheduler && !provisioned {
+                // Never provisioned there: nothing to lose by placing it elsewhere.
+                let mut unbound = (*volume).clone();
+                unbound.spec.machine = None;
+                unbound.metadata.annotations.remove(SCHEDULED_BY);
+                let written = self.store.replace(&unbound).await?;
+                ctx.wrote(written.metadata.revision());
+                self.metrics.decision("rebound");
+                tracing::info!(volume = %volume.metadata.name, %machine, "machine is gone before provisioning; rebinding");
+                return Ok(Action::Done);
+            }
+            if provisioned {
+                let update = self
+                    .store
+                    .update_status::<Volume, _>(&volume.metadata.name, |v| {
+                        Some(lost_status(v, &machine))
+                    })
+                    .await?;
+                ctx.wrote(update.written);
+            }
+            return Ok(Action::Done);
+        }
+        let (reason, ok, message) = if by_scheduler {
+            ("Bound", true, format!("bound to machine {machine}"))
+        } else {
+            match self.pinned_fits(ctx.cache(), &volume, &machine) {
+                true => (
+                    "Pinned",
+                    true,
+                    format!("pinned by the user to machine {machine}"),
+                ),
+                false => (
+                    "PinnedOvercommitted",
+                    false,
+                    format!(
+                        "pinned to machine {machine}, which lacks the capacity to reserve for it"
+                    ),
+                ),
+            }
+        };
+        let update = self
+            .store
+            .update_status::<Volume, _>(&volume.metadata.name, |v| {
+                Some(scheduled_status(v, ok, reason, &message))
+            })
+            .await?;
+        ctx.wrote(update.written);
+        Ok(Action::Done)
+    }
+}
+
+impl VolumeScheduler {
+    fn machine_views(&self, volumes: &[Arc<Volume>]) -> Vec<MachineView> {
+        let mut views: Vec<MachineView> = self
+            .machines
+            .list()
+            .iter()
+            .map(|m| MachineView {
+                name: m.metadata.name.clone(),
+                labels: m.metadata.labels.clone(),
+                ready: is_alive(&self.alive, &m.metadata.name),
+                unschedulable: m.spec.unschedulable,
+                total_bytes: m
+                    .status
+                    .as_ref()
+                    .map(|s| s.capacity.total_bytes)
+                    .unwrap_or(0),
+                max_fill_percent: m.spec.max_fill,
+                reserved_bytes: 0,
+            })
+            .collect();
+        for v in volumes {
+            if let Some(bound) = &v.spec.machine {
+                if let Some(view) = views.iter_mut().find(|m| &m.name == bound) {
+                    view.reserved_bytes += v.spec.reserved_bytes();
+                }
+            }
+        }
+        views
+    }
+
+    fn pinned_fits(&self, cache: &Cache<Volume>, volume: &Volume, machine: &str) -> bool {
+        let volumes = cache.list();
+        let views = self.machine_views(&volumes);
+        // The ledger already counts this volume; it fits if the machine is not overcommitted.
+        views.iter().find(|m| m.name == machine).is_some_and(|m| {
+            let cap = (m.total_bytes as u128 * m.max_fill_percent as u128 / 100) as u64;
+            m.reserved_bytes <= cap && m.reserved_bytes >= volume.spec.reserved_bytes()
+        })
+    }
+
+    /// Places every pending volume (one pass under the placement lock).
+    async fn schedule_pending(&self, cache: &Cache<Volume>) -> Result<(), SchedulerError> {
+        let mut last_write = self.last_write.lock().await;
+        if !cache.wait_for_revision(*last_write, OWN_WRITE_WAIT).await {
+            tracing::warn!(
+                revision = *last_write,
+                "cache has not caught up with our own bindings; deferring placement"
+            );
+            return Err(cobalt_store::Error::Unavailable {
+                endpoints: "cache".into(),
+                deadline: OWN_WRITE_WAIT,
+                cause: "cache behind the scheduler's own writes".into(),
+            }
+            .into());
+        }
+        let start = std::time::Instant::now();
+        let volumes = cache.list();
+        let mut views = self.machine_views(&volumes);
+        let pending: Vec<Arc<Volume>> = volumes
+            .iter()
+            .filter(|v| v.spec.machine.is_none() && !v.metadata.is_deleting())
+            .cloned()
+            .collect();
+        self.metrics.pending(pending.len());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let requests: Vec<Request> = pending
+            .iter()
+            .map(|v| Request {
+                name: v.metadata.name.clone(),
+                reserved_bytes: v.spec.reserved_bytes(),
+                selector: v
+                    .spec
+                    .placement
+                    .as_ref()
+                    .map(|p| p.selector.clone())
+                    .unwrap_or_default(),
+                required_machine: v.spec.source.as_ref().map(|s| {
+                    cache
+                        .get(&s.volume)
+                        .and_then(|src| {
+                            src.status
+                                .as_ref()
+                                .and_then(|st| st.machine.clone())
+                                .or_else(|| src.spec.machine.clone())
+                        })
+                        .unwrap_or_else(|| format!("(source volume {} is not placed)", s.volume))
+                }),
+            })
+            .collect();
+        let decisions = place_batch(self.strategy, requests, &mut views);
+        self.metrics.placed(decisions.len(), start.elapsed());
+        let writes = futures::stream::iter(decisions.into_iter().filter_map(|(name, decision)| {
+            let volume = pending.iter().find(|v| v.metadata.name == name)?.clone();
+            Some(self.apply_decision(volume, decision))
+        }))
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        for result in writes {
+            match result {
+                Ok(revision) => *last_write = (*last_write).max(revision),
+                // A fenced write means we are no longer leader: stop this pass.
+                Err(e @ cobalt_store::Error::Fenced { .. }) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing a placement decision failed; it will be retried")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one decision; returns the highest revision written.
+    async fn apply_decision(
+        &self,
+        volume: Arc<Volume>,
+        decision: Decision,
+    ) -> Result<i64, cobalt_store::Error> {
+        let name = volume.metadata.name.clone();
+        match decision {
+            Decision::Bind(machine) => {
+                let mut bound = (*volume).clone();
+                bound.spec.machine = Some(machine.clone());
+                bound
+                    .metadata
+                    .annotations
+                    .insert(SCHEDULED_BY.into(), "scheduler".into());
+                let written = match self.store.replace(&bound).await {
+                    Ok(w) => w,
+                    // The user changed it meanwhile; its change event brings it back.
+                    Err(cobalt_store::Error::Conflict { .. }) => return Ok(0),
+                    Err(e) => return Err(e),
+                };
+                self.metrics.decision("bound");
+                let message = format!("bound to machine {machine}");
+                let update = self
+                    .store
+                    .update_status::<Volume, _>(&name, |v| {
+                        Some(scheduled_status(v, true, "Bound", &message))
+                    })
+                    .await?;
+                Ok(written.metadata.revision().max(update.written.unwrap_or(0)))
+            }
+            Decision::Unschedulable(message) => {
+                self.metrics.decision("unschedulable");
+                let update = self
+                    .store
+                    .update_status::<Volume, _>(&name, |v| {
+                        Some(scheduled_status(v, false, "Unschedulable", &message))
+                    })
+                    .await?;
+                Ok(update.written.unwrap_or(0))
+            }
+        }
+    }
+}
+
+/// The volume's status with the Scheduled condition set (and phase Pending/Scheduled while the
+/// agent has not taken over).
+pub fn scheduled_status(v: &Volume, ok: bool, reason: &str, message: &str) -> VolumeStatus {
+    let mut status = v.status.clone().unwrap_or_default();
+    let condition = if ok {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        condition,
+        reason,
+        message,
+        v.metadata.generation,
+        Utc::now(),
+    );
+    if matches!(status.phase, VolumePhase::Pending | VolumePhase::Scheduled) {
+        status.phase = if ok {
+            VolumePhase::Scheduled
+        } else {
+            VolumePhase::Pending
+        };
+    }
+    status
+}
+
+fn lost_status(v: &Volume, machine: &str) -> VolumeStatus {
+    let mut status = v.status.clone().unwrap_or_default();
+    status.phase = VolumePhase::Lost;
+    let message = format!("machine {machine} is not ready (its agent's lease expired); the data stays there until it returns");
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::False,
+        "MachineLost",
+        &message,
+        v.metadata.generation,
+        Utc::now(),
+    );
+    status
+}
+
+/// True when the Scheduled condition is True.
+pub fn is_scheduled(v: &Volume) -> bool {
+    v.status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, "Scheduled"))
+        .is_some_and(|c| c.is_true())
+}

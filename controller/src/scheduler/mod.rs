@@ -1,0 +1,232 @@
+//! The leader-elected scheduler (the seeds' "single master" engine). Every controller campaigns;
+//! the leader runs [`binding::VolumeScheduler`] and [`lifecycle::MachineLifecycle`] on the reconcile
+//! library, writing only through a store fenced by its leadership — a deposed or partitioned
+//! leader's writes fail. When the leader's lease is lost it stops at once and campaigns again;
+//! when its process dies, another controller wins after the lease TTL.
+//!
+//! Placement itself is the pure [`placement`] module.
+
+pub mod binding;
+pub mod lifecycle;
+pub mod metrics;
+pub mod placement;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cobalt_api::{Machine, Volume};
+use cobalt_reconcile::reflector::reflect;
+use cobalt_reconcile::{Cache, CancellationToken, Config, Controller, Metrics};
+use cobalt_store::Store;
+
+use crate::config::PlacementStrategy;
+use binding::{Alive, VolumeScheduler};
+use lifecycle::MachineLifecycle;
+pub use metrics::SchedulerMetrics;
+
+/// The election every controller campaigns in.
+pub const ELECTION: &str = "scheduler";
+/// How often the leader re-reads which agents are alive.
+pub const LIVENESS_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+pub struct SchedulerConfig {
+    pub identity: String,
+    pub strategy: PlacementStrategy,
+    pub lease_ttl: Duration,
+    /// Full resync period of the scheduler's controllers.
+    pub resync: Duration,
+}
+
+/// Campaigns, leads while elected, campaigns again after losing; returns on shutdown.
+pub async fn run(
+    store: Store,
+    config: SchedulerConfig,
+    metrics: SchedulerMetrics,
+    reconcile_metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let lease = match store.grant_lease(config.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot get a lease for the scheduler election; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let leadership = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.campaign(ELECTION, &config.identity, &lease) => r,
+        };
+        let leadership = match leadership {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying");
+                continue;
+            }
+        };
+        tracing::info!(identity = %config.identity, "elected scheduler leader");
+        metrics.transitions.inc();
+        metrics.leader.set(1);
+        let term = shutdown.child_token();
+        let fenced = store.fenced(leadership.fence());
+        let leading = tokio::spawn(lead(
+            store.clone(),
+            fenced,
+            config.clone(),
+            metrics.clone(),
+            reconcile_metrics.clone(),
+            term.clone(),
+        ));
+        tokio::select! {
+            _ = lease.lost() => tracing::warn!("scheduler lease lost; stepping down"),
+            _ = shutdown.cancelled() => {}
+        }
+        term.cancel();
+        metrics.leader.set(0);
+        let _ = tokio::time::timeout(Duration::from_secs(10), leading).await;
+        if shutdown.is_cancelled() {
+            // Hand over at once instead of making the others wait a TTL.
+            let _ = leadership.resign().await;
+            let _ = lease.revoke().await;
+            return;
+        }
+    }
+}
+
+/// One term as leader: caches, liveness poller and the two controllers, until `term` ends.
+async fn lead(
+    store: Store,
+    fenced: Store,
+    config: SchedulerConfig,
+    metrics: SchedulerMetrics,
+    reconcile_metrics: Metrics,
+    term: CancellationToken,
+) {
+    let volumes = Cache::<Volume>::new();
+    let machines = Cache::<Machine>::new();
+    // Liveness must be known before any decision: an empty set would make every machine look
+    // gone and every unprovisioned volume look orphaned.
+    let initial = loop {
+        match store.alive_machines().await {
+            Ok(a) => break a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read machine liveness yet");
+                tokio::select! {
+                    _ = term.cancelled() => return,
+                    _ = tokio::time::sleep(LIVENESS_POLL) => {}
+                }
+            }
+        }
+    };
+    let alive: Alive = Arc::new(RwLock::new(initial));
+    let mut tasks = vec![
+        tokio::spawn(reflect(
+            store.clone(),
+            volumes.clone(),
+            Some(reconcile_metrics.clone()),
+            term.clone(),
+        )),
+        tokio::spawn(reflect(
+            store.clone(),
+            machines.clone(),
+            Some(reconcile_metrics.clone()),
+            term.clone(),
+        )),
+    ];
+    let volume_config = Config {
+        name: "volume-scheduler".into(),
+        concurrency: 4,
+        resync: config.resync,
+        ..Config::default()
+    };
+    let machine_config = Config {
+        name: "machine-lifecycle".into(),
+        concurrency: 2,
+        resync: config.resync,
+        ..Config::default()
+    };
+    let scheduler = VolumeScheduler {
+        store: fenced.clone(),
+        machines: machines.clone(),
+        alive: alive.clone(),
+        strategy: config.strategy,
+        metrics,
+        last_write: tokio::sync::Mutex::new(0),
+    };
+    let volume_controller = Controller::new(volumes.clone(), scheduler, volume_config)
+        .with_metrics(reconcile_metrics.clone())
+        // A machine change (capacity, labels, cordon) may make pending volumes placeable, and
+        // concerns the volumes bound to it.
+        .watches(machines.clone(), {
+            let volumes = volumes.clone();
+            move |m: &Machine| {
+                volumes
+                    .list()
+                    .iter()
+                    .filter(|v| {
+                        v.spec.machine.is_none()
+                            || v.spec.machine.as_deref() == Some(m.metadata.name.as_str())
+                    })
+                    .map(|v| v.metadata.name.clone())
+                    .collect()
+            }
+        });
+    let machine_controller = Controller::new(
+        machines.clone(),
+        MachineLifecycle {
+            store: fenced,
+            alive: alive.clone(),
+        },
+        machine_config,
+    )
+    .with_metrics(reconcile_metrics);
+    let requeue_volumes = volume_controller.requeue_handle();
+    let requeue_machines = machine_controller.requeue_handle();
+    tasks.push(tokio::spawn(volume_controller.run(term.clone())));
+    tasks.push(tokio::spawn(machine_controller.run(term.clone())));
+    tasks.push(tokio::spawn(poll_liveness(
+        store,
+        alive,
+        requeue_volumes,
+        requeue_machines,
+        term.clone(),
+    )));
+    term.cancelled().await;
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+}
+
+/// Re-reads the alive keys; on any change requeues everything that depends on liveness.
+async fn poll_liveness(
+    store: Store,
+    alive: Alive,
+    volumes: cobalt_reconcile::RequeueHandle,
+    machines: cobalt_reconcile::RequeueHandle,
+    term: CancellationToken,
+) {
+    loop {
+        match store.alive_machines().await {
+            Ok(now) => {
+                let changed = alive.read().map(|a| *a != now).unwrap_or(true);
+                if changed {
+                    tracing::info!(alive = ?now, "machine liveness changed");
+                    if let Ok(mut a) = alive.write() {
+                        *a = now;
+                    }
+                    machines.requeue_all().await;
+                    volumes.requeue_all().await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "liveness poll failed"),
+        }
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = tokio::time::sleep(LIVENESS_POLL) => {}
+        }
+    }
+}

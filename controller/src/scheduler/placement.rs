@@ -1,0 +1,367 @@
+//! Placement as a pure function over a snapshot: which machine a volume goes to, or why none
+//! can take it. No etcd, no clock — unit- and property-tested.
+//!
+//! A machine is **eligible** when it is Ready, not cordoned (`unschedulable`), its labels satisfy
+//! the volume's selector, and its reservable capacity (total × maxFill% − reserved) covers the
+//! volume's reservation (size × (1 + dilation%)). Among eligible machines:
+//! - `binpack` picks the one left with the *least* reservable bytes (fill machines up), and a
+//!   batch is placed first-fit-decreasing (largest reservation first);
+//! - `spread` picks the one left with the *most* (balance load).
+//!
+//! Ties go to the machine whose name sorts first, so decisions are deterministic. A clone goes to
+//! the machine holding its source, or nowhere.
+
+use std::collections::BTreeMap;
+
+use crate::config::PlacementStrategy;
+
+/// What placement needs to know of one machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub unschedulable: bool,
+    pub total_bytes: u64,
+    pub max_fill_percent: u8,
+    /// Sum of reservations of volumes bound to it.
+    pub reserved_bytes: u64,
+}
+
+impl MachineView {
+    /// Bytes still reservable: total × maxFill% − reserved (0 when overcommitted).
+    pub fn reservable_bytes(&self) -> u64 {
+        let cap = (self.total_bytes as u128 * self.max_fill_percent.min(100) as u128 / 100) as u64;
+        cap.saturating_sub(self.reserved_bytes)
+    }
+}
+
+/// What placement needs to know of one volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub name: String,
+    pub reserved_bytes: u64,
+    pub selector: BTreeMap<String, String>,
+    /// For a clone: the machine holding the source.
+    pub required_machine: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Bind(String),
+    /// No machine can take it; the message sums up why.
+    Unschedulable(String),
+}
+
+/// Why machines were passed over, counted for the message.
+#[derive(Default)]
+struct Rejections {
+    not_ready: usize,
+    cordoned: usize,
+    selector: usize,
+    capacity: usize,
+    not_source: usize,
+}
+
+impl Rejections {
+    fn message(&self, total: usize) -> String {
+        if total == 0 {
+            return "no machines are registered".into();
+        }
+        let parts: Vec<String> = [
+            (self.not_ready, "not ready"),
+            (self.cordoned, "unschedulable (cordoned)"),
+            (self.selector, "selector mismatch"),
+            (self.capacity, "insufficient capacity"),
+            (self.not_source, "not holding the clone's source"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, why)| format!("{n} {why}"))
+        .collect();
+        format!(
+            "{total} machine{}: {}",
+            if total == 1 { "" } else { "s" },
+            parts.join(", ")
+        )
+    }
+}
+
+/// Places one volume. Does not change `machines`.
+pub fn place(strategy: PlacementStrategy, request: &Request, machines: &[MachineView]) -> Decision {
+    let mut why = Rejections::default();
+    let mut best: Option<(&MachineView, u64)> = None;
+    for m in machines {
+        if !m.ready {
+            why.not_ready += 1;
+        } else if m.unschedulable {
+            why.cordoned += 1;
+        } else if request
+            .required_machine
+            .as_ref()
+            .is_some_and(|r| *r != m.name)
+        {
+            why.not_source += 1;
+        } else if !request
+            .selector
+            .iter()
+            .all(|(k, v)| m.labels.get(k) == Some(v))
+        {
+            why.selector += 1;
+        } else if m.reservable_bytes() < request.reserved_bytes {
+            why.capacity += 1;
+        } else {
+            let left = m.reservable_bytes() - request.reserved_bytes;
+            let better = match best {
+                None => true,
+                Some((b, b_left)) => match strategy {
+                    PlacementStrategy::Binpack => (left, &m.name) < (b_left, &b.name),
+                    PlacementStrategy::Spread => {
+                        left > b_left || (left == b_left && m.name < b.name)
+                    }
+                },
+            };
+            if better {
+                best = Some((m, left));
+            }
+        }
+    }
+    match best {
+        Some((m, _)) => Decision::Bind(m.name.clone()),
+        None => Decision::Unschedulable(why.message(machines.len())),
+    }
+}
+
+/// Places a batch, reserving as it goes so the batch never overcommits. Requests are taken
+/// largest first (first-fit-decreasing), ties by name. Returns decisions in that order.
+pub fn place_batch(
+    strategy: PlacementStrategy,
+    mut requests: Vec<Request>,
+    machines: &mut [MachineView],
+) -> Vec<(String, Decision)> {
+    requests.sort_by(|a, b| {
+        b.reserved_bytes
+            .cmp(&a.reserved_bytes)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let mut out = Vec::with_capacity(requests.len());
+    for request in requests {
+        let decision = place(strategy, &request, machines);
+        if let Decision::Bind(name) = &decision {
+            if let Some(m) = machines.iter_mut().find(|m| &m.name == name) {
+                m.reserved_bytes += request.reserved_bytes;
+            }
+        }
+        out.push((request.name, decision));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn machine(name: &str, total_gib: u64, reserved_gib: u64) -> MachineView {
+        MachineView {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            ready: true,
+            unschedulable: false,
+            total_bytes: total_gib * GIB,
+            max_fill_percent: 100,
+            reserved_bytes: reserved_gib * GIB,
+        }
+    }
+
+    fn request(name: &str, gib: u64) -> Request {
+        Request {
+            name: name.into(),
+            reserved_bytes: gib * GIB,
+            selector: BTreeMap::new(),
+            required_machine: None,
+        }
+    }
+
+    #[test]
+    fn binpack_fills_the_fullest_machine_that_fits_and_spread_the_emptiest() {
+        let machines = [
+            machine("a", 100, 10),
+            machine("b", 100, 80),
+            machine("c", 100, 95),
+        ];
+        let r = request("v", 10);
+        assert_eq!(
+            place(PlacementStrategy::Binpack, &r, &machines),
+            Decision::Bind("b".into())
+        );
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &machines),
+            Decision::Bind("a".into())
+        );
+    }
+
+    #[test]
+    fn ties_are_broken_by_name() {
+        let machines = [
+            machine("z", 100, 0),
+            machine("m", 100, 0),
+            machine("a", 100, 0),
+        ];
+        for s in [PlacementStrategy::Binpack, PlacementStrategy::Spread] {
+            assert_eq!(
+                place(s, &request("v", 1), &machines),
+                Decision::Bind("a".into())
+            );
+        }
+    }
+
+    #[test]
+    fn ineligible_machines_are_summed_up_in_the_message() {
+        let mut cordoned = machine("c", 100, 0);
+        cordoned.unschedulable = true;
+        let mut down = machine("d", 100, 0);
+        down.ready = false;
+        let mut hdd = machine("h", 100, 0);
+        hdd.labels.insert("disk".into(), "hdd".into());
+        let mut full = machine("f", 10, 0);
+        full.labels.insert("disk".into(), "ssd".into());
+        let mut r = request("v", 20);
+        r.selector.insert("disk".into(), "ssd".into());
+        let Decision::Unschedulable(msg) = place(
+            PlacementStrategy::Binpack,
+            &r,
+            &[cordoned, down, hdd, full.clone(), full],
+        ) else {
+            panic!()
+        };
+        assert_eq!(msg, "5 machines: 1 not ready, 1 unschedulable (cordoned), 1 selector mismatch, 2 insufficient capacity");
+        assert_eq!(
+            place(PlacementStrategy::Binpack, &r, &[]),
+            Decision::Unschedulable("no machines are registered".into())
+        );
+    }
+
+    #[test]
+    fn max_fill_limits_what_can_be_reserved() {
+        let mut m = machine("a", 100, 0);
+        m.max_fill_percent = 90;
+        assert_eq!(m.reservable_bytes(), 90 * GIB);
+        assert!(matches!(
+            place(PlacementStrategy::Binpack, &request("v", 91), &[m.clone()]),
+            Decision::Unschedulable(_)
+        ));
+        assert_eq!(
+            place(PlacementStrategy::Binpack, &request("v", 90), &[m]),
+            Decision::Bind("a".into())
+        );
+    }
+
+    #[test]
+    fn a_clone_goes_to_its_sources_machine_or_nowhere() {
+        let machines = [machine("a", 100, 0), machine("b", 100, 99)];
+        let mut r = request("clone", 5);
+        r.required_machine = Some("b".into());
+        assert!(
+            matches!(place(PlacementStrategy::Spread, &r, &machines), Decision::Unschedulable(m) if m.contains("insufficient capacity"))
+        );
+        r.reserved_bytes = GIB;
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &machines),
+            Decision::Bind("b".into())
+        );
+    }
+
+    #[test]
+    fn first_fit_decreasing_packs_a_batch_that_first_come_first_served_would_not() {
+        // Two 60 GiB machines; volumes 20, 20, 40, 40 (total 120): FFD fits all four.
+        let mut machines = vec![machine("a", 60, 0), machine("b", 60, 0)];
+        let batch = vec![
+            request("s1", 20),
+            request("s2", 20),
+            request("l1", 40),
+            request("l2", 40),
+        ];
+        let decisions = place_batch(PlacementStrategy::Binpack, batch, &mut machines);
+        assert!(
+            decisions
+                .iter()
+                .all(|(_, d)| matches!(d, Decision::Bind(_))),
+            "{decisions:?}"
+        );
+        assert!(machines.iter().all(|m| m.reservable_bytes() == 0));
+    }
+
+    /// A tiny deterministic generator, so the property tests need no extra crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn property_batches_never_overcommit_always_respect_selectors_and_are_deterministic() {
+        let mut rng = Lcg(7);
+        for round in 0..300 {
+            let machines: Vec<MachineView> = (0..1 + rng.next(8))
+                .map(|i| {
+                    let mut m = machine(&format!("m{i}"), 1 + rng.next(200), 0);
+                    m.reserved_bytes = rng.next(m.total_bytes / GIB + 1) * GIB / 2;
+                    m.max_fill_percent = 50 + rng.next(51) as u8;
+                    m.ready = rng.next(10) > 0;
+                    m.unschedulable = rng.next(10) == 0;
+                    if rng.next(2) == 0 {
+                        m.labels.insert("disk".into(), "ssd".into());
+                    }
+                    m
+                })
+                .collect();
+            let requests: Vec<Request> = (0..rng.next(40))
+                .map(|i| {
+                    let mut r = request(&format!("v{i}"), 1 + rng.next(50));
+                    if rng.next(3) == 0 {
+                        r.selector.insert("disk".into(), "ssd".into());
+                    }
+                    r
+                })
+                .collect();
+            for strategy in [PlacementStrategy::Binpack, PlacementStrategy::Spread] {
+                let before: Vec<u64> = machines.iter().map(|m| m.reserved_bytes).collect();
+                let mut after = machines.clone();
+                let decisions = place_batch(strategy, requests.clone(), &mut after);
+                let mut again = machines.clone();
+                assert_eq!(
+                    decisions,
+                    place_batch(strategy, requests.clone(), &mut again),
+                    "round {round}: not deterministic"
+                );
+                for (i, m) in after.iter().enumerate() {
+                    let cap = (m.total_bytes as u128 * m.max_fill_percent as u128 / 100) as u64;
+                    let added = m.reserved_bytes - before[i];
+                    assert!(
+                        added == 0 || m.reserved_bytes <= cap.max(before[i]),
+                        "round {round}: {} overcommitted",
+                        m.name
+                    );
+                }
+                for (name, d) in &decisions {
+                    let r = requests.iter().find(|r| &r.name == name).unwrap();
+                    if let Decision::Bind(machine) = d {
+                        let m = machines.iter().find(|m| &m.name == machine).unwrap();
+                        assert!(m.ready && !m.unschedulable, "round {round}");
+                        assert!(
+                            r.selector.iter().all(|(k, v)| m.labels.get(k) == Some(v)),
+                            "round {round}: selector ignored"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The scheduler against a real etcd: one leader among several controller processes, failover
+//! within TTL + 1 s, no overcommit under 1,000 concurrent creates, and machine loss handling.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cobalt_api::{
+    find_condition, Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, Volume,
+    VolumePhase, VolumeSpec, VolumeStatus,
+};
+use cobalt_controller::config::PlacementStrategy;
+use cobalt_controller::scheduler::{self, SchedulerConfig, SchedulerMetrics};
+use cobalt_reconcile::CancellationToken;
+use cobalt_store::{EtcdConfig, Lease, Store};
+use cobalt_testkit::etcd::Etcd;
+use cobalt_testkit::free_port;
+use cobalt_testkit::process::Daemon;
+use cobalt_testkit::wait::until;
+
+const MIB: u64 = 1 << 20;
+
+async fn connect(etcd: &Etcd) -> Store {
+    Store::connect(&EtcdConfig::new(etcd.endpoints()))
+        .await
+        .unwrap()
+}
+
+/// Stands in for an agent: registers a machine with a capacity and holds its alive key.
+async fn machine(store: &Store, name: &str, total_bytes: u64, labels: &[(&str, &str)]) -> Lease {
+    let mut m = Machine::new(
+        name,
+        MachineSpec {
+            max_fill: 100,
+            ..Default::default()
+        },
+    );
+    m.metadata.labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    store.create(&m).await.unwrap();
+    store
+        .update_status::<Machine, _>(name, |_| {
+            Some(MachineStatus {
+                capacity: Capacity {
+                    total_bytes,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        })
+        .await
+        .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    lease
+        .put_attached(&store.keys().alive(name), name)
+        .await
+        .unwrap();
+    lease
+}
+
+fn volume(name: &str, bytes: u64) -> Volume {
+    Volume::new(
+        name,
+        VolumeSpec {
+            size: cobalt_api::Quantity::from_bytes(bytes),
+            ..Default::default()
+        },
+    )
+}
+
+async fn bound_to(store: &Store, name: &str) -> Option<String> {
+    store
+        .get::<Volume>(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| v.spec.machine)
+}
+
+struct InProcess(CancellationToken);
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn run_scheduler(store: &Store, strategy: PlacementStrategy) -> InProcess {
+    let stop = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let config = SchedulerConfig {
+        identity: "test".into(),
+        strategy,
+        lease_ttl: Duration::from_secs(2),
+        resync: Duration::from_secs(30),
+    };
+    tokio::spawn(scheduler::run(
+        store.clone(),
+        config,
+        SchedulerMetrics::new(&mut registry),
+        cobalt_reconcile::Metrics::new(&mut registry),
+        stop.clone(),
+    ));
+    InProcess(stop)
+}
+
+fn controller(etcd: &Etcd, name: &str, port: u16) -> Daemon {
+    Daemon::spawn(
+        Command::new(env!("CARGO_BIN_EXE_cobalt-controller"))
+            .arg("--etcd-endpoints")
+            .arg(etcd.endpoints().join(","))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--lease-ttl")
+            .arg("2s")
+            .arg("--name")
+            .arg(name)
+            .env("RUST_LOG", "info"),
+        name,
+    )
+}
+
+async fn is_leader(port: u16) -> Option<bool> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cobalt_scheduler_is_leader"))?;
+    Some(line.ends_with(" 1"))
+}
+
+#[tokio::test]
+async fn one_controller_leads_and_another_takes_over_within_ttl_plus_one_second() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let _m = machine(&store, "node-1", 100 << 30, &[]).await;
+    let ports = [free_port(), free_port()];
+    let mut daemons = [
+        controller(&etcd, "controller-a", ports[0]),
+        controller(&etcd, "controller-b", ports[1]),
+    ];
+
+    store.create(&volume("first", 100 * MIB)).await.unwrap();
+    until(
+        "the first volume to be bound",
+        Duration::from_secs(20),
+        || bound_to(&store, "first"),
+    )
+    .await;
+    let leader = until("a leader", Duration::from_secs(10), || async {
+        store.leader(scheduler::ELECTION).await.ok().flatten()
+    })
+    .await;
+    let leader_index = if leader == "controller-a" { 0 } else { 1 };
+    let follower_index = 1 - leader_index;
+    assert_eq!(is_leader(ports[leader_index]).await, Some(true));
+    assert_eq!(
+        is_leader(ports[follower_index]).await,
+        Some(false),
+        "only one controller schedules"
+    );
+
+    daemons[leader_index].kill();
+    let killed = Instant::now();
+    store.create(&volume("second", 100 * MIB)).await.unwrap();
+    until(
+        "the second volume to be bound by the survivor",
+        Duration::from_secs(20),
+        || bound_to(&store, "second"),
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(3),
+        "takeover took {took:?}, more than TTL (2s) + 1s"
+    );
+    assert_eq!(
+        store.leader(scheduler::ELECTION).await.unwrap().as_deref(),
+        Some(["controller-a", "controller-b"][follower_index])
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_volumes_created_at_once_never_overcommit_a_machine() {
+    use futures::StreamExt;
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    // 3 machines of 1 GiB; 1,000 volumes of 2–8 MiB (~4.9 GiB wanted): most fit, some cannot.
+    let _leases = [
+        machine(&store, "m1", 1 << 30, &[]).await,
+        machine(&store, "m2", 1 << 30, &[]).await,
+        machine(&store, "m3", 1 << 30, &[]).await,
+    ];
+    let _scheduler = run_scheduler(&store, PlacementStrategy::Binpack);
+    futures::stream::iter(0..1000u64)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .create(&volume(&format!("v{i:04}"), (1 + i % 4) * 2 * MIB))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let volumes = until(
+        "every volume to have a Scheduled condition",
+        Duration::from_secs(120),
+        || async {
+            let (all, _) = store.list::<Volume>(&Default::default()).await.ok()?;
+            let decided = all.iter().all(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| find_condition(&s.conditions, "Scheduled"))
+                    .is_some()
+            });
+            decided.then_some(all)
+        },
+    )
+    .await;
+    let mut reserved = std::collections::BTreeMap::<String, u64>::new();
+    for v in &volumes {
+        if let Some(m) = &v.spec.machine {
+            *reserved.entry(m.clone()).or_default() += v.spec.reserved_bytes();
+        }
+    }
+    for (m, bytes) in &reserved {
+        assert!(
+            *bytes <= 1 << 30,
+            "{m} overcommitted: {bytes} bytes reserved of {}",
+            1u64 << 30
+        );
+    }
+    let bound = volumes.iter().filter(|v| v.spec.machine.is_some()).count();
+    // 3,072 MiB of room: at least 384 of the largest (8 MiB) always fit.
+    assert!(bound >= 384, "only {bound} placed");
+    let refused = volumes
+        .iter()
+        .find(|v| v.spec.machine.is_none())
+        .expect("some cannot fit");
+    let c = find_condition(&refused.status.as_ref().unwrap().conditions, "Scheduled").unwrap();
+    assert_eq!(c.reason, "Unschedulable");
+    assert_eq!(c.message, "3 machines: 3 insufficient capacity");
+}
+
+#[tokio::test]
+async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_then_retry() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let _hdd = machine(&store, "hdd-1", 10 << 30, &[("disk", "hdd")]).await;
+    let _scheduler = run_scheduler(&store, PlacementStrategy::Spread);
+    let mut v = volume("fast", 100 * MIB);
+    v.spec.placement = Some(cobalt_api::Placement {
+        selector: [("disk".to_string(), "ssd".to_string())].into(),
+    });
+    store.create(&v).await.unwrap();
+    let msg = until(
+        "an Unschedulable condition",
+        Duration::from_secs(10),
+        || async {
+            let v: Volume = store.get("fast").await.ok()??;
+            let c = find_condition(&v.status?.conditions, "Scheduled")?.clone();
+            (c.reason == "Unschedulable").then_some(c.message)
+        },
+    )
+    .await;
+    assert_eq!(msg, "1 machine: 1 selector mismatch");
+    // A matching machine appears: the volume is placed without anyone touching it.
+    let _ssd = machine(&store, "ssd-1", 10 << 30, &[("disk", "ssd")]).await;
+    let m = until(
+        "placement on the new machine",
+        Duration::from_secs(10),
+        || bound_to(&store, "fast"),
+    )
+    .await;
+    assert_eq!(m, "ssd-1");
+    let placed: Volume = store.get("fast").await.unwrap().unwrap();
+    assert_eq!(placed.status.unwrap().phase, VolumePhase::Scheduled);
+}
+
+#[tokio::test]
+async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_provisioned_one_is_lost(
+) {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let doomed = machine(&store, "m1", 10 << 30, &[]).await;
+    let _scheduler = run_scheduler(&store, PlacementStrategy::Binpack);
+    store
+        .create(&volume("provisioned", 100 * MIB))
+        .await
+        .unwrap();
+    store
+        .create(&volume("unprovisioned", 100 * MIB))
+        .await
+        .unwrap();
+    until("both bound to m1", Duration::from_secs(10), || async {
+        (bound_to(&store, "provisioned").await.as_deref() == Some("m1")
+            && bound_to(&store, "unprovisioned").await.as_deref() == Some("m1"))
+        .then_some(())
+    })
+    .await;
+    // The agent provisioned one of them.
+    store
+        .update_status::<Volume, _>("provisioned", |v| {
+            let mut s = v.status.clone().unwrap_or_default();
+            s.phase = VolumePhase::Ready;
+            s.machine = Some("m1".into());
+            Some(s)
+        })
+        .await
+        .unwrap();
+    until("m1 Ready", Duration::from_secs(10), || async {
+        let m: Machine = store.get("m1").await.ok()??;
+        (m.status?.phase == MachinePhase::Ready).then_some(())
+    })
+    .await;
+    let _m2 = machine(&store, "m2", 10 << 30, &[]).await;
+    drop(doomed); // the agent dies: its lease expires after its TTL
+
+    let c = until("m1 NotReady", Duration::from_secs(15), || async {
+        let m: Machine = store.get("m1").await.ok()??;
+        let s = m.status?;
+        (s.phase == MachinePhase::NotReady)
+            .then(|| find_condition(&s.conditions, "Ready").cloned())?
+    })
+    .await;
+    assert_eq!(c.reason, "LeaseExpired");
+    let moved = until(
+        "the unprovisioned volume rebound",
+        Duration::from_secs(15),
+        || async {
+            bound_to(&store, "unprovisioned")
+                .await
+                .filter(|m| m == "m2")
+        },
+    )
+    .await;
+    assert_eq!(moved, "m2");
+    let lost: VolumeStatus = until(
+        "the provisioned volume Lost",
+        Duration::from_secs(15),
+        || async {
+            let v: Volume = store.get("provisioned").await.ok()??;
+            v.status.filter(|s| s.phase == VolumePhase::Lost)
+        },
+    )
+    .await;
+    assert_eq!(
+        find_condition(&lost.conditions, "Ready").unwrap().reason,
+        "MachineLost"
+    );
+    let still: Volume = store.get("provisioned").await.unwrap().unwrap();
+    assert_eq!(
+        still.spec.machine.as_deref(),
+        Some("m1"),
+        "a provisioned volume is never moved away from its data"
+    );
+
+    // The agent comes back: the machine is Ready again.
+    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    lease
+        .put_attached(&store.keys().alive("m1"), "m1")
+        .await
+        .unwrap();
+    until("m1 Ready again", Duration::from_secs(10), || async {
+        let m: Machine = store.get("m1").await.ok()??;
+        (m.status?.phase == MachinePhase::Ready).then_some(())
+    })
+    .await;
+}
