@@ -7,6 +7,7 @@
 //! A missing prerequisite (say, no `etcd` binary) fails the test with a message naming the
 //! `make deps` fix: tests never skip silently.
 
+pub mod btrfs;
 pub mod certs;
 pub mod etcd;
 pub mod process;
