@@ -1,4 +1,14 @@
 //! The Cobalt node agent: one per storage machine. It registers the Machine, holds its liveness
 //! lease, and reconciles the volumes bound to it onto a [`backend::Backend`].
+//!
+//! Architecture invariants: exactly one agent per machine (the state-directory lock); data is
+//! destroyed only after a fresh read confirms its Volume is being deleted; a volume's data is
+//! named by the Volume's uid, never its name.
 
 pub mod backend;
+pub mod config;
+pub mod lock;
+pub mod metrics;
+pub mod pool;
+pub mod registration;
+pub mod volumes;

@@ -397,6 +397,10 @@ impl Backend for BtrfsBackend {
         Ok(out)
     }
 
+    fn get(&self, uid: &str) -> Result<Option<VolumeRecord>> {
+        Ok(self.read_record(&self.subvolume(uid)))
+    }
+
     fn usage(&self, uid: &str) -> Result<VolumeUsage> {
         let path = self.existing(uid)?;
         let record = self

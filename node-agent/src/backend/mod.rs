@@ -80,6 +80,10 @@ pub trait Backend: Send + Sync + 'static {
     fn defragment(&self, uid: &str) -> Result<()>;
     /// Every volume on the backend with its record.
     fn list(&self) -> Result<Vec<VolumeRecord>>;
+    /// One volume's record, if it exists (and its creation finished).
+    fn get(&self, uid: &str) -> Result<Option<VolumeRecord>> {
+        Ok(self.list()?.into_iter().find(|r| r.uid == uid))
+    }
     fn usage(&self, uid: &str) -> Result<VolumeUsage>;
     fn capacity(&self) -> Result<PoolCapacity>;
     /// Where the volume's files are, for exporters.

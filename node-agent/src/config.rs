@@ -1,0 +1,270 @@
+//! `cobalt-agent` configuration: a YAML file (`--config`) overlaid by flags; flags win.
+//!
+//! ```yaml
+//! etcd: {endpoints: [http://10.0.0.1:2379]}
+//! machine: node-2                 # default: the hostname
+//! address: 10.0.0.12              # where NFS clients reach this machine
+//! labels: {disk: ssd}
+//! stateDir: /var/lib/cobalt       # lock file; one agent per state directory
+//! backend: {kind: btrfs, pool: /srv/cobalt}
+//! exporter: {kind: none}          # ganesha | kernel | none
+//! listen: 127.0.0.1:7421          # health and metrics
+//! leaseTTL: 10s
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use cobalt_store::EtcdConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default = "btrfs")]
+    pub kind: String,
+    pub pool: PathBuf,
+}
+
+fn btrfs() -> String {
+    "btrfs".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExporterConfig {
+    #[serde(default = "none")]
+    pub kind: String,
+    #[serde(default = "nfs_port")]
+    pub port: u16,
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+fn nfs_port() -> u16 {
+    2049
+}
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            kind: none(),
+            port: nfs_port(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    pub etcd: EtcdConfig,
+    #[serde(default)]
+    pub machine: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "state_dir")]
+    pub state_dir: PathBuf,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub exporter: ExporterConfig,
+    #[serde(default = "listen")]
+    pub listen: SocketAddr,
+    #[serde(
+        default = "lease_ttl",
+        rename = "leaseTTL",
+        with = "cobalt_api::duration::serde_duration"
+    )]
+    pub lease_ttl: Duration,
+}
+
+fn state_dir() -> PathBuf {
+    "/var/lib/cobalt".into()
+}
+
+fn listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7421))
+}
+
+fn lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Flags of `cobalt-agent` (run mode); each overrides the config file's key.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Flags {
+    /// YAML config file; flags override its keys.
+    #[arg(long, env = "COBALT_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// This machine's name (default: the hostname).
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// Address NFS clients use to reach this machine.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// Labels for a newly registered Machine: key=value,key=value.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// State directory (lock file); one agent per directory.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Mounted BTRFS directory holding the volumes.
+    #[arg(long)]
+    pub pool: Option<PathBuf>,
+    /// Exporter: ganesha, kernel or none.
+    #[arg(long)]
+    pub exporter: Option<String>,
+    /// NFS port of the exporter.
+    #[arg(long)]
+    pub export_port: Option<u16>,
+    /// Health and metrics address (default 127.0.0.1:7421).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Liveness lease, e.g. 10s.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub lease_ttl: Option<Duration>,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "cobalt-agent",
+    version,
+    about = "Cobalt node agent: registers this machine, keeps its volumes as BTRFS subvolumes and exports them.",
+    after_help = "Examples:\n  cobalt-agent --etcd-endpoints http://127.0.0.1:2379 --machine node-1 --pool /srv/cobalt\n  cobalt-agent pool create --image /var/lib/cobalt/pool.img --size 10G --mount /srv/cobalt"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Make or remove a loopback BTRFS pool (for demos and tests).
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum PoolCommand {
+    /// Create an image file, format it BTRFS and mount it.
+    Create {
+        #[arg(long)]
+        image: PathBuf,
+        /// Size, e.g. 10G or 512Mi.
+        #[arg(long)]
+        size: cobalt_api::Quantity,
+        #[arg(long)]
+        mount: PathBuf,
+    },
+    /// Unmount the pool (and anything mounted under it) and delete the image.
+    Destroy {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        mount: PathBuf,
+    },
+}
+
+impl AgentConfig {
+    pub fn load(flags: &Flags) -> anyhow::Result<AgentConfig> {
+        let mut c: AgentConfig = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                serde_saphyr::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("config file {} is invalid: {e}", path.display())
+                })?
+            }
+            None => AgentConfig {
+                etcd: EtcdConfig::new(vec!["http://127.0.0.1:2379".into()]),
+                machine: String::new(),
+                address: String::new(),
+                labels: BTreeMap::new(),
+                state_dir: state_dir(),
+                backend: BackendConfig {
+                    kind: btrfs(),
+                    pool: PathBuf::new(),
+                },
+                exporter: ExporterConfig::default(),
+                listen: listen(),
+                lease_ttl: lease_ttl(),
+            },
+        };
+        if let Some(e) = &flags.etcd_endpoints {
+            c.etcd.endpoints = e.clone();
+        }
+        if let Some(p) = &flags.etcd_prefix {
+            c.etcd.prefix = p.clone();
+        }
+        if let Some(m) = &flags.machine {
+            c.machine = m.clone();
+        }
+        if let Some(a) = &flags.address {
+            c.address = a.clone();
+        }
+        if let Some(labels) = &flags.labels {
+            for l in labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--labels {l:?}: write key=value"))?;
+                c.labels.insert(k.into(), v.into());
+            }
+        }
+        if let Some(d) = &flags.state_dir {
+            c.state_dir = d.clone();
+        }
+        if let Some(p) = &flags.pool {
+            c.backend.pool = p.clone();
+        }
+        if let Some(e) = &flags.exporter {
+            c.exporter.kind = e.clone();
+        }
+        if let Some(p) = flags.export_port {
+            c.exporter.port = p;
+        }
+        if let Some(l) = flags.listen {
+            c.listen = l;
+        }
+        if let Some(t) = flags.lease_ttl {
+            c.lease_ttl = t;
+        }
+        if c.machine.is_empty() {
+            c.machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+        }
+        if let Some(p) = cobalt_api::validate::dns1123_label_problem(&c.machine) {
+            anyhow::bail!("machine name {p}; set --machine");
+        }
+        if c.backend.kind != "btrfs" {
+            anyhow::bail!(
+                "backend.kind {:?} is not supported; use btrfs",
+                c.backend.kind
+            );
+        }
+        if c.backend.pool.as_os_str().is_empty() {
+            anyhow::bail!("no pool given: set backend.pool or --pool to a mounted BTRFS directory");
+        }
+        if !matches!(c.exporter.kind.as_str(), "none") {
+            anyhow::bail!(
+                "exporter.kind {:?} is not available in this build; use none",
+                c.exporter.kind
+            );
+        }
+        Ok(c)
+    }
+}
