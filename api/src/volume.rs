@@ -132,6 +132,7 @@ pub struct Export {
 pub struct ExportClient {
     /// An IP address, a CIDR (10.0.0.0/24) or a hostname.
     pub host: String,
+    /// `rw` (read-write, the default) or `ro` (read-only).
     #[serde(default)]
     pub access: Access,
     /// Map the client's root to an anonymous user (default true).

@@ -1,0 +1,336 @@
+//! Talking to the Cobalt API: where (`--server`, `COBALT_SERVER`, or the current context of
+//! `~/.config/cobalt/config.yaml`), as whom (`--token`), and errors people can act on.
+//!
+//! ```yaml
+//! # ~/.config/cobalt/config.yaml
+//! currentContext: prod
+//! contexts:
+//!   - {name: prod, server: https://cobalt.example:7420, token: 3f9a…, ca: /etc/cobalt/ca.pem}
+//!   - {name: local, server: http://127.0.0.1:7420}
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::kinds::Kind;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
+const API: &str = "/apis/cobalt.io/v1alpha1";
+/// Deadline of one non-watch request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigFile {
+    #[serde(default)]
+    current_context: Option<String>,
+    #[serde(default)]
+    contexts: Vec<ContextEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ContextEntry {
+    name: String,
+    server: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    ca: Option<PathBuf>,
+}
+
+/// Where and how to connect, after flags, environment and config file.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub server: String,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the Cobalt API at {server}: {cause}\n  set the server with --server URL, COBALT_SERVER, or a context in ~/.config/cobalt/config.yaml")]
+    Connect { server: String, cause: String },
+    #[error("{0}")]
+    Api(ApiFailure),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A Status object returned by the API.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub code: StatusCode,
+    pub reason: String,
+    pub message: String,
+    pub causes: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.causes.is_empty() {
+            return write!(
+                f,
+                "{} ({}): {}",
+                self.reason,
+                self.code.as_u16(),
+                self.message
+            );
+        }
+        write!(f, "{} ({}):", self.reason, self.code.as_u16())?;
+        for (field, message) in &self.causes {
+            write!(f, "\n  {field}: {message}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Target {
+    /// `--server` > `COBALT_SERVER` (clap fills `server` from both) > context > default.
+    pub fn resolve(
+        server: Option<String>,
+        token: Option<String>,
+        context: Option<String>,
+    ) -> Result<Target, CtlError> {
+        let path = std::env::var_os("COBALT_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".config/cobalt/config.yaml"))
+            });
+        let file: ConfigFile = match path.as_ref().filter(|p| p.exists()) {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| CtlError::Other(format!("cannot read {}: {e}", p.display())))?;
+                serde_saphyr::from_str(&text)
+                    .map_err(|e| CtlError::Other(format!("{} is invalid: {e}", p.display())))?
+            }
+            None => ConfigFile::default(),
+        };
+        let wanted = context.or(file.current_context.clone());
+        let entry = match &wanted {
+            Some(name) => Some(file.contexts.iter().find(|c| &c.name == name).ok_or_else(
+                || CtlError::Other(format!("context {name:?} is not in the config file")),
+            )?),
+            None => None,
+        };
+        Ok(Target {
+            server: server
+                .or_else(|| entry.map(|e| e.server.clone()))
+                .unwrap_or_else(|| DEFAULT_SERVER.into()),
+            token: token.or_else(|| entry.and_then(|e| e.token.clone())),
+            ca: entry.and_then(|e| e.ca.clone()),
+        })
+    }
+}
+
+pub struct Client {
+    target: Target,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(target: Target) -> Result<Client, CtlError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &target.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| CtlError::Other(format!("cannot read CA {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| CtlError::Other(format!("CA {}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| CtlError::Other(e.to_string()))?;
+        Ok(Client { target, http })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.target.server
+    }
+
+    fn url(&self, kind: Kind, name: Option<&str>) -> String {
+        let base = self.target.server.trim_end_matches('/');
+        match name {
+            Some(n) => format!("{base}{API}/{}/{n}", kind.plural()),
+            None => format!("{base}{API}/{}", kind.plural()),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match &self.target.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<(StatusCode, Value), CtlError> {
+        let resp = r
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let code = resp.status();
+        let text = resp.text().await.map_err(|e| self.connect_error(e))?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if code.is_success() {
+            Ok((code, body))
+        } else {
+            Err(CtlError::Api(failure(code, &body)))
+        }
+    }
+
+    fn connect_error(&self, e: reqwest::Error) -> CtlError {
+        let mut cause = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            cause = format!("{cause}: {s}");
+            source = s.source();
+        }
+        CtlError::Connect {
+            server: self.target.server.clone(),
+            cause,
+        }
+    }
+
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<Value>, CtlError> {
+        match self
+            .send(self.request(reqwest::Method::GET, self.url(kind, Some(name))))
+            .await
+        {
+            Ok((_, v)) => Ok(Some(v)),
+            Err(CtlError::Api(f)) if f.code == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list(&self, kind: Kind, selector: Option<&str>) -> Result<Value, CtlError> {
+        let mut r = self.request(reqwest::Method::GET, self.url(kind, None));
+        if let Some(s) = selector {
+            r = r.query(&[("labelSelector", s)]);
+        }
+        Ok(self.send(r).await?.1)
+    }
+
+    pub async fn create(&self, kind: Kind, body: &Value, dry_run: bool) -> Result<Value, CtlError> {
+        let mut r = self
+            .request(reqwest::Method::POST, self.url(kind, None))
+            .json(body);
+        if dry_run {
+            r = r.query(&[("dryRun", "All")]);
+        }
+        Ok(self.send(r).await?.1)
+    }
+
+    pub async fn replace(
+        &self,
+        kind: Kind,
+        name: &str,
+        body: &Value,
+        dry_run: bool,
+    ) -> Result<Value, CtlError> {
+        let mut r = self
+            .request(reqwest::Method::PUT, self.url(kind, Some(name)))
+            .json(body);
+        if dry_run {
+            r = r.query(&[("dryRun", "All")]);
+        }
+        Ok(self.send(r).await?.1)
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<Value, CtlError> {
+        Ok(self
+            .send(self.request(reqwest::Method::DELETE, self.url(kind, Some(name))))
+            .await?
+            .1)
+    }
+
+    /// Opens a watch; yields parsed event lines.
+    pub async fn watch(
+        &self,
+        kind: Kind,
+        resource_version: Option<&str>,
+        selector: Option<&str>,
+    ) -> Result<WatchStream, CtlError> {
+        let mut r = self
+            .request(reqwest::Method::GET, self.url(kind, None))
+            .query(&[("watch", "true")]);
+        if let Some(rv) = resource_version {
+            r = r.query(&[("resourceVersion", rv)]);
+        }
+        if let Some(s) = selector {
+            r = r.query(&[("labelSelector", s)]);
+        }
+        let resp = r.send().await.map_err(|e| self.connect_error(e))?;
+        let code = resp.status();
+        if !code.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return Err(CtlError::Api(failure(code, &body)));
+        }
+        Ok(WatchStream {
+            resp,
+            buf: String::new(),
+        })
+    }
+}
+
+pub struct WatchStream {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl WatchStream {
+    /// The next event line, or `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Value>, CtlError> {
+        loop {
+            if let Some(i) = self.buf.find('\n') {
+                let line: String = self.buf.drain(..=i).collect();
+                return serde_json::from_str(line.trim())
+                    .map(Some)
+                    .map_err(|e| CtlError::Other(format!("bad watch line: {e}")));
+            }
+            match self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| CtlError::Other(format!("watch stream broke: {e}")))?
+            {
+                Some(chunk) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+fn failure(code: StatusCode, body: &Value) -> ApiFailure {
+    let causes = body["details"]["causes"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    (
+                        c["field"].as_str().unwrap_or("").to_string(),
+                        c["message"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ApiFailure {
+        code,
+        reason: body["reason"]
+            .as_str()
+            .unwrap_or(code.canonical_reason().unwrap_or("Error"))
+            .to_string(),
+        message: body["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string()),
+        causes,
+    }
+}

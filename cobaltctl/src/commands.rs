@@ -1,0 +1,543 @@
+//! The verbs. Each returns the process exit code; errors bubble up as `anyhow` with the message
+//! a user needs.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::client::{Client, CtlError};
+use crate::kinds::Kind;
+use crate::manifests;
+use crate::merge::{comparable, desired, LAST_APPLIED};
+use crate::output::{self, Format};
+
+/// Bound on conflict retries of one apply (another writer changed the object in between).
+const APPLY_RETRIES: usize = 5;
+
+pub async fn apply(
+    c: &Client,
+    files: &[String],
+    recursive: bool,
+    dry_run: bool,
+    prune: Option<&str>,
+) -> anyhow::Result<i32> {
+    let objects = manifests::load(files, recursive)?;
+    if objects.is_empty() {
+        anyhow::bail!("no objects found in {}", files.join(", "));
+    }
+    let suffix = if dry_run { " (server dry run)" } else { "" };
+    let mut applied: BTreeSet<(&'static str, String)> = BTreeSet::new();
+    for o in &objects {
+        let verb = apply_one(c, o, dry_run).await?;
+        println!("{}/{} {verb}{suffix}", o.kind.singular(), o.name);
+        applied.insert((o.kind.plural(), o.name.clone()));
+    }
+    if let Some(selector) = prune {
+        for kind in [Kind::Volume, Kind::Machine] {
+            let list = c.list(kind, Some(selector)).await?;
+            for item in list["items"].as_array().into_iter().flatten() {
+                let name = item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let applied_before = item
+                    .pointer(&format!(
+                        "/metadata/annotations/{}",
+                        LAST_APPLIED.replace('/', "~1")
+                    ))
+                    .is_some();
+                if applied_before && !applied.contains(&(kind.plural(), name.clone())) {
+                    if !dry_run {
+                        c.delete(kind, &name).await?;
+                    }
+                    println!("{}/{name} pruned{suffix}", kind.singular());
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn apply_one(
+    c: &Client,
+    o: &manifests::Object,
+    dry_run: bool,
+) -> anyhow::Result<&'static str> {
+    for _ in 0..APPLY_RETRIES {
+        let Some(live) = c.get(o.kind, &o.name).await? else {
+            let body = desired(&serde_json::json!({}), &o.value);
+            match c.create(o.kind, &body, dry_run).await {
+                Ok(_) => return Ok("created"),
+                Err(CtlError::Api(f)) if f.reason == "AlreadyExists" => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let want = desired(&live, &o.value);
+        if comparable(&want) == comparable(&live) {
+            return Ok("unchanged");
+        }
+        match c.replace(o.kind, &o.name, &want, dry_run).await {
+            Ok(_) => return Ok("configured"),
+            Err(CtlError::Api(f)) if f.reason == "Conflict" => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!(
+        "{}/{}: kept changing while applying; try again",
+        o.kind.singular(),
+        o.name
+    )
+}
+
+pub async fn get(
+    c: &Client,
+    what: &str,
+    name: Option<String>,
+    format: Option<Format>,
+    selector: Option<&str>,
+    watch: bool,
+) -> anyhow::Result<i32> {
+    let (kind, from_ref) = Kind::parse_ref(what).map_err(anyhow::Error::msg)?;
+    let name = name.or(from_ref);
+    let wide = format == Some(Format::Wide);
+    let (items, resource_version) = match &name {
+        Some(n) => match c.get(kind, n).await? {
+            Some(v) => (vec![v.clone()], None),
+            None => anyhow::bail!("{} {n:?} not found", kind.singular()),
+        },
+        None => {
+            let list = c.list(kind, selector).await?;
+            let rv = list
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            (list["items"].as_array().cloned().unwrap_or_default(), rv)
+        }
+    };
+    match format {
+        Some(Format::Json) => match &name {
+            Some(_) => println!("{}", serde_json::to_string_pretty(&items[0])?),
+            None => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"kind": "List", "items": items}))?
+            ),
+        },
+        Some(Format::Yaml) => match &name {
+            Some(_) => print!("{}", output::yaml(&items[0])),
+            None => print!(
+                "{}",
+                output::yaml(&serde_json::json!({"kind": "List", "items": items}))
+            ),
+        },
+        Some(Format::Name) => {
+            for i in &items {
+                println!(
+                    "{}/{}",
+                    kind.singular(),
+                    i["metadata"]["name"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        _ => {
+            if items.is_empty() && !watch {
+                eprintln!("No {} found.", kind.plural());
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = items.iter().map(|v| output::row(kind, v, wide)).collect();
+            print!("{}", output::table(&output::header(kind, wide), &rows));
+        }
+    }
+    if !watch {
+        return Ok(0);
+    }
+    let rv = match resource_version {
+        Some(rv) => Some(rv),
+        None => c
+            .list(kind, None)
+            .await?
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    };
+    let mut stream = c.watch(kind, rv.as_deref(), selector).await?;
+    while let Some(event) = stream.next().await? {
+        let t = event["type"].as_str().unwrap_or_default();
+        if t == "BOOKMARK" {
+            continue;
+        }
+        if t == "ERROR" {
+            anyhow::bail!(
+                "watch ended: {}",
+                event["object"]["message"].as_str().unwrap_or("error")
+            );
+        }
+        let obj = &event["object"];
+        if name
+            .as_deref()
+            .is_some_and(|n| obj["metadata"]["name"] != n)
+        {
+            continue;
+        }
+        match format {
+            Some(Format::Json) => println!("{}", serde_json::to_string(&event)?),
+            Some(Format::Yaml) => print!("---\n{}", output::yaml(&event)),
+            Some(Format::Name) => println!(
+                "{}/{}",
+                kind.singular(),
+                obj["metadata"]["name"].as_str().unwrap_or_default()
+            ),
+            _ => {
+                let mut r = output::row(kind, obj, wide);
+                if t == "DELETED" {
+                    r[3] = "Deleted".into();
+                }
+                let table = output::table(&output::header(kind, wide), &[r]);
+                println!("{}", table.lines().nth(1).unwrap_or_default());
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn describe(c: &Client, what: &str, name: Option<String>) -> anyhow::Result<i32> {
+    let (kind, from_ref) = Kind::parse_ref(what).map_err(anyhow::Error::msg)?;
+    let names: Vec<String> = match name.or(from_ref) {
+        Some(n) => vec![n],
+        None => c.list(kind, None).await?["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+            .collect(),
+    };
+    for (i, n) in names.iter().enumerate() {
+        let v = c
+            .get(kind, n)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{} {n:?} not found", kind.singular()))?;
+        if i > 0 {
+            println!();
+        }
+        print!("{}", output::describe(kind, &v));
+    }
+    Ok(0)
+}
+
+pub async fn delete(
+    c: &Client,
+    what: Option<&str>,
+    name: Option<String>,
+    files: &[String],
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let mut targets: Vec<(Kind, String)> = Vec::new();
+    if !files.is_empty() {
+        for o in manifests::load(files, false)? {
+            targets.push((o.kind, o.name));
+        }
+    } else {
+        let what = what.ok_or_else(|| {
+            anyhow::anyhow!("say what to delete: `delete volume NAME` or `delete -f FILE`")
+        })?;
+        let (kind, from_ref) = Kind::parse_ref(what).map_err(anyhow::Error::msg)?;
+        let n = name
+            .or(from_ref)
+            .ok_or_else(|| anyhow::anyhow!("say which {} to delete", kind.singular()))?;
+        targets.push((kind, n));
+    }
+    for (kind, n) in &targets {
+        match c.delete(*kind, n).await {
+            Ok(_) => println!("{}/{n} deleted", kind.singular()),
+            Err(CtlError::Api(f)) if f.reason == "NotFound" => {
+                anyhow::bail!("{} {n:?} not found", kind.singular())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if wait {
+        for (kind, n) in &targets {
+            wait_for(c, *kind, n, &WaitFor::Delete, timeout).await?;
+        }
+    }
+    Ok(0)
+}
+
+pub enum WaitFor {
+    Condition { type_: String, status: String },
+    Delete,
+}
+
+impl WaitFor {
+    pub fn parse(s: &str) -> Result<WaitFor, String> {
+        if s == "delete" {
+            return Ok(WaitFor::Delete);
+        }
+        let cond = s
+            .strip_prefix("condition=")
+            .ok_or_else(|| format!("--for={s:?}: use condition=TYPE[=true|false] or delete"))?;
+        let (type_, status) = match cond.split_once('=') {
+            Some((t, v)) => (t, v),
+            None => (cond, "true"),
+        };
+        let status = match status.to_ascii_lowercase().as_str() {
+            "true" => "True",
+            "false" => "False",
+            "unknown" => "Unknown",
+            other => {
+                return Err(format!(
+                    "--for condition value {other:?}: use true, false or unknown"
+                ))
+            }
+        };
+        Ok(WaitFor::Condition {
+            type_: type_.to_string(),
+            status: status.into(),
+        })
+    }
+
+    fn met(&self, v: Option<&Value>) -> bool {
+        match (self, v) {
+            (WaitFor::Delete, None) => true,
+            (WaitFor::Condition { type_, status }, Some(v)) => {
+                output::condition(v, type_).is_some_and(|c| c["status"] == status.as_str())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Waits with a watch, bounded by `timeout`; on timeout the error shows the last conditions.
+pub async fn wait_for(
+    c: &Client,
+    kind: Kind,
+    name: &str,
+    want: &WaitFor,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = c.get(kind, name).await?;
+    if want.met(last.as_ref()) {
+        return Ok(());
+    }
+    if last.is_none() && matches!(want, WaitFor::Condition { .. }) {
+        anyhow::bail!("{} {name:?} not found", kind.singular());
+    }
+    'outer: while Instant::now() < deadline {
+        let list = c.list(kind, None).await?;
+        let rv = list
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        last = list["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["metadata"]["name"] == name))
+            .cloned();
+        if want.met(last.as_ref()) {
+            return Ok(());
+        }
+        let mut stream = c.watch(kind, rv.as_deref(), None).await?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = match tokio::time::timeout(left, stream.next()).await {
+                Err(_) => break 'outer,
+                Ok(Ok(Some(e))) => e,
+                Ok(_) => continue 'outer, // stream ended or broke: list and watch again
+            };
+            if event["object"]["metadata"]["name"] != name {
+                continue;
+            }
+            last = match event["type"].as_str() {
+                Some("DELETED") => None,
+                Some("ADDED" | "MODIFIED") => Some(event["object"].clone()),
+                _ => continue,
+            };
+            if want.met(last.as_ref()) {
+                return Ok(());
+            }
+        }
+    }
+    let conditions = last
+        .as_ref()
+        .and_then(|v| v.pointer("/status/conditions"))
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    format!(
+                        "  {}={} ({}): {}",
+                        c["type"].as_str().unwrap_or(""),
+                        c["status"].as_str().unwrap_or(""),
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "  (no conditions reported)".into());
+    anyhow::bail!("timed out after {timeout:?} waiting for {}/{name}; last observed conditions:\n{conditions}", kind.singular())
+}
+
+/// `diff -f`: 0 when live equals what apply would make, 1 when different (diff printed).
+pub async fn diff(c: &Client, files: &[String], recursive: bool) -> anyhow::Result<i32> {
+    let mut different = false;
+    for o in manifests::load(files, recursive)? {
+        let live = c.get(o.kind, &o.name).await?;
+        let (before, after) = match &live {
+            Some(l) => (
+                output::yaml(&strip(l)),
+                output::yaml(&strip(&desired(l, &o.value))),
+            ),
+            None => (
+                String::new(),
+                output::yaml(&strip(&desired(&serde_json::json!({}), &o.value))),
+            ),
+        };
+        if before != after {
+            different = true;
+            let label = format!("{}/{}", o.kind.singular(), o.name);
+            let d = similar::TextDiff::from_lines(&before, &after);
+            print!(
+                "{}",
+                d.unified_diff()
+                    .header(&format!("live {label}"), &format!("applied {label}"))
+            );
+        }
+    }
+    Ok(if different { 1 } else { 0 })
+}
+
+fn strip(v: &Value) -> Value {
+    let mut c = comparable(v);
+    if let Some(a) = c
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.remove(LAST_APPLIED);
+    }
+    if c.pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .is_some_and(|a| a.is_empty())
+    {
+        c["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("annotations"));
+    }
+    c
+}
+
+/// `explain volume.spec.export`: the field's description and its fields, from the schemas.
+pub fn explain(path: &str) -> anyhow::Result<i32> {
+    let mut parts = path.split('.');
+    let kind = Kind::parse(parts.next().unwrap_or_default()).map_err(anyhow::Error::msg)?;
+    let file = format!("{}.json", kind.singular());
+    let (_, text) = cobalt_api::schema::all()
+        .into_iter()
+        .find(|(n, _)| *n == file)
+        .ok_or_else(|| anyhow::anyhow!("no schema {file}"))?;
+    let root: Value = serde_json::from_str(&text)?;
+    let resolve = |s: &Value| -> Value {
+        let mut s = s.clone();
+        for _ in 0..8 {
+            if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+                s = root
+                    .pointer(r.trim_start_matches('#'))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+            } else if let Some(any) = s.get("anyOf").and_then(Value::as_array) {
+                // Option<T> is anyOf [T, null]: explain T.
+                match any
+                    .iter()
+                    .find(|a| a.get("type") != Some(&Value::String("null".into())))
+                {
+                    Some(inner) if any.len() == 2 => s = inner.clone(),
+                    _ => break,
+                }
+            } else {
+                break;
+            }
+        }
+        s
+    };
+    let mut node = resolve(&root);
+    let mut walked = vec![kind.singular().to_string()];
+    for p in parts {
+        let next = node.pointer(&format!("/properties/{p}")).or_else(|| {
+            node.pointer("/items")
+                .and_then(|i| i.pointer(&format!("/properties/{p}")))
+        });
+        let field = next
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{} has no field {p:?}", walked.join(".")))?;
+        let description = field.get("description").cloned();
+        node = resolve(&field);
+        if node.get("description").is_none() {
+            if let (Some(d), Some(o)) = (description, node.as_object_mut()) {
+                o.insert("description".into(), d);
+            }
+        }
+        walked.push(p.to_string());
+        if node.get("type") == Some(&Value::String("array".into())) {
+            let items = resolve(node.get("items").unwrap_or(&Value::Null));
+            let description = node.get("description").cloned();
+            node = items;
+            if let (Some(d), Some(o)) = (description, node.as_object_mut()) {
+                o.entry("description").or_insert(d);
+            }
+        }
+    }
+    println!("FIELD: {}", walked.join("."));
+    if let Some(d) = node.get("description").and_then(Value::as_str) {
+        println!("\nDESCRIPTION:\n  {d}");
+    }
+    if let Some(values) = node.get("enum").and_then(Value::as_array) {
+        println!(
+            "\nVALUES: {}",
+            values
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    if let Some(props) = node.get("properties").and_then(Value::as_object) {
+        let required: Vec<&str> = node
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!("\nFIELDS:");
+        for (name, p) in props {
+            let p2 = resolve(p);
+            let ty = p2
+                .get("type")
+                .map(|t| t.to_string().replace('"', ""))
+                .unwrap_or_else(|| {
+                    if p2.get("properties").is_some() {
+                        "object".into()
+                    } else if p2.get("enum").is_some() {
+                        "string".into()
+                    } else {
+                        "value".into()
+                    }
+                });
+            let req = if required.contains(&name.as_str()) {
+                " (required)"
+            } else {
+                ""
+            };
+            let desc = p
+                .get("description")
+                .or_else(|| p2.get("description"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            println!("  {name}\t<{ty}>{req}\n    {desc}");
+        }
+    }
+    Ok(0)
+}

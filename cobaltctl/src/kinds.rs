@@ -1,0 +1,67 @@
+//! Kind names as users type them: `volume`, `volumes`, `vol`, `machine`, `machines`, `mach`,
+//! optionally with a name: `volume/media`.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Volume,
+    Machine,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "volume" | "volumes" | "vol" | "vols" => Ok(Kind::Volume),
+            "machine" | "machines" | "mach" | "machs" => Ok(Kind::Machine),
+            other => Err(format!(
+                "unknown kind {other:?}; use volume(s)/vol or machine(s)/mach"
+            )),
+        }
+    }
+
+    /// `kind` or `kind/name`.
+    pub fn parse_ref(s: &str) -> Result<(Kind, Option<String>), String> {
+        match s.split_once('/') {
+            Some((k, n)) => Ok((Kind::parse(k)?, Some(n.to_string()))),
+            None => Ok((Kind::parse(s)?, None)),
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Volume => "volumes",
+            Kind::Machine => "machines",
+        }
+    }
+
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Machine => "machine",
+        }
+    }
+
+    pub fn from_manifest_kind(kind: &str) -> Option<Kind> {
+        match kind {
+            "Volume" => Some(Kind::Volume),
+            "Machine" => Some(Kind::Machine),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn singular_plural_and_short_names_are_accepted() {
+        for s in ["volume", "volumes", "vol", "Volume"] {
+            assert_eq!(Kind::parse(s), Ok(Kind::Volume));
+        }
+        assert_eq!(
+            Kind::parse_ref("machine/node-1"),
+            Ok((Kind::Machine, Some("node-1".into())))
+        );
+        assert!(Kind::parse("pods").unwrap_err().contains("volume(s)"));
+    }
+}

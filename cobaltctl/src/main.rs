@@ -1,0 +1,199 @@
+//! `cobaltctl`: parses arguments and runs one verb.
+
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use cobaltctl::client::{Client, Target};
+use cobaltctl::commands::{self, WaitFor};
+use cobaltctl::kinds::Kind;
+use cobaltctl::output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "cobaltctl",
+    version,
+    about = "Drive Cobalt: declare volumes and machines, watch them converge."
+)]
+struct Cli {
+    /// API server URL (default http://127.0.0.1:7420, or the current context).
+    #[arg(long, global = true, env = "COBALT_SERVER")]
+    server: Option<String>,
+    /// Bearer token.
+    #[arg(long, global = true, env = "COBALT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Context from ~/.config/cobalt/config.yaml.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Create or update objects from manifests so they match the files.
+    #[command(
+        after_help = "Examples:\n  cobaltctl apply -f examples/volume.yaml\n  cobaltctl apply -R -f manifests/ --prune -l team=media\n  cat volume.yaml | cobaltctl apply -f -"
+    )]
+    Apply {
+        /// File, directory or - (stdin); repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Descend into subdirectories.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// `server`: validate and check conflicts on the server, change nothing.
+        #[arg(long, value_parser = ["server"])]
+        dry_run: Option<String>,
+        /// Delete objects carrying these labels that are not in the applied files.
+        #[arg(long, requires = "selector")]
+        prune: bool,
+        /// Label selector for --prune.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+    },
+    /// List objects, or show one.
+    #[command(
+        after_help = "Examples:\n  cobaltctl get volumes\n  cobaltctl get vol media -o yaml\n  cobaltctl get machines -o wide\n  cobaltctl get volumes -l app=media -w"
+    )]
+    Get {
+        /// volume(s) | machine(s), optionally kind/NAME.
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
+        /// Label selector, e.g. disk=ssd,!legacy.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// After listing, stream changes.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Show an object in detail: spec, status, conditions and why.
+    #[command(after_help = "Example:\n  cobaltctl describe volume media")]
+    Describe { kind: String, name: Option<String> },
+    /// Delete objects by name or by manifest.
+    #[command(
+        after_help = "Examples:\n  cobaltctl delete volume media --wait\n  cobaltctl delete -f examples/volume.yaml"
+    )]
+    Delete {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        /// Wait until the objects are gone (their data deleted).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
+        timeout: Duration,
+    },
+    /// Wait for a condition or for deletion.
+    #[command(
+        after_help = "Examples:\n  cobaltctl wait volume/media --for=condition=Ready --timeout=60s\n  cobaltctl wait volume/media --for=delete"
+    )]
+    Wait {
+        /// kind/NAME
+        target: String,
+        /// condition=TYPE[=true|false] or delete
+        #[arg(long = "for")]
+        for_: String,
+        #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
+        timeout: Duration,
+    },
+    /// Show what apply would change. Exit 0: same, 1: different, 2+: error.
+    #[command(after_help = "Example:\n  cobaltctl diff -f examples/volume.yaml")]
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Describe a field of a kind, from the schemas.
+    #[command(
+        after_help = "Examples:\n  cobaltctl explain volume\n  cobaltctl explain volume.spec.export.clients"
+    )]
+    Explain { path: String },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  source <(cobaltctl completion bash)")]
+    Completion { shell: clap_complete::Shell },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let client = || -> anyhow::Result<Client> {
+        Ok(Client::new(Target::resolve(
+            cli.server.clone(),
+            cli.token.clone(),
+            cli.context.clone(),
+        )?)?)
+    };
+    match cli.command {
+        Verb::Apply {
+            files,
+            recursive,
+            dry_run,
+            prune,
+            selector,
+        } => {
+            let selector = if prune { selector } else { None };
+            commands::apply(
+                &client()?,
+                &files,
+                recursive,
+                dry_run.is_some(),
+                selector.as_deref(),
+            )
+            .await
+        }
+        Verb::Get {
+            kind,
+            name,
+            output,
+            selector,
+            watch,
+        } => commands::get(&client()?, &kind, name, output, selector.as_deref(), watch).await,
+        Verb::Describe { kind, name } => commands::describe(&client()?, &kind, name).await,
+        Verb::Delete {
+            kind,
+            name,
+            files,
+            wait,
+            timeout,
+        } => commands::delete(&client()?, kind.as_deref(), name, &files, wait, timeout).await,
+        Verb::Wait {
+            target,
+            for_,
+            timeout,
+        } => {
+            let (kind, name) = Kind::parse_ref(&target).map_err(anyhow::Error::msg)?;
+            let name =
+                name.ok_or_else(|| anyhow::anyhow!("wait needs kind/NAME, e.g. volume/media"))?;
+            let want = WaitFor::parse(&for_).map_err(anyhow::Error::msg)?;
+            commands::wait_for(&client()?, kind, &name, &want, timeout).await?;
+            println!("{}/{name} condition met", kind.singular());
+            Ok(0)
+        }
+        Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
+        Verb::Explain { path } => commands::explain(&path),
+        Verb::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cobaltctl",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+    }
+}

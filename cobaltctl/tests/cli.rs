@@ -1,0 +1,457 @@
+//! The real `cobaltctl` binary against a real API server and etcd.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cobalt_api::{set_condition, ConditionStatus, Volume, VolumePhase};
+use cobalt_controller::http::{self, AppState, HttpMetrics};
+use cobalt_reconcile::CancellationToken;
+use cobalt_store::{EtcdConfig, Store};
+use cobalt_testkit::etcd::Etcd;
+
+struct Env {
+    _etcd: Etcd,
+    store: Store,
+    server: String,
+    dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Env {
+    async fn start() -> Env {
+        let etcd = Etcd::start();
+        let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
+            .await
+            .unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let stop = CancellationToken::new();
+        let state = AppState {
+            store: store.clone(),
+            tokens: None,
+            deadline: http::DEFAULT_DEADLINE,
+            bookmark_interval: Duration::from_secs(1),
+            http_metrics: HttpMetrics::new(&mut registry),
+            registry: Arc::new(registry),
+            shutdown: stop.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        let app = http::router(state);
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+        });
+        Env {
+            _etcd: etcd,
+            store,
+            server,
+            dir: tempfile::tempdir().unwrap(),
+            stop,
+        }
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cobaltctl"));
+        c.env("COBALT_SERVER", &self.server)
+            .env("COBALT_CONFIG", self.dir.path().join("no-config.yaml"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs cobaltctl off the async runtime's threads.
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd();
+        c.args(args);
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const VOLUME: &str = "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata:\n  name: media\n  labels: {team: media}\nspec:\n  size: 1Gi\n  compression: zstd\n";
+
+#[tokio::test]
+async fn apply_creates_then_configures_then_leaves_unchanged_without_writing() {
+    let env = Env::start().await;
+    let f = env.file("v.yaml", VOLUME);
+    let o = env.run(&["apply", "-f", &f]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "volume/media created\n");
+
+    // The scheduler binds it meanwhile; re-applying must keep the binding.
+    let mut v: Volume = env.store.get("media").await.unwrap().unwrap();
+    v.spec.machine = Some("node-7".into());
+    env.store.replace(&v).await.unwrap();
+
+    let before = env.store.revision().await.unwrap();
+    let o = env.run(&["apply", "-f", &f]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "volume/media unchanged\n",
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        env.store.revision().await.unwrap(),
+        before,
+        "an unchanged apply must not write to etcd"
+    );
+
+    // Dropping compression from the manifest removes it; the binding stays.
+    let f2 = env.file(
+        "v2.yaml",
+        &VOLUME
+            .replace("  compression: zstd\n", "")
+            .replace("1Gi", "2Gi"),
+    );
+    let o = env.run(&["apply", "-f", &f2]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "volume/media configured\n",
+        "{}",
+        text(&o)
+    );
+    let v: Volume = env.store.get("media").await.unwrap().unwrap();
+    assert_eq!(v.spec.size, "2Gi".parse().unwrap());
+    assert_eq!(v.spec.compression, cobalt_api::Compression::None);
+    assert_eq!(v.spec.machine.as_deref(), Some("node-7"));
+
+    let f3 = env.file("v3.yaml", &VOLUME.replace("1Gi", "5Gi"));
+    let o = env.run(&["apply", "--dry-run=server", "-f", &f3]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "volume/media configured (server dry run)\n"
+    );
+    let v: Volume = env.store.get("media").await.unwrap().unwrap();
+    assert_eq!(
+        v.spec.size,
+        "2Gi".parse().unwrap(),
+        "dry run changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn prune_deletes_only_labelled_leftovers_that_apply_made() {
+    let env = Env::start().await;
+    let two = format!(
+        "{VOLUME}---\n{}",
+        VOLUME.replace("name: media", "name: old")
+    );
+    env.run(&["apply", "-f", &env.file("two.yaml", &two)]).await;
+    let other = VOLUME
+        .replace("name: media", "name: unlabelled")
+        .replace("labels: {team: media}", "labels: {team: other}");
+    env.run(&["apply", "-f", &env.file("other.yaml", &other)])
+        .await;
+    let by_hand = Volume::new(
+        "by-hand",
+        cobalt_api::VolumeSpec {
+            size: "1Gi".parse().unwrap(),
+            ..Default::default()
+        },
+    );
+    let mut by_hand = by_hand;
+    by_hand
+        .metadata
+        .labels
+        .insert("team".into(), "media".into());
+    env.store.create(&by_hand).await.unwrap();
+
+    let o = env
+        .run(&[
+            "apply",
+            "-f",
+            &env.file("one.yaml", VOLUME),
+            "--prune",
+            "-l",
+            "team=media",
+        ])
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "volume/media unchanged\nvolume/old pruned\n",
+        "{}",
+        text(&o)
+    );
+    let (left, _) = env.store.list::<Volume>(&Default::default()).await.unwrap();
+    let names: Vec<&str> = left.iter().map(|v| v.metadata.name.as_str()).collect();
+    assert_eq!(names, ["by-hand", "media", "unlabelled"]);
+}
+
+#[tokio::test]
+async fn get_prints_every_format() {
+    let env = Env::start().await;
+    env.run(&["apply", "-f", &env.file("v.yaml", VOLUME)]).await;
+    let o = env.run(&["get", "volumes"]).await;
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.starts_with("NAME    SIZE   MACHINE   PHASE     ENDPOINT   AGE"),
+        "{out}"
+    );
+    assert!(
+        out.contains("media   1Gi    <none>    Pending   <none>"),
+        "{out}"
+    );
+    let wide = text(&env.run(&["get", "vol", "-o", "wide"]).await);
+    assert!(
+        wide.contains("COMPRESSION") && wide.contains("zstd"),
+        "{wide}"
+    );
+    let yaml = text(&env.run(&["get", "volume", "media", "-o", "yaml"]).await);
+    assert!(
+        yaml.contains("name: media") && yaml.contains("size: 1Gi"),
+        "{yaml}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&env.run(&["get", "volume/media", "-o", "json"]).await.stdout)
+            .unwrap();
+    assert_eq!(json["spec"]["size"], "1Gi");
+    assert_eq!(
+        text(&env.run(&["get", "volumes", "-o", "name"]).await),
+        "volume/media\n"
+    );
+    assert_eq!(
+        text(&env.run(&["get", "volumes", "-l", "team=nobody"]).await),
+        "No volumes found.\n"
+    );
+    let machines = text(&env.run(&["get", "machines"]).await);
+    assert_eq!(machines, "No machines found.\n");
+    let missing = env.run(&["get", "volume", "nope"]).await;
+    assert!(!missing.status.success());
+    let described = text(&env.run(&["describe", "volume", "media"]).await);
+    assert!(
+        described.contains("Name:") && described.contains("nothing reported yet"),
+        "{described}"
+    );
+}
+
+// Multi-threaded: the test blocks on the child's output while the in-process server must run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_watch_shows_a_status_change() {
+    let env = Env::start().await;
+    env.run(&["apply", "-f", &env.file("v.yaml", VOLUME)]).await;
+    let mut child = env
+        .cmd()
+        .args(["get", "volumes", "-w"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let first: Vec<String> = (0..2)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    assert!(first[1].contains("Pending"), "{first:?}");
+    env.store
+        .update_status::<Volume, _>("media", |_| {
+            Some(cobalt_api::VolumeStatus {
+                phase: VolumePhase::Ready,
+                machine: Some("node-1".into()),
+                ..Default::default()
+            })
+        })
+        .await
+        .unwrap();
+    let change = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        change.contains("Ready") && change.contains("node-1"),
+        "{change}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn wait_succeeds_when_the_condition_arrives_and_times_out_showing_conditions() {
+    let env = Env::start().await;
+    env.run(&["apply", "-f", &env.file("v.yaml", VOLUME)]).await;
+    let mut waiter = env.cmd();
+    waiter.args([
+        "wait",
+        "volume/media",
+        "--for=condition=Ready",
+        "--timeout=20s",
+    ]);
+    let waiting = tokio::task::spawn_blocking(move || waiter.output().unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await; // let it start watching; not a synchronisation the test relies on
+    env.store
+        .update_status::<Volume, _>("media", |v| {
+            let mut s = v.status.clone().unwrap_or_default();
+            set_condition(
+                &mut s.conditions,
+                "Ready",
+                ConditionStatus::True,
+                "Provisioned",
+                "ok",
+                1,
+                chrono::Utc::now(),
+            );
+            Some(s)
+        })
+        .await
+        .unwrap();
+    let o = waiting.await.unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "volume/media condition met\n"
+    );
+
+    let o = env
+        .run(&[
+            "wait",
+            "volume/media",
+            "--for=condition=Ready=false",
+            "--timeout=1s",
+        ])
+        .await;
+    assert!(!o.status.success());
+    let err = text(&o);
+    assert!(
+        err.contains("timed out") && err.contains("Ready=True (Provisioned)"),
+        "{err}"
+    );
+
+    let mut deleter = env.cmd();
+    deleter.args(["wait", "volume/media", "--for=delete", "--timeout=20s"]);
+    let waiting = tokio::task::spawn_blocking(move || deleter.output().unwrap());
+    env.store.delete::<Volume>("media", None).await.unwrap();
+    assert!(waiting.await.unwrap().status.success());
+}
+
+#[tokio::test]
+async fn diff_exits_0_when_same_and_1_when_different() {
+    let env = Env::start().await;
+    let f = env.file("v.yaml", VOLUME);
+    let o = env.run(&["diff", "-f", &f]).await;
+    assert_eq!(o.status.code(), Some(1), "a missing object differs");
+    env.run(&["apply", "-f", &f]).await;
+    assert_eq!(env.run(&["diff", "-f", &f]).await.status.code(), Some(0));
+    let changed = env.file("v2.yaml", &VOLUME.replace("1Gi", "3Gi"));
+    let o = env.run(&["diff", "-f", &changed]).await;
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("-  size: 1Gi") && out.contains("+  size: 3Gi"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn bad_manifests_fail_with_the_field_path_or_line_and_column() {
+    let env = Env::start().await;
+    let cases = [
+        (
+            "syntax.yaml",
+            "kind: Volume\nspec: {size: [1Gi\n".to_string(),
+            "line 2 column 14",
+        ),
+        (
+            "unknown.yaml",
+            VOLUME.replace("  size: 1Gi", "  size: 1Gi\n  sise: 2Gi"),
+            "spec.sise",
+        ),
+        ("size.yaml", VOLUME.replace("1Gi", "10GB"), "spec.size"),
+        (
+            "name.yaml",
+            VOLUME.replace("name: media", "name: Media_1"),
+            "metadata.name",
+        ),
+    ];
+    for (file, body, expect) in cases {
+        let o = env.run(&["apply", "-f", &env.file(file, &body)]).await;
+        assert!(!o.status.success(), "{file}");
+        let err = text(&o);
+        assert!(err.contains(file) && err.contains(expect), "{file}: {err}");
+    }
+    assert!(
+        env.store
+            .list::<Volume>(&Default::default())
+            .await
+            .unwrap()
+            .0
+            .is_empty(),
+        "nothing was applied"
+    );
+}
+
+#[tokio::test]
+async fn connection_refused_names_the_server_and_how_to_set_it() {
+    let env = Env::start().await;
+    let o = env
+        .run(&["--server", "http://127.0.0.1:1", "get", "volumes"])
+        .await;
+    assert!(!o.status.success());
+    let err = text(&o);
+    assert!(
+        err.contains("http://127.0.0.1:1")
+            && err.contains("--server")
+            && err.contains("COBALT_SERVER"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_verb_explains_itself_with_an_example() {
+    for verb in [
+        "apply",
+        "get",
+        "describe",
+        "delete",
+        "wait",
+        "diff",
+        "explain",
+        "completion",
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_cobaltctl"))
+            .args([verb, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && help.contains("Example"),
+            "{verb}: {help}"
+        );
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_cobaltctl"))
+        .args(["completion", "bash"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("cobaltctl"));
+    let o = Command::new(env!("CARGO_BIN_EXE_cobaltctl"))
+        .args(["explain", "volume.spec.export"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("clients"));
+}
