@@ -7,7 +7,7 @@
 //! labels: {disk: ssd}
 //! stateDir: /var/lib/cobalt       # lock file; one agent per state directory
 //! backend: {kind: btrfs, pool: /srv/cobalt}
-//! exporter: {kind: none}          # ganesha | kernel | none
+//! exporter: {kind: ganesha, port: 2049}   # ganesha | kernel | none
 //! listen: 127.0.0.1:7421          # health and metrics
 //! leaseTTL: 10s
 //! ```
@@ -259,11 +259,14 @@ impl AgentConfig {
         if c.backend.pool.as_os_str().is_empty() {
             anyhow::bail!("no pool given: set backend.pool or --pool to a mounted BTRFS directory");
         }
-        if !matches!(c.exporter.kind.as_str(), "none") {
+        if !matches!(c.exporter.kind.as_str(), "none" | "ganesha" | "kernel") {
             anyhow::bail!(
-                "exporter.kind {:?} is not available in this build; use none",
+                "exporter.kind {:?} is unknown; use ganesha, kernel or none",
                 c.exporter.kind
             );
+        }
+        if c.exporter.kind != "none" && c.address.is_empty() {
+            anyhow::bail!("exporting needs the address clients reach this machine at: set address or --address");
         }
         Ok(c)
     }

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod exporter;
 pub mod lock;
 pub mod metrics;
 pub mod pool;

@@ -10,8 +10,11 @@ use clap::Parser;
 use cobalt_agent::backend::btrfs::BtrfsBackend;
 use cobalt_agent::backend::Backend;
 use cobalt_agent::config::{AgentConfig, Cli, Command, PoolCommand};
+use cobalt_agent::exporter::ganesha::GaneshaExporter;
+use cobalt_agent::exporter::kernel::KernelExporter;
+use cobalt_agent::exporter::{Exporter, NoExporter};
 use cobalt_agent::lock::StateLock;
-use cobalt_agent::volumes::VolumeAgent;
+use cobalt_agent::volumes::{export_spec, Exports, VolumeAgent};
 use cobalt_agent::{pool, registration};
 use cobalt_api::Volume;
 use cobalt_reconcile::reflector::reflect;
@@ -90,10 +93,56 @@ async fn main() -> anyhow::Result<()> {
         volumes.clone(),
         shutdown.clone(),
     )));
+    let exporter: Arc<dyn Exporter> = match config.exporter.kind.as_str() {
+        "ganesha" => Arc::new(GaneshaExporter::new(
+            config.state_dir.join("ganesha"),
+            config.exporter.port,
+        )),
+        "kernel" => Arc::new(KernelExporter::new(config.exporter.port)),
+        _ => Arc::new(NoExporter),
+    };
+    let exports = Arc::new(Exports::new(exporter.clone()));
+    // Start from the full export set, so volumes not yet reconciled keep their exports (no blip).
+    {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = volumes.ready() => {}
+        }
+        let mut set = cobalt_agent::exporter::ExportSet::new();
+        for v in volumes.list() {
+            let here = v.spec.machine.as_deref() == Some(name.as_str());
+            if here
+                && !v.metadata.is_deleting()
+                && backend.get(&v.metadata.uid).ok().flatten().is_some()
+            {
+                set.insert(v.metadata.name.clone(), export_spec(&v, backend.as_ref()));
+            }
+        }
+        if let Err(e) = exports.replace_all(set).await {
+            tracing::error!(error = %e, "applying the exports at start failed; the reconciler retries");
+        }
+    }
+    tasks.push(tokio::spawn({
+        let (exporter, stop) = (exporter.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                let e = exporter.clone();
+                if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.supervise()).await {
+                    tracing::warn!(error = %err, "exporter supervision");
+                }
+            }
+        }
+    }));
     let agent = VolumeAgent {
         machine: name.clone(),
+        address: config.address.clone(),
         store: store.clone(),
         backend,
+        exports,
     };
     let controller_config = Config {
         name: "volume-agent".into(),
@@ -131,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
+    let _ = tokio::task::spawn_blocking(move || exporter.stop()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -23,6 +23,7 @@ use cobalt_reconcile::{Action, Context, Reconciler};
 use cobalt_store::Store;
 
 use crate::backend::{Backend, BackendError, VolumeRecord};
+use crate::exporter::{describe_rules, ExportError, ExportSet, ExportSpec, Exporter};
 
 pub const FINALIZER: &str = "cobalt.io/agent";
 pub const DEFRAGMENT_ANNOTATION: &str = "cobalt.io/defragment";
@@ -31,8 +32,75 @@ pub const USAGE_REFRESH: Duration = Duration::from_secs(30);
 
 pub struct VolumeAgent {
     pub machine: String,
+    /// Where NFS clients reach this machine (for `status.endpoint`).
+    pub address: String,
     pub store: Store,
     pub backend: Arc<dyn Backend>,
+    pub exports: Arc<Exports>,
+}
+
+/// The machine's desired export set and the exporter that makes it real.
+pub struct Exports {
+    pub exporter: Arc<dyn Exporter>,
+    pub desired: std::sync::Mutex<ExportSet>,
+}
+
+impl Exports {
+    pub fn new(exporter: Arc<dyn Exporter>) -> Self {
+        Exports {
+            exporter,
+            desired: std::sync::Mutex::new(ExportSet::new()),
+        }
+    }
+
+    /// Sets (or with `None` removes) one volume's export and applies the whole set.
+    pub async fn set(
+        self: &Arc<Self>,
+        name: &str,
+        spec: Option<ExportSpec>,
+    ) -> Result<(), AgentError> {
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut desired = this.desired.lock().unwrap_or_else(|p| p.into_inner());
+            match spec {
+                Some(s) => desired.insert(name, s),
+                None => desired.remove(&name),
+            };
+            this.exporter.apply(&desired)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?
+        .map_err(AgentError::Export)
+    }
+
+    /// Replaces the whole set at once (start-up), so exports of volumes not yet reconciled stay.
+    pub async fn replace_all(self: &Arc<Self>, set: ExportSet) -> Result<(), AgentError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut desired = this.desired.lock().unwrap_or_else(|p| p.into_inner());
+            *desired = set;
+            this.exporter.apply(&desired)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?
+        .map_err(AgentError::Export)
+    }
+}
+
+/// The export a provisioned volume should have.
+pub fn export_spec(volume: &Volume, backend: &dyn Backend) -> ExportSpec {
+    ExportSpec {
+        name: volume.metadata.name.clone(),
+        uid: volume.metadata.uid.clone(),
+        source: backend.path(&volume.metadata.uid),
+        clients: volume
+            .spec
+            .export
+            .as_ref()
+            .map(|e| e.clients.clone())
+            .unwrap_or_default(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +113,8 @@ pub enum AgentError {
     SourceNotReady(String),
     #[error("backend task failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Export(#[from] ExportError),
 }
 
 impl VolumeAgent {
@@ -89,6 +159,8 @@ impl VolumeAgent {
         {
             return Ok(Action::Done);
         }
+        // Unexport first: no client may be writing while the data goes.
+        self.exports.set(name, None).await?;
         let uid = fresh.metadata.uid.clone();
         match self.blocking(move |b| b.destroy(&uid)).await {
             Ok(()) | Err(AgentError::Backend(BackendError::UnknownVolume(_))) => {}
@@ -200,6 +272,20 @@ impl Reconciler<Volume> for VolumeAgent {
             let u = uid.clone();
             self.blocking(move |b| b.usage(&u)).await?
         };
+        let spec = export_spec(&volume, self.backend.as_ref());
+        let exported = self.exports.exporter.port() != 0 && !spec.clients.is_empty();
+        let rules = describe_rules(&spec.clients);
+        self.exports.set(&name, Some(spec)).await?;
+        let port = self.exports.exporter.port();
+        let endpoint = exported.then(|| cobalt_api::Endpoint {
+            server: self.address.clone(),
+            port,
+            path: format!("/{name}"),
+            mount: format!(
+                "mount -t nfs4 -o port={port} {}:/{name} /mnt/{name}",
+                self.address
+            ),
+        });
         let machine = self.machine.clone();
         self.status(&ctx, &name, |v, s| {
             let generation = v.metadata.generation;
@@ -222,6 +308,36 @@ impl Reconciler<Volume> for VolumeAgent {
                 generation,
                 now,
             );
+            s.endpoint = endpoint.clone();
+            match (&endpoint, port) {
+                (Some(_), _) => set_condition(
+                    &mut s.conditions,
+                    "Exported",
+                    ConditionStatus::True,
+                    "Applied",
+                    &rules,
+                    generation,
+                    now,
+                ),
+                (None, 0) => set_condition(
+                    &mut s.conditions,
+                    "Exported",
+                    ConditionStatus::False,
+                    "NoExporter",
+                    "this machine's agent runs without an NFS exporter",
+                    generation,
+                    now,
+                ),
+                (None, _) => set_condition(
+                    &mut s.conditions,
+                    "Exported",
+                    ConditionStatus::False,
+                    "NoClients",
+                    "no clients are listed in spec.export, so it is exported to nobody",
+                    generation,
+                    now,
+                ),
+            }
             match &resize_blocked {
                 Some(message) => set_condition(
                     &mut s.conditions,

@@ -88,3 +88,32 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Makes this (test) process the reaper of orphaned descendants, so a daemon's own children
+/// (ganesha, started in its own session by the agent) are reaped here after the daemon dies.
+pub fn reap_orphans() {
+    // SAFETY: prctl with an integer flag touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Kills `pid` and waits (bounded) until it is gone; reaps it if it is our child.
+pub fn kill_and_reap(pid: u32) {
+    let p = Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGKILL);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        match nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The nfs-ganesha exporter: runs its own `ganesha.nfsd` (NFSv4 only, on its own port, pid file,
+//! log and recovery directory, so several can run side by side) with one export file per volume
+//! included from a main config, and reloads it with SIGHUP (≈0.2 s) when exports change.
+//!
+//! Ganesha cannot export a BTRFS subvolume under its parent (it would cross a subvolume
+//! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>` and that is
+//! exported, at pseudo path `/<name>`. NFSv4 shows numeric owners (no idmapping) and starts
+//! without a grace period.
+//!
+//! Supervision: [`GaneshaExporter::ensure_running`] restarts a crashed ganesha. The process runs
+//! in its own session, so an agent that is killed leaves it serving; the next agent adopts it
+//! from the pid file — an agent restart causes no export blip. A graceful agent shutdown stops it.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cobalt_api::Access;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{stable_id, write_if_changed, ExportError, ExportSet, ExportSpec, Exporter};
+
+/// How long a (re)started ganesha may take to accept connections.
+const START_DEADLINE: Duration = Duration::from_secs(15);
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+enum Process {
+    Started(Child),
+    Adopted(u32),
+}
+
+pub struct GaneshaExporter {
+    dir: PathBuf,
+    port: u16,
+    process: Mutex<Option<Process>>,
+}
+
+/// One volume's export block (pure).
+pub fn render_export(e: &ExportSpec, mountpoint: &Path) -> String {
+    let mut out = format!(
+        "# {name} (uid {uid}); written by cobalt-agent\nEXPORT {{\n  Export_Id = {id};\n  Path = \"{path}\";\n  Pseudo = \"/{name}\";\n  Protocols = 4;\n  SecType = sys;\n  Access_Type = None;\n  Squash = Root_Squash;\n  FSAL {{ Name = VFS; }}\n",
+        name = e.name,
+        uid = e.uid,
+        id = stable_id(&e.uid),
+        path = mountpoint.display()
+    );
+    for c in &e.clients {
+        out.push_str(&format!(
+            "  CLIENT {{ Clients = {}; Access_Type = {}; Squash = {}; }}\n",
+            c.host,
+            match c.access {
+                Access::Rw => "RW",
+                Access::Ro => "RO",
+            },
+            if c.root_squash {
+                "Root_Squash"
+            } else {
+                "No_Root_Squash"
+            }
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The main config including every export file (pure).
+pub fn render_main(port: u16, recovery: &Path, includes: &[PathBuf]) -> String {
+    let mut out = format!(
+        "# Written by cobalt-agent.\nNFS_CORE_PARAM {{\n  NFS_Port = {port};\n  Protocols = 4;\n  Enable_NLM = false;\n  Enable_RQUOTA = false;\n  Enable_UDP = false;\n}}\nNFSV4 {{\n  Graceless = true;\n  Allow_Numeric_Owners = true;\n  Only_Numeric_Owners = true;\n  RecoveryRoot = \"{}\";\n}}\nNFS_KRB5 {{ Active_krb5 = false; }}\n",
+        recovery.display()
+    );
+    for inc in includes {
+        out.push_str(&format!("%include \"{}\"\n", inc.display()));
+    }
+    out
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ExportError + 'a {
+    move |source| ExportError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+}
+
+fn run(cmd: &mut Command) -> Result<(), ExportError> {
+    let out = cmd.output().map_err(|e| ExportError::Command {
+        command: format!("{cmd:?}"),
+        message: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ExportError::Command {
+            command: format!("{cmd:?}"),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+impl GaneshaExporter {
+    /// Uses `dir` (e.g. `<stateDir>/ganesha`) for config, mounts, pid file, log and recovery.
+    pub fn new(dir: PathBuf, port: u16) -> Self {
+        GaneshaExporter {
+            dir,
+            port,
+            process: Mutex::new(None),
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("ganesha.conf")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("ganesha.pid")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("ganesha.log")
+    }
+    fn exports_d(&self) -> PathBuf {
+        self.dir.join("exports.d")
+    }
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        self.dir.join("exports").join(name)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self.process.lock().ok()?.as_ref()? {
+            Process::Started(c) => Some(c.id()),
+            Process::Adopted(p) => Some(*p),
+        }
+    }
+
+    /// True while our ganesha runs.
+    pub fn running(&self) -> bool {
+        let Ok(mut guard) = self.process.lock() else {
+            return false;
+        };
+        match guard.as_mut() {
+            Some(Process::Started(c)) => matches!(c.try_wait(), Ok(None)),
+            Some(Process::Adopted(pid)) => process_is_ganesha(*pid),
+            None => false,
+        }
+    }
+
+    fn adopt(&self) -> bool {
+        let Some(pid) = std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            return false;
+        };
+        if process_is_ganesha(pid) {
+            if let Ok(mut g) = self.process.lock() {
+                *g = Some(Process::Adopted(pid));
+            }
+            tracing::info!(pid, "adopted the running nfs-ganesha");
+            return true;
+        }
+        false
+    }
+
+    fn start(&self) -> Result<(), ExportError> {
+        let mut cmd = Command::new("ganesha.nfsd");
+        cmd.arg("-F")
+            .arg("-f")
+            .arg(self.config())
+            .arg("-p")
+            .arg(self.pid_file())
+            .arg("-L")
+            .arg(self.log_file())
+            .arg("-N")
+            .arg("NIV_EVENT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Own session: survives an agent crash so exports keep serving (see module docs).
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().map_err(|e| ExportError::Command {
+            command: "ganesha.nfsd".into(),
+            message: format!("{e} (install nfs-ganesha: `make deps`)"),
+        })?;
+        let pid = child.id();
+        if let Ok(mut g) = self.process.lock() {
+            *g = Some(Process::Started(child));
+        }
+        let start = Instant::now();
+        while start.elapsed() < START_DEADLINE {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                tracing::info!(pid, port = self.port, "nfs-ganesha serving");
+                return Ok(());
+            }
+            if !self.running() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        Err(ExportError::Command {
+            command: "ganesha.nfsd".into(),
+            message: format!(
+                "did not start listening on port {}; log: {}",
+                self.port,
+                tail.join(" | ")
+            ),
+        })
+    }
+
+    /// Starts (or adopts) ganesha if it is not running; the supervisor calls this periodically.
+    pub fn ensure_running(&self) -> Result<(), ExportError> {
+        if self.running() || self.adopt() {
+            return Ok(());
+        }
+        if !self.config().exists() {
+            self.apply(&ExportSet::new())?;
+            return Ok(());
+        }
+        tracing::warn!("nfs-ganesha is not running; starting it");
+        self.start()
+    }
+
+    fn reload(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+        }
+    }
+}
+
+fn process_is_ganesha(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().starts_with("ganesha"))
+        .unwrap_or(false)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+impl Exporter for GaneshaExporter {
+    fn apply(&self, set: &ExportSet) -> Result<(), ExportError> {
+        let exports_d = self.exports_d();
+        for d in [
+            &exports_d,
+            &self.dir.join("exports"),
+            &self.dir.join("recovery"),
+        ] {
+            std::fs::create_dir_all(d).map_err(io("create", d))?;
+        }
+        let mut changed = false;
+        let wanted: BTreeSet<&String> = set
+            .values()
+            .filter(|e| !e.clients.is_empty())
+            .map(|e| &e.name)
+            .collect();
+        // Remove exports no longer wanted: file first (after the reload ganesha lets go), then mount.
+        let mut stale_mounts = Vec::new();
+        for entry in std::fs::read_dir(&exports_d)
+            .map_err(io("list", &exports_d))?
+            .flatten()
+        {
+            let path = entry.path();
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !wanted.contains(&name) {
+                std::fs::remove_file(&path).map_err(io("remove", &path))?;
+                stale_mounts.push(self.mountpoint(&name));
+                changed = true;
+            }
+        }
+        let mut includes = Vec::new();
+        for e in set.values().filter(|e| !e.clients.is_empty()) {
+            let mp = self.mountpoint(&e.name);
+            std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
+            if !is_mounted(&mp) {
+                run(Command::new("mount").arg("--bind").arg(&e.source).arg(&mp))?;
+            }
+            let file = exports_d.join(format!("{}.conf", e.name));
+            changed |= write_if_changed(&file, &render_export(e, &mp))?;
+            includes.push(file);
+        }
+        changed |= write_if_changed(
+            &self.config(),
+            &render_main(self.port, &self.dir.join("recovery"), &includes),
+        )?;
+        if self.running() || self.adopt() {
+            if changed {
+                self.reload();
+            }
+        } else {
+            self.start()?;
+        }
+        for mp in stale_mounts {
+            if is_mounted(&mp) {
+                // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
+                run(Command::new("umount").arg("-l").arg(&mp))?;
+            }
+            let _ = std::fs::remove_dir(&mp);
+        }
+        Ok(())
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn supervise(&self) -> Result<(), ExportError> {
+        self.ensure_running()
+    }
+
+    fn stop(&self) {
+        let Some(pid) = self.pid() else { return };
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while self.running() && start.elapsed() < STOP_DEADLINE {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.running() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Ok(mut g) = self.process.lock() {
+            if let Some(Process::Started(c)) = g.as_mut() {
+                let _ = c.wait();
+            }
+            *g = None;
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("exports")) {
+            for e in entries.flatten() {
+                if is_mounted(&e.path()) {
+                    let _ = Command::new("umount").arg("-l").arg(e.path()).status();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cobalt_api::ExportClient;
+
+    #[test]
+    fn an_export_lists_each_client_with_its_access_and_squash_and_denies_the_rest() {
+        let e = ExportSpec {
+            name: "media".into(),
+            uid: "u-1".into(),
+            source: "/pool/volumes/u-1".into(),
+            clients: vec![
+                ExportClient {
+                    host: "10.0.0.0/24".into(),
+                    access: Access::Rw,
+                    root_squash: true,
+                },
+                ExportClient {
+                    host: "10.0.1.7".into(),
+                    access: Access::Ro,
+                    root_squash: false,
+                },
+            ],
+        };
+        let text = render_export(&e, Path::new("/state/ganesha/exports/media"));
+        assert!(text.contains("Pseudo = \"/media\";"));
+        assert!(text.contains("Path = \"/state/ganesha/exports/media\";"));
+        assert!(
+            text.contains("Access_Type = None;"),
+            "unlisted hosts get nothing"
+        );
+        assert!(text
+            .contains("CLIENT { Clients = 10.0.0.0/24; Access_Type = RW; Squash = Root_Squash; }"));
+        assert!(text
+            .contains("CLIENT { Clients = 10.0.1.7; Access_Type = RO; Squash = No_Root_Squash; }"));
+        assert!(text.contains(&format!("Export_Id = {};", stable_id("u-1"))));
+        let main = render_main(12049, Path::new("/r"), &[PathBuf::from("/x/media.conf")]);
+        assert!(
+            main.contains("NFS_Port = 12049;")
+                && main.contains("Graceless = true;")
+                && main.contains("%include \"/x/media.conf\"")
+        );
+    }
+}
