@@ -5,11 +5,13 @@ CARGO ?= cargo
 # Debian packages the tests and the demo use (real etcd, btrfs, nfs-ganesha, libnfs client),
 # and protoc + includes that etcd-client needs at build time.
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
-                   protobuf-compiler libprotobuf-dev iproute2 procps
+                   protobuf-compiler libprotobuf-dev iproute2 procps curl
 
-.PHONY: help deps build test lint schemas bench clean
+.PHONY: help deps build test lint schemas bench demo demo-down clean
 
 help:
+	@echo "make demo     run Cobalt end to end here: etcd, pool, controller, agent, a volume over NFS"
+	@echo "make demo-down  stop the demo and remove everything it made"
 	@echo "make deps     install missing Debian packages (needs root)"
 	@echo "make build    build every crate"
 	@echo "make test     deps, then the whole test suite (real etcd, btrfs, ganesha)"
@@ -45,6 +47,12 @@ schemas:
 
 bench: deps
 	$(CARGO) bench -p cobalt-reconcile -p cobalt-controller
+
+demo: deps
+	bash scripts/demo.sh
+
+demo-down:
+	bash scripts/demo-down.sh
 
 clean:
 	$(CARGO) clean

@@ -25,6 +25,12 @@ struct Node {
     state: tempfile::TempDir,
 }
 
+impl Drop for Node {
+    fn drop(&mut self) {
+        cobalt_testkit::btrfs::unmount_under(self.state.path());
+    }
+}
+
 impl Node {
     fn new() -> Node {
         Node {

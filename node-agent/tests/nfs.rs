@@ -73,6 +73,8 @@ impl Drop for Node {
         if let Some(pid) = self.ganesha_pid() {
             cobalt_testkit::process::kill_and_reap(pid);
         }
+        // A killed agent cannot unmount its exports' bind mounts.
+        cobalt_testkit::btrfs::unmount_under(self.state.path());
     }
 }
 
