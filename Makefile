@@ -5,9 +5,9 @@ CARGO ?= cargo
 # Debian packages the tests and the demo use (real etcd, btrfs, nfs-ganesha, libnfs client),
 # and protoc + includes that etcd-client needs at build time.
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
-                   protobuf-compiler libprotobuf-dev iproute2 procps curl
+                   protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux
 
-.PHONY: help deps build test lint schemas bench demo demo-down clean
+.PHONY: help deps build test e2e lint schemas bench demo demo-down clean
 
 help:
 	@echo "make demo     run Cobalt end to end here: etcd, pool, controller, agent, a volume over NFS"
@@ -15,6 +15,7 @@ help:
 	@echo "make deps     install missing Debian packages (needs root)"
 	@echo "make build    build every crate"
 	@echo "make test     deps, then the whole test suite (real etcd, btrfs, ganesha)"
+	@echo "make e2e      only the system tests (3 machines as network-namespace hosts)"
 	@echo "make lint     rustfmt and clippy, warnings are errors"
 	@echo "make schemas  regenerate schemas/*.json from the Rust types"
 	@echo "make bench    benchmarks against real components (see bench/README.md)"
@@ -34,8 +35,13 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 test: deps
+	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
+
+e2e: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run -p cobalt-e2e --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -20,6 +20,7 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Etcd {
     dir: tempfile::TempDir,
+    host: String,
     client_port: u16,
     peer_port: u16,
     tls: Option<TlsPaths>,
@@ -37,12 +38,17 @@ struct TlsPaths {
 impl Etcd {
     /// Starts etcd over plain HTTP and waits until it is healthy.
     pub fn start() -> Etcd {
-        Self::launch(None)
+        Self::launch(None, "127.0.0.1")
+    }
+
+    /// Starts plain-HTTP etcd listening on `host` (e.g. a test LAN's address).
+    pub fn start_on(host: &str) -> Etcd {
+        Self::launch(None, host)
     }
 
     /// Starts etcd over HTTPS requiring client certificates signed by `certs`' CA.
     pub fn start_tls(certs: &TestCerts) -> Etcd {
-        Self::launch(Some(TlsPaths {
+        Self::launch_tls(Some(TlsPaths {
             ca: certs.path("ca.pem"),
             cert: certs.path("server.pem"),
             key: certs.path("server-key.pem"),
@@ -51,7 +57,11 @@ impl Etcd {
         }))
     }
 
-    fn launch(tls: Option<TlsPaths>) -> Etcd {
+    fn launch_tls(tls: Option<TlsPaths>) -> Etcd {
+        Self::launch(tls, "127.0.0.1")
+    }
+
+    fn launch(tls: Option<TlsPaths>, host: &str) -> Etcd {
         require("etcd");
         require("etcdctl");
         let mut last_log = String::new();
@@ -63,6 +73,7 @@ impl Etcd {
                 .expect("create temp dir");
             let mut etcd = Etcd {
                 dir,
+                host: host.to_string(),
                 client_port: free_port(),
                 peer_port: free_port(),
                 tls: None,
@@ -95,8 +106,9 @@ impl Etcd {
     /// Client URLs, e.g. `["http://127.0.0.1:40123"]`.
     pub fn endpoints(&self) -> Vec<String> {
         vec![format!(
-            "{}://127.0.0.1:{}",
+            "{}://{}:{}",
             self.scheme(),
+            self.host,
             self.client_port
         )]
     }

@@ -10,6 +10,7 @@
 pub mod btrfs;
 pub mod certs;
 pub mod etcd;
+pub mod lan;
 pub mod netns;
 pub mod process;
 pub mod proxy;

@@ -1,0 +1,258 @@
+//! The system-test cluster: one etcd, two controllers, three storage machines each in its own
+//! network namespace with its own address, BTRFS pool and nfs-ganesha, and a client host — all
+//! on one test LAN, driven through `cobaltctl` and checked with the real NFS client. Everything
+//! is torn down on drop, also when a test fails.
+//!
+//! The binaries are the workspace's own (`target/debug/…`); `make e2e` builds them first.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cobalt_store::{EtcdConfig, Store};
+use cobalt_testkit::btrfs::{unmount_under, BtrfsPool};
+use cobalt_testkit::etcd::Etcd;
+use cobalt_testkit::free_port;
+use cobalt_testkit::lan::{Lan, LanHost};
+use cobalt_testkit::process::{kill_and_reap, reap_orphans, Daemon};
+
+/// NFS port every machine's ganesha listens on (each in its own namespace).
+pub const NFS_PORT: u16 = 2049;
+/// Liveness and election lease of the cluster's daemons.
+pub const TTL: Duration = Duration::from_secs(3);
+
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, or `make e2e`)",
+        path.display()
+    );
+    path
+}
+
+pub struct Machine {
+    pub name: String,
+    pub host: LanHost,
+    pub pool: BtrfsPool,
+    pub state: tempfile::TempDir,
+    labels: String,
+    agent: Option<Daemon>,
+}
+
+impl Machine {
+    pub fn start_agent(&mut self, etcd: &str) {
+        let mut cmd = Command::new("nsenter");
+        // Only the network namespace: mounts stay in the test's mount namespace, shared by the
+        // agent, its ganesha and the test's cleanup.
+        cmd.arg(format!("--net=/run/netns/{}", self.host.ns))
+            .arg(binary("cobalt-agent"))
+            .args([
+                "--etcd-endpoints",
+                etcd,
+                "--machine",
+                &self.name,
+                "--labels",
+                &self.labels,
+            ])
+            .args([
+                "--address",
+                &self.host.addr.to_string(),
+                "--exporter",
+                "ganesha",
+            ])
+            .arg("--export-port")
+            .arg(NFS_PORT.to_string())
+            .arg("--lease-ttl")
+            .arg(format!("{}s", TTL.as_secs()))
+            .arg("--pool")
+            .arg(self.pool.path())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--listen")
+            .arg(format!("{}:7421", self.host.addr));
+        self.agent = Some(Daemon::spawn(&mut cmd, &format!("agent-{}", self.name)));
+    }
+
+    /// SIGKILL, like a crash (its ganesha keeps serving, by design).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    pub fn ganesha_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.state.path().join("ganesha/ganesha.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// uids of the volumes on this machine's pool.
+    pub fn volumes_on_disk(&self) -> Vec<String> {
+        use cobalt_agent::backend::Backend;
+        cobalt_agent::backend::btrfs::BtrfsBackend::open(self.pool.path())
+            .unwrap()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.uid)
+            .collect()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if let Some(pid) = self.ganesha_pid() {
+            kill_and_reap(pid);
+        }
+        unmount_under(self.state.path());
+    }
+}
+
+pub struct Cluster {
+    pub machines: Vec<Machine>,
+    pub client: LanHost,
+    pub controllers: Vec<(Daemon, u16)>,
+    pub store: Store,
+    pub etcd: Etcd,
+    pub lan: Lan,
+}
+
+impl Cluster {
+    /// etcd, two controllers (`placement`), three machines m1 (disk=ssd), m2 (disk=ssd),
+    /// m3 (disk=hdd), and a client host.
+    pub async fn start(placement: &str) -> Cluster {
+        cobalt_testkit::require("nsenter");
+        cobalt_testkit::require("ganesha.nfsd");
+        reap_orphans();
+        let lan = Lan::new();
+        let etcd = Etcd::start_on(&lan.gateway().to_string());
+        let endpoint = etcd.endpoints()[0].clone();
+        let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
+            .await
+            .unwrap();
+        let mut machines = Vec::new();
+        for (i, labels) in ["disk=ssd,zone=a", "disk=ssd,zone=b", "disk=hdd,zone=a"]
+            .iter()
+            .enumerate()
+        {
+            let mut m = Machine {
+                name: format!("m{}", i + 1),
+                host: lan.host(11 + i as u8),
+                pool: BtrfsPool::new(1024),
+                state: tempfile::tempdir().unwrap(),
+                labels: labels.to_string(),
+                agent: None,
+            };
+            m.start_agent(&endpoint);
+            machines.push(m);
+        }
+        let client = lan.host(100);
+        let mut cluster = Cluster {
+            machines,
+            client,
+            controllers: Vec::new(),
+            store,
+            etcd,
+            lan,
+        };
+        for i in 0..2 {
+            cluster.start_controller(i, placement);
+        }
+        cluster
+    }
+
+    pub fn start_controller(&mut self, i: usize, placement: &str) {
+        let port = free_port();
+        let mut cmd = Command::new(binary("cobalt-controller"));
+        cmd.args([
+            "--etcd-endpoints",
+            &self.etcd.endpoints()[0],
+            "--placement",
+            placement,
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--lease-ttl")
+        .arg(format!("{}s", TTL.as_secs()))
+        .arg("--name")
+        .arg(format!("controller-{i}"));
+        let d = Daemon::spawn(&mut cmd, &format!("controller-{i}"));
+        if i < self.controllers.len() {
+            self.controllers[i] = (d, port);
+        } else {
+            self.controllers.push((d, port));
+        }
+    }
+
+    /// The API of a running controller.
+    pub fn api(&mut self) -> String {
+        let port = self
+            .controllers
+            .iter_mut()
+            .find_map(|(d, p)| d.running().then_some(*p))
+            .expect("a running controller");
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Runs cobaltctl against a running controller.
+    pub async fn ctl(&mut self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(binary("cobaltctl"));
+        cmd.env("COBALT_SERVER", self.api())
+            .env("COBALT_CONFIG", "/nonexistent")
+            .args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub fn machine(&mut self, name: &str) -> &mut Machine {
+        self.machines
+            .iter_mut()
+            .find(|m| m.name == name)
+            .expect("machine")
+    }
+
+    /// `nfs-cat` from the client host; Ok(content) or Err(stderr).
+    pub fn nfs_cat(&self, server: &str, path: &str) -> Result<String, String> {
+        let url = format!("nfs://{server}/{path}?version=4&nfsport={NFS_PORT}");
+        let o = self.client.run("nfs-cat", &[&url]);
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// `nfs-cp` of `content` from the client host to `server:/path`.
+    pub fn nfs_put(&self, server: &str, path: &str, content: &str) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("upload");
+        std::fs::write(&local, content).unwrap();
+        let url = format!("nfs://{server}/{path}?version=4&nfsport={NFS_PORT}");
+        let o = self
+            .client
+            .run("nfs-cp", &[&local.display().to_string(), &url]);
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+}
+
+pub fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
