@@ -86,6 +86,10 @@ impl Machine {
         }
     }
 
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|a| a.running())
+    }
+
     pub fn ganesha_pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.state.path().join("ganesha/ganesha.pid"))
             .ok()?
@@ -130,11 +134,24 @@ impl Cluster {
     /// etcd, two controllers (`placement`), three machines m1 (disk=ssd), m2 (disk=ssd),
     /// m3 (disk=hdd), and a client host.
     pub async fn start(placement: &str) -> Cluster {
+        Self::launch(placement, false).await
+    }
+
+    /// Like [`Cluster::start`] but etcd is down while the daemons start
+    /// (`etcd.start_again()` brings it up).
+    pub async fn start_with_etcd_down(placement: &str) -> Cluster {
+        Self::launch(placement, true).await
+    }
+
+    async fn launch(placement: &str, etcd_down: bool) -> Cluster {
         cobalt_testkit::require("nsenter");
         cobalt_testkit::require("ganesha.nfsd");
         reap_orphans();
         let lan = Lan::new();
-        let etcd = Etcd::start_on(&lan.gateway().to_string());
+        let mut etcd = Etcd::start_on(&lan.gateway().to_string());
+        if etcd_down {
+            etcd.stop();
+        }
         let endpoint = etcd.endpoints()[0].clone();
         let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
             .await
