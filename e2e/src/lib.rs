@@ -156,6 +156,8 @@ impl Cluster {
         let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
             .await
             .unwrap();
+        // Every host joins the LAN before any daemon starts.
+        let client = lan.host(100);
         let mut machines = Vec::new();
         for (i, labels) in ["disk=ssd,zone=a", "disk=ssd,zone=b", "disk=hdd,zone=a"]
             .iter()
@@ -169,10 +171,11 @@ impl Cluster {
                 labels: labels.to_string(),
                 agent: None,
             };
-            m.start_agent(&endpoint);
             machines.push(m);
         }
-        let client = lan.host(100);
+        for m in machines.iter_mut() {
+            m.start_agent(&endpoint);
+        }
         let mut cluster = Cluster {
             machines,
             client,

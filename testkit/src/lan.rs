@@ -46,7 +46,16 @@ impl Lan {
             .expect("a free test subnet");
         let tag = format!("{}", pid % 100_000);
         let bridge = format!("cb{tag}");
-        must(&["link", "add", &bridge, "type", "bridge"]);
+        // A fixed MAC: a bridge otherwise takes the lowest MAC of its ports, so attaching a
+        // host can change the gateway's MAC under hosts that already cached it in ARP, which
+        // then time out for ~30 s.
+        let mac = format!(
+            "02:cb:{:02x}:{:02x}:{:02x}:01",
+            (pid >> 16) & 0xff,
+            (pid >> 8) & 0xff,
+            pid & 0xff
+        );
+        must(&["link", "add", &bridge, "address", &mac, "type", "bridge"]);
         must(&[
             "addr",
             "add",
