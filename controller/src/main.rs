@@ -47,7 +47,9 @@ async fn main() -> anyhow::Result<()> {
     let scheduler_metrics = SchedulerMetrics::new(&mut registry);
     let reconcile_metrics = cobalt_reconcile::Metrics::new(&mut registry);
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(cobalt_reconcile::shutdown::cancel_on_signal(
+        shutdown.clone(),
+    ));
     let state = AppState {
         store: store.clone(),
         tokens,
@@ -107,20 +109,4 @@ async fn main() -> anyhow::Result<()> {
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, scheduler).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -163,7 +163,7 @@ impl Cluster {
             .iter()
             .enumerate()
         {
-            let mut m = Machine {
+            let m = Machine {
                 name: format!("m{}", i + 1),
                 host: lan.host(11 + i as u8),
                 pool: BtrfsPool::new(1024),

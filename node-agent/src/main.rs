@@ -45,7 +45,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("etcd configuration")?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(cobalt_reconcile::shutdown::cancel_on_signal(
+        shutdown.clone(),
+    ));
 
     let mut registry = prometheus_client::registry::Registry::default();
     let reconcile_metrics = cobalt_reconcile::Metrics::new(&mut registry);
@@ -183,20 +185,4 @@ async fn main() -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || exporter.stop()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -36,6 +36,7 @@ pub mod controller;
 pub mod metrics;
 pub mod queue;
 pub mod reflector;
+pub mod shutdown;
 
 pub use backoff::Backoff;
 pub use cache::{Cache, Change};

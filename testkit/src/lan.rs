@@ -5,23 +5,7 @@
 use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 
-use crate::require;
-
-fn ip(args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"))
-}
-
-fn must(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::{ip, ip_must, require};
 
 pub struct Lan {
     bridge: String,
@@ -55,15 +39,15 @@ impl Lan {
             (pid >> 8) & 0xff,
             pid & 0xff
         );
-        must(&["link", "add", &bridge, "address", &mac, "type", "bridge"]);
-        must(&[
+        ip_must(&["link", "add", &bridge, "address", &mac, "type", "bridge"]);
+        ip_must(&[
             "addr",
             "add",
             &format!("10.214.{subnet}.1/24"),
             "dev",
             &bridge,
         ]);
-        must(&["link", "set", &bridge, "up"]);
+        ip_must(&["link", "set", &bridge, "up"]);
         Lan {
             bridge,
             subnet,
@@ -81,19 +65,19 @@ impl Lan {
         let ns = format!("cobalt-{}-{id}", self.tag);
         let (host_if, peer) = (format!("lh{}{id}", self.tag), format!("lp{}{id}", self.tag));
         let addr = Ipv4Addr::new(10, 214, self.subnet, id);
-        must(&["netns", "add", &ns]);
+        ip_must(&["netns", "add", &ns]);
         let h = LanHost {
             ns: ns.clone(),
             host_if: host_if.clone(),
             addr,
         };
-        must(&[
+        ip_must(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
         ]);
-        must(&["link", "set", &peer, "netns", &ns]);
-        must(&["link", "set", &host_if, "master", &self.bridge]);
-        must(&["link", "set", &host_if, "up"]);
-        must(&[
+        ip_must(&["link", "set", &peer, "netns", &ns]);
+        ip_must(&["link", "set", &host_if, "master", &self.bridge]);
+        ip_must(&["link", "set", &host_if, "up"]);
+        ip_must(&[
             "-n",
             &ns,
             "addr",
@@ -102,8 +86,8 @@ impl Lan {
             "dev",
             &peer,
         ]);
-        must(&["-n", &ns, "link", "set", &peer, "up"]);
-        must(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip_must(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip_must(&["-n", &ns, "link", "set", "lo", "up"]);
         h
     }
 }
@@ -139,7 +123,7 @@ impl LanHost {
 
     /// Pulls (`false`) or plugs back (`true`) the host's cable.
     pub fn link(&self, up: bool) {
-        must(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+        ip_must(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
     }
 }
 

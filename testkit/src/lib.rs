@@ -37,3 +37,21 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("binding 127.0.0.1:0 must work on any test machine")
 }
+
+/// Runs `ip ARGS…` (iproute2).
+pub(crate) fn ip(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"))
+}
+
+/// Runs `ip ARGS…` and panics with its stderr if it fails.
+pub(crate) fn ip_must(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::require;
+use crate::{ip, ip_must, require};
 
 pub struct ClientHost {
     ns: String,
@@ -18,22 +18,6 @@ pub struct ClientHost {
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"))
-}
-
-fn must(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 impl ClientHost {
     pub fn new() -> ClientHost {
@@ -50,20 +34,20 @@ impl ClientHost {
         let (host_if, client_if) = (format!("vh{tag}"), format!("vc{tag}"));
         let gateway = Ipv4Addr::new(10, 213, n as u8, 1);
         let addr = Ipv4Addr::new(10, 213, n as u8, 2);
-        must(&["netns", "add", &ns]);
+        ip_must(&["netns", "add", &ns]);
         let host = ClientHost {
             ns: ns.clone(),
             host_if: host_if.clone(),
             addr,
             gateway,
         };
-        must(&[
+        ip_must(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &client_if,
         ]);
-        must(&["link", "set", &client_if, "netns", &ns]);
-        must(&["addr", "add", &format!("{gateway}/24"), "dev", &host_if]);
-        must(&["link", "set", &host_if, "up"]);
-        must(&[
+        ip_must(&["link", "set", &client_if, "netns", &ns]);
+        ip_must(&["addr", "add", &format!("{gateway}/24"), "dev", &host_if]);
+        ip_must(&["link", "set", &host_if, "up"]);
+        ip_must(&[
             "-n",
             &ns,
             "addr",
@@ -72,8 +56,8 @@ impl ClientHost {
             "dev",
             &client_if,
         ]);
-        must(&["-n", &ns, "link", "set", &client_if, "up"]);
-        must(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip_must(&["-n", &ns, "link", "set", &client_if, "up"]);
+        ip_must(&["-n", &ns, "link", "set", "lo", "up"]);
         host
     }
 
@@ -88,7 +72,7 @@ impl ClientHost {
 
     /// Cuts (`false`) or restores (`true`) the link, like pulling the cable.
     pub fn link(&self, up: bool) {
-        must(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+        ip_must(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
     }
 }
 
