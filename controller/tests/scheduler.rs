@@ -280,8 +280,15 @@ async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_t
     )
     .await;
     assert_eq!(m, "ssd-1");
-    let placed: Volume = store.get("fast").await.unwrap().unwrap();
-    assert_eq!(placed.status.unwrap().phase, VolumePhase::Scheduled);
+    // The binding and the Scheduled status are two writes: wait for the second.
+    let c = until("the Scheduled phase", Duration::from_secs(10), || async {
+        let v: Volume = store.get("fast").await.ok()??;
+        let s = v.status?;
+        (s.phase == VolumePhase::Scheduled)
+            .then(|| find_condition(&s.conditions, "Scheduled").cloned())?
+    })
+    .await;
+    assert_eq!((c.reason.as_str(), c.is_true()), ("Bound", true));
 }
 
 #[tokio::test]
