@@ -109,20 +109,17 @@ async fn write_status(
         Ok::<_, crate::backend::BackendError>((b.capacity()?, b.list()?))
     })
     .await??;
-    let bound: Vec<Arc<Volume>> = volumes
-        .list()
-        .into_iter()
+    let all = volumes.list();
+    let bound: Vec<&Arc<Volume>> = all
+        .iter()
         .filter(|v| v.spec.machine.as_deref() == Some(name))
         .collect();
     let reserved: u64 = bound.iter().map(|v| v.spec.reserved_bytes()).sum();
-    let uids: std::collections::HashSet<String> = volumes
-        .list()
-        .iter()
-        .map(|v| v.metadata.uid.clone())
-        .collect();
+    let uids: std::collections::HashSet<&str> =
+        all.iter().map(|v| v.metadata.uid.as_str()).collect();
     let orphans: Vec<String> = on_disk
         .iter()
-        .filter(|r| !uids.contains(&r.uid))
+        .filter(|r| !uids.contains(r.uid.as_str()))
         .map(|r| format!("{} ({})", r.name, r.uid))
         .collect();
     crate::metrics::orphans(orphans.len());

@@ -68,6 +68,15 @@ macro_rules! by_kind {
     };
 }
 
+/// 404 for `name` of kind `R`.
+fn not_found<R: ApiKind>(name: &str) -> ApiError {
+    cobalt_store::Error::NotFound {
+        kind: R::KIND,
+        name: name.into(),
+    }
+    .into()
+}
+
 /// Runs the etcd part of a request under the API deadline.
 pub(crate) async fn bounded<T>(
     state: &AppState,
@@ -157,12 +166,9 @@ pub async fn get(
 }
 
 async fn get_kind<R: ApiKind>(s: AppState, name: &str) -> Result<Response, ApiError> {
-    let object = bounded(&s, s.store.get::<R>(name)).await?.ok_or_else(|| {
-        ApiError::from(cobalt_store::Error::NotFound {
-            kind: R::KIND,
-            name: name.into(),
-        })
-    })?;
+    let object = bounded(&s, s.store.get::<R>(name))
+        .await?
+        .ok_or_else(|| not_found::<R>(name))?;
     Ok(Json(object).into_response())
 }
 
@@ -202,12 +208,7 @@ async fn replace_kind<R: ApiKind>(
     if dry_run {
         let current = bounded(&s, s.store.get_stored::<R>(name))
             .await?
-            .ok_or_else(|| {
-                ApiError::from(cobalt_store::Error::NotFound {
-                    kind: R::KIND,
-                    name: name.into(),
-                })
-            })?;
+            .ok_or_else(|| not_found::<R>(name))?;
         if current.object_mod_revision.to_string() != object.meta().resource_version {
             return Err(cobalt_store::Error::Conflict {
                 kind: R::KIND,
@@ -232,12 +233,9 @@ pub async fn delete(
 
 async fn delete_kind<R: ApiKind>(s: AppState, name: &str, p: Params) -> Result<Response, ApiError> {
     if p.dry_run()? {
-        let object = bounded(&s, s.store.get::<R>(name)).await?.ok_or_else(|| {
-            ApiError::from(cobalt_store::Error::NotFound {
-                kind: R::KIND,
-                name: name.into(),
-            })
-        })?;
+        let object = bounded(&s, s.store.get::<R>(name))
+            .await?
+            .ok_or_else(|| not_found::<R>(name))?;
         return Ok(Json(object).into_response());
     }
     match bounded(&s, s.store.delete::<R>(name, p.resource_version.as_deref())).await? {
