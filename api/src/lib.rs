@@ -35,5 +35,5 @@ pub use quantity::{Quantity, QuantityError};
 pub use validate::{FieldError, ValidationErrors};
 pub use volume::{
     Access, Compression, Endpoint, Export, ExportClient, Placement, Usage, Volume, VolumePhase,
-    VolumeSource, VolumeSpec, VolumeStatus,
+    VolumeSource, VolumeSpec, VolumeStatus, AGENT_FINALIZER,
 };

@@ -14,6 +14,10 @@ use crate::condition::Condition;
 use crate::meta::{resource, ObjectMeta, API_VERSION};
 use crate::quantity::Quantity;
 
+/// The finalizer that keeps a bound Volume until its machine's agent has destroyed the data.
+/// The scheduler adds it in the same write that binds the volume; the agent removes it.
+pub const AGENT_FINALIZER: &str = "cobalt.io/agent";
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(

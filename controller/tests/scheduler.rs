@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use cobalt_api::{
     find_condition, Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, Volume,
-    VolumePhase, VolumeSpec, VolumeStatus,
+    VolumePhase, VolumeSpec, VolumeStatus, AGENT_FINALIZER,
 };
 use cobalt_controller::config::PlacementStrategy;
 use cobalt_controller::scheduler::{self, SchedulerConfig, SchedulerMetrics};
@@ -280,14 +280,13 @@ async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_t
     )
     .await;
     assert_eq!(m, "ssd-1");
-    // The binding and the Scheduled status are two writes: wait for the second.
-    let c = until("the Scheduled phase", Duration::from_secs(10), || async {
-        let v: Volume = store.get("fast").await.ok()??;
-        let s = v.status?;
-        (s.phase == VolumePhase::Scheduled)
-            .then(|| find_condition(&s.conditions, "Scheduled").cloned())?
-    })
-    .await;
+    // One write binds, holds the agent's finalizer and says Scheduled: whoever sees the binding
+    // sees the rest with it.
+    let v: Volume = store.get("fast").await.unwrap().unwrap();
+    assert!(v.metadata.finalizers.iter().any(|f| f == AGENT_FINALIZER));
+    let s = v.status.unwrap();
+    assert_eq!(s.phase, VolumePhase::Scheduled);
+    let c = find_condition(&s.conditions, "Scheduled").unwrap();
     assert_eq!((c.reason.as_str(), c.is_true()), ("Bound", true));
 }
 
@@ -311,6 +310,23 @@ async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_pr
             && bound_to(&store, "unprovisioned").await.as_deref() == Some("m1"))
         .then_some(())
     })
+    .await;
+    // A volume the user pinned to m1, which m1's agent never got to.
+    let mut pinned = volume("pinned", 100 * MIB);
+    pinned.spec.machine = Some("m1".into());
+    store.create(&pinned).await.unwrap();
+    until(
+        "the pinned volume held for its agent",
+        Duration::from_secs(10),
+        || async {
+            let v: Volume = store.get("pinned").await.ok()??;
+            v.metadata
+                .finalizers
+                .iter()
+                .any(|f| f == AGENT_FINALIZER)
+                .then_some(())
+        },
+    )
     .await;
     // The agent provisioned one of them.
     store
@@ -368,6 +384,20 @@ async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_pr
         Some("m1"),
         "a provisioned volume is never moved away from its data"
     );
+    // Deleting the never-provisioned pinned volume does not wait for the dead agent.
+    store.delete::<Volume>("pinned", None).await.unwrap();
+    until(
+        "the pinned volume gone",
+        Duration::from_secs(10),
+        || async {
+            store
+                .get::<Volume>("pinned")
+                .await
+                .ok()
+                .and_then(|v| v.is_none().then_some(()))
+        },
+    )
+    .await;
 
     // The agent comes back: the machine is Ready again.
     let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();

@@ -10,6 +10,7 @@
 //! exporter: {kind: ganesha, port: 2049}   # ganesha | kernel | none
 //! listen: 127.0.0.1:7421          # health and metrics
 //! leaseTTL: 10s
+//! usageRefresh: 30s               # how often volume usage is re-read and reported
 //! ```
 
 use std::collections::BTreeMap;
@@ -82,6 +83,16 @@ pub struct AgentConfig {
         with = "cobalt_api::duration::serde_duration"
     )]
     pub lease_ttl: Duration,
+    /// How often volume usage is read (one pass over the pool) and changed figures reported.
+    #[serde(
+        default = "usage_refresh",
+        with = "cobalt_api::duration::serde_duration"
+    )]
+    pub usage_refresh: Duration,
+}
+
+fn usage_refresh() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn state_dir() -> PathBuf {
@@ -134,6 +145,9 @@ pub struct Flags {
     /// Liveness lease, e.g. 10s.
     #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
     pub lease_ttl: Option<Duration>,
+    /// How often volume usage is refreshed, e.g. 30s.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub usage_refresh: Option<Duration>,
 }
 
 #[derive(Parser)]
@@ -201,6 +215,7 @@ impl AgentConfig {
                 exporter: ExporterConfig::default(),
                 listen: listen(),
                 lease_ttl: lease_ttl(),
+                usage_refresh: usage_refresh(),
             },
         };
         if let Some(e) = &flags.etcd_endpoints {
@@ -240,6 +255,9 @@ impl AgentConfig {
         }
         if let Some(t) = flags.lease_ttl {
             c.lease_ttl = t;
+        }
+        if let Some(t) = flags.usage_refresh {
+            c.usage_refresh = t;
         }
         if c.machine.is_empty() {
             c.machine = std::fs::read_to_string("/proc/sys/kernel/hostname")

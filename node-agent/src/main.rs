@@ -139,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }));
+    tasks.push(tokio::spawn(cobalt_agent::volumes::report_usage(
+        store.clone(),
+        name.clone(),
+        backend.clone(),
+        volumes.clone(),
+        config.usage_refresh,
+        shutdown.clone(),
+    )));
     let agent = VolumeAgent {
         machine: name.clone(),
         address: config.address.clone(),

@@ -8,7 +8,8 @@
 //! - resizes (grow; shrink only above what is used, else condition ResizeBlocked with the
 //!   numbers), sets compression, defragments when the `cobalt.io/defragment` token changes;
 //! - writes status: phase, `status.machine`, usage, conditions Provisioned/Ready,
-//!   observedGeneration — only when something changed, and refreshes usage periodically.
+//!   observedGeneration — only when something changed. Usage is refreshed for all volumes at once
+//!   by [`report_usage`], not per volume.
 //!
 //! On delete it confirms with a fresh read that the Volume is still being deleted and still the
 //! same uid, destroys the data, then removes the finalizer. Data with no Volume object is never
@@ -25,10 +26,8 @@ use cobalt_store::Store;
 use crate::backend::{Backend, BackendError, VolumeRecord};
 use crate::exporter::{describe_rules, ExportError, ExportSet, ExportSpec, Exporter};
 
-pub const FINALIZER: &str = "cobalt.io/agent";
+pub const FINALIZER: &str = cobalt_api::AGENT_FINALIZER;
 pub const DEFRAGMENT_ANNOTATION: &str = "cobalt.io/defragment";
-/// How often usage figures are refreshed for a converged volume.
-pub const USAGE_REFRESH: Duration = Duration::from_secs(30);
 
 pub struct VolumeAgent {
     pub machine: String,
@@ -40,51 +39,86 @@ pub struct VolumeAgent {
 }
 
 /// The machine's desired export set and the exporter that makes it real.
+///
+/// Changes are group-committed: each caller records its change, then waits its turn to apply;
+/// whoever applies takes every change recorded so far, and callers whose change was already
+/// applied by someone else return at once. A burst of N volumes therefore reloads the NFS
+/// server a handful of times, not N times, and an unchanged export applies nothing.
 pub struct Exports {
     pub exporter: Arc<dyn Exporter>,
-    pub desired: std::sync::Mutex<ExportSet>,
+    desired: std::sync::Mutex<Desired>,
+    /// The generation of `desired` last applied successfully.
+    applied: tokio::sync::Mutex<u64>,
+}
+
+#[derive(Default)]
+struct Desired {
+    set: ExportSet,
+    /// Bumped on every change to `set`.
+    generation: u64,
 }
 
 impl Exports {
     pub fn new(exporter: Arc<dyn Exporter>) -> Self {
         Exports {
             exporter,
-            desired: std::sync::Mutex::new(ExportSet::new()),
+            desired: std::sync::Mutex::new(Desired::default()),
+            applied: tokio::sync::Mutex::new(0),
         }
     }
 
-    /// Sets (or with `None` removes) one volume's export and applies the whole set.
+    fn record(&self, change: impl FnOnce(&mut ExportSet) -> bool) -> u64 {
+        let mut d = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+        if change(&mut d.set) {
+            d.generation += 1;
+        }
+        d.generation
+    }
+
+    /// Sets (or with `None` removes) one volume's export; returns once it is applied.
     pub async fn set(
         self: &Arc<Self>,
         name: &str,
         spec: Option<ExportSpec>,
     ) -> Result<(), AgentError> {
-        let this = self.clone();
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut desired = this.desired.lock().unwrap_or_else(|p| p.into_inner());
-            match spec {
-                Some(s) => desired.insert(name, s),
-                None => desired.remove(&name),
-            };
-            this.exporter.apply(&desired)
-        })
-        .await
-        .map_err(|e| AgentError::Join(e.to_string()))?
-        .map_err(AgentError::Export)
+        let wanted = self.record(|set| match spec {
+            Some(s) if set.get(name) != Some(&s) => {
+                set.insert(name.to_string(), s);
+                true
+            }
+            None => set.remove(name).is_some(),
+            Some(_) => false,
+        });
+        self.apply_up_to(wanted).await
     }
 
     /// Replaces the whole set at once (start-up), so exports of volumes not yet reconciled stay.
     pub async fn replace_all(self: &Arc<Self>, set: ExportSet) -> Result<(), AgentError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut desired = this.desired.lock().unwrap_or_else(|p| p.into_inner());
-            *desired = set;
-            this.exporter.apply(&desired)
-        })
-        .await
-        .map_err(|e| AgentError::Join(e.to_string()))?
-        .map_err(AgentError::Export)
+        let wanted = self.record(|current| {
+            *current = set;
+            true
+        });
+        self.apply_up_to(wanted).await
+    }
+
+    /// Returns once generation `wanted` (or a later one) has been applied.
+    async fn apply_up_to(self: &Arc<Self>, wanted: u64) -> Result<(), AgentError> {
+        let mut applied = self.applied.lock().await;
+        if *applied >= wanted {
+            return Ok(());
+        }
+        let (set, generation) = {
+            let d = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+            (d.set.clone(), d.generation)
+        };
+        let exporter = self.exporter.clone();
+        tokio::task::spawn_blocking(move || exporter.apply(&set))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?
+            .map_err(AgentError::Export)?;
+        *applied = generation;
+        crate::metrics::export_applied();
+        Ok(())
     }
 }
 
@@ -209,9 +243,9 @@ impl Reconciler<Volume> for VolumeAgent {
         };
         let mut resize_blocked = None;
         match existing {
+            // No intermediate "Provisioning" status write: creating a subvolume takes
+            // milliseconds, so it would double the etcd writes for a state nobody sees.
             None => {
-                self.status(&ctx, &name, |_, s| s.phase = VolumePhase::Provisioning)
-                    .await?;
                 match &volume.spec.source {
                     Some(source) => {
                         let src = ctx
@@ -268,10 +302,6 @@ impl Reconciler<Volume> for VolumeAgent {
             let u = uid.clone();
             self.blocking(move |b| b.defragment(&u)).await?;
         }
-        let usage = {
-            let u = uid.clone();
-            self.blocking(move |b| b.usage(&u)).await?
-        };
         let spec = export_spec(&volume, self.backend.as_ref());
         let exported = self.exports.exporter.port() != 0 && !spec.clients.is_empty();
         let rules = describe_rules(&spec.clients);
@@ -291,9 +321,12 @@ impl Reconciler<Volume> for VolumeAgent {
             let generation = v.metadata.generation;
             let now = Utc::now();
             s.machine = Some(machine.clone());
+            // Used bytes come from the periodic pool-wide refresh ([`report_usage`]); a new
+            // volume starts at what was last reported, or 0.
+            let used_bytes = s.usage.as_ref().map(|u| u.used_bytes).unwrap_or(0);
             s.usage = Some(Usage {
-                used_bytes: usage.used_bytes,
-                limit_bytes: usage.limit_bytes,
+                used_bytes,
+                limit_bytes: size,
                 updated: None,
             });
             if token.is_some() {
@@ -363,6 +396,199 @@ impl Reconciler<Volume> for VolumeAgent {
             s.observed_generation = generation;
         })
         .await?;
-        Ok(Action::RequeueAfter(USAGE_REFRESH))
+        Ok(Action::Done)
+    }
+}
+
+/// Every `period`, reads the usage of every volume on this machine in one backend pass and
+/// writes `status.usage` of those whose figures changed — nothing when nothing changed, so an
+/// idle machine causes no etcd writes.
+pub async fn report_usage(
+    store: Store,
+    machine: String,
+    backend: Arc<dyn Backend>,
+    volumes: cobalt_reconcile::Cache<Volume>,
+    period: Duration,
+    shutdown: cobalt_reconcile::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let b = backend.clone();
+        let usage = match tokio::task::spawn_blocking(move || b.usage_all()).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading volume usage failed; retrying next period");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "usage task failed");
+                continue;
+            }
+        };
+        for v in volumes.list() {
+            let here = v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&machine);
+            let Some(now) = usage.get(&v.metadata.uid) else {
+                continue;
+            };
+            let reported = v.status.as_ref().and_then(|s| s.usage.as_ref());
+            if !here
+                || v.metadata.is_deleting()
+                || reported.is_some_and(|u| u.used_bytes == now.used_bytes)
+            {
+                continue;
+            }
+            let used_bytes = now.used_bytes;
+            let result = store
+                .update_status::<Volume, _>(&v.metadata.name, |live| {
+                    let mut s = live.status.clone()?;
+                    if live.metadata.uid != v.metadata.uid || s.machine.as_deref() != Some(&machine)
+                    {
+                        return None;
+                    }
+                    let usage = s.usage.get_or_insert(Usage {
+                        used_bytes: 0,
+                        limit_bytes: live.spec.size.round_up_mib().bytes(),
+                        updated: None,
+                    });
+                    usage.used_bytes = used_bytes;
+                    Some(s)
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(volume = %v.metadata.name, error = %e, "usage not written");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Condvar, Mutex};
+
+    use super::*;
+    use crate::exporter::ExportError;
+
+    /// Records each applied set; the first apply blocks until the test opens the gate, and
+    /// applies fail while `failing` is set.
+    #[derive(Default)]
+    struct Recording {
+        applied: Mutex<Vec<ExportSet>>,
+        started: AtomicBool,
+        gate: (Mutex<bool>, Condvar),
+        failing: AtomicBool,
+    }
+
+    impl Exporter for Recording {
+        fn apply(&self, set: &ExportSet) -> Result<(), ExportError> {
+            self.started.store(true, Ordering::SeqCst);
+            let (open, cv) = &self.gate;
+            let mut g = open.lock().unwrap();
+            while !*g {
+                g = cv.wait(g).unwrap();
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(ExportError::Command {
+                    command: "reload".into(),
+                    message: "refused".into(),
+                });
+            }
+            self.applied.lock().unwrap().push(set.clone());
+            Ok(())
+        }
+        fn port(&self) -> u16 {
+            2049
+        }
+    }
+
+    impl Recording {
+        fn open(&self) {
+            *self.gate.0.lock().unwrap() = true;
+            self.gate.1.notify_all();
+        }
+        fn applies(&self) -> usize {
+            self.applied.lock().unwrap().len()
+        }
+    }
+
+    fn spec(name: &str) -> ExportSpec {
+        ExportSpec {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            source: format!("/pool/{name}").into(),
+            clients: vec![],
+        }
+    }
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_export_changes_is_applied_in_two_reloads_and_unchanged_ones_in_none() {
+        let rec = Arc::new(Recording::default());
+        let exports = Arc::new(Exports::new(rec.clone()));
+        // The first change starts applying and is held there...
+        let first = tokio::spawn({
+            let e = exports.clone();
+            async move { e.set("v0", Some(spec("v0"))).await }
+        });
+        eventually("the first apply to start", || {
+            rec.started.load(Ordering::SeqCst)
+        })
+        .await;
+        // ...while 49 more arrive.
+        let rest: Vec<_> = (1..50)
+            .map(|i| {
+                let e = exports.clone();
+                tokio::spawn(
+                    async move { e.set(&format!("v{i}"), Some(spec(&format!("v{i}")))).await },
+                )
+            })
+            .collect();
+        eventually("all changes recorded", || {
+            exports.desired.lock().unwrap().generation == 50
+        })
+        .await;
+        rec.open();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            rec.applies(),
+            2,
+            "one apply for the first, one for the other 49"
+        );
+        assert_eq!(rec.applied.lock().unwrap()[1].len(), 50);
+
+        // Setting what is already applied reloads nothing; a removal does.
+        exports.set("v7", Some(spec("v7"))).await.unwrap();
+        assert_eq!(rec.applies(), 2);
+        exports.set("v7", None).await.unwrap();
+        exports.set("v7", None).await.unwrap();
+        assert_eq!(rec.applies(), 3);
+        assert!(!rec.applied.lock().unwrap()[2].contains_key("v7"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_apply_is_an_error_and_the_next_call_applies_the_change() {
+        let rec = Arc::new(Recording::default());
+        rec.open();
+        rec.failing.store(true, Ordering::SeqCst);
+        let exports = Arc::new(Exports::new(rec.clone()));
+        assert!(exports.set("a", Some(spec("a"))).await.is_err());
+        rec.failing.store(false, Ordering::SeqCst);
+        // The same (already recorded) change is not mistaken for applied.
+        exports.set("a", Some(spec("a"))).await.unwrap();
+        assert_eq!(rec.applies(), 1);
+        assert!(rec.applied.lock().unwrap()[0].contains_key("a"));
     }
 }

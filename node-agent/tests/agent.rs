@@ -114,7 +114,7 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
     let etcd = Etcd::start();
     let store = connect(&etcd).await;
     let node = Node::new();
-    let _agent = node.agent(&etcd, &[]);
+    let _agent = node.agent(&etcd, &["--usage-refresh", "1s"]);
 
     let mut v = bound("media", "8Mi");
     v.spec.compression = Compression::Zstd;
@@ -143,6 +143,15 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
     let err = fill(&b, &uid, "too-much", 16 * MIB).expect_err("writing past the size must fail");
     assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
     std::fs::remove_file(b.path(&uid).join("too-much")).unwrap();
+    // Usage reaches the status by the periodic pool-wide refresh, once the filesystem has
+    // committed (forced here by reading the usage directly).
+    let used = b.usage(&uid).unwrap().used_bytes;
+    assert!(used >= 4 * MIB, "{used}");
+    until("the usage in the status", Duration::from_secs(15), || async {
+        let v: Volume = store.get("media").await.ok()??;
+        (v.status?.usage?.used_bytes == used).then_some(())
+    })
+    .await;
 
     // The machine registered itself and reports capacity.
     let m: Machine = until(

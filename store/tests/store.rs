@@ -123,6 +123,59 @@ async fn spec_writer_and_status_writer_never_conflict() {
 }
 
 #[tokio::test]
+async fn replace_with_status_writes_spec_and_status_in_one_revision_or_not_at_all() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let v = store.create(&volume("a", "1Gi")).await.unwrap();
+    let mut bound = v.clone();
+    bound.spec.machine = Some("m1".into());
+    let before = store.revision().await.unwrap();
+    let written = store
+        .replace_with_status(&bound, |_| phase(VolumePhase::Scheduled))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before + 1,
+        "spec and status must land in one transaction"
+    );
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(live.spec.machine.as_deref(), Some("m1"));
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Scheduled);
+    assert_eq!(
+        written.metadata.resource_version,
+        live.metadata.resource_version
+    );
+
+    // The status is computed from what is stored at write time (here: another writer's Ready).
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    let mut labelled = written.clone();
+    labelled.metadata.labels.insert("team".into(), "a".into());
+    let seen = store
+        .replace_with_status(&labelled, |v: &Volume| {
+            v.status.clone().expect("the stored status is passed in")
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen.status.unwrap().phase, VolumePhase::Ready);
+
+    // A stale resourceVersion is a conflict, and neither half lands.
+    let mut stale = written.clone();
+    stale.spec.machine = Some("m2".into());
+    let err = store
+        .replace_with_status(&stale, |_| phase(VolumePhase::Lost))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(live.spec.machine.as_deref(), Some("m1"));
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Ready);
+}
+
+#[tokio::test]
 async fn a_status_write_that_changes_nothing_writes_nothing() {
     let etcd = Etcd::start();
     let store = connect(&etcd).await;

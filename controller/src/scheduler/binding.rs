@@ -26,6 +26,7 @@ use std::time::Duration;
 use chrono::Utc;
 use cobalt_api::{
     find_condition, set_condition, ConditionStatus, Machine, Volume, VolumePhase, VolumeStatus,
+    AGENT_FINALIZER,
 };
 use cobalt_reconcile::{Action, Cache, Context, Reconciler};
 use cobalt_store::Store;
@@ -76,7 +77,7 @@ impl Reconciler<Volume> for VolumeScheduler {
         ctx: Context<Volume>,
     ) -> Result<Action, SchedulerError> {
         if volume.metadata.is_deleting() {
-            return Ok(Action::Done);
+            return self.release_unprovisioned(&volume, &ctx).await;
         }
         let Some(machine) = volume.spec.machine.clone() else {
             self.schedule_pending(ctx.cache()).await?;
@@ -129,18 +130,82 @@ impl Reconciler<Volume> for VolumeScheduler {
                 ),
             }
         };
-        let update = self
-            .store
-            .update_status::<Volume, _>(&volume.metadata.name, |v| {
-                Some(scheduled_status(v, ok, reason, &message))
-            })
-            .await?;
-        ctx.wrote(update.written);
+        if volume
+            .metadata
+            .finalizers
+            .iter()
+            .any(|f| f == AGENT_FINALIZER)
+        {
+            let update = self
+                .store
+                .update_status::<Volume, _>(&volume.metadata.name, |v| {
+                    Some(scheduled_status(v, ok, reason, &message))
+                })
+                .await?;
+            ctx.wrote(update.written);
+        } else {
+            // A volume pinned at create: the finalizer and the Scheduled condition in one write.
+            let mut held = (*volume).clone();
+            held.metadata.finalizers.push(AGENT_FINALIZER.into());
+            match self
+                .store
+                .replace_with_status(&held, |v| scheduled_status(v, ok, reason, &message))
+                .await
+            {
+                Ok(written) => ctx.wrote(written.metadata.revision()),
+                // Changed meanwhile: its change event brings it back.
+                Err(cobalt_store::Error::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Action::Done)
     }
 }
 
 impl VolumeScheduler {
+    /// A volume being deleted whose machine is gone and which was never provisioned there has
+    /// no data to wait for: the scheduler drops the agent's finalizer so the delete completes.
+    /// (If an agent died between creating the data and reporting it, that data is left on the
+    /// machine and reported there as unowned; it is never destroyed without a Volume.)
+    async fn release_unprovisioned(
+        &self,
+        volume: &Volume,
+        ctx: &Context<Volume>,
+    ) -> Result<Action, SchedulerError> {
+        let provisioned = volume
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_ref())
+            .is_some();
+        let held = volume
+            .metadata
+            .finalizers
+            .iter()
+            .any(|f| f == AGENT_FINALIZER);
+        let machine_alive = volume
+            .spec
+            .machine
+            .as_deref()
+            .is_some_and(|m| is_alive(&self.alive, m));
+        if provisioned || !held || machine_alive {
+            return Ok(Action::Done);
+        }
+        let mut released = volume.clone();
+        released
+            .metadata
+            .finalizers
+            .retain(|f| f != AGENT_FINALIZER);
+        match self.store.replace(&released).await {
+            Ok(written) => {
+                ctx.wrote(written.metadata.revision());
+                tracing::info!(volume = %volume.metadata.name, "released: its machine is gone and it was never provisioned");
+            }
+            Err(cobalt_store::Error::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Action::Done)
+    }
+
     fn machine_views(&self, volumes: &[Arc<Volume>]) -> Vec<MachineView> {
         let mut views: Vec<MachineView> = self
             .machines
@@ -262,27 +327,36 @@ impl VolumeScheduler {
         let name = volume.metadata.name.clone();
         match decision {
             Decision::Bind(machine) => {
+                // One write: the binding, the agent's finalizer (so a delete waits for the data
+                // to go) and the Scheduled condition.
                 let mut bound = (*volume).clone();
                 bound.spec.machine = Some(machine.clone());
                 bound
                     .metadata
                     .annotations
                     .insert(SCHEDULED_BY.into(), "scheduler".into());
-                let written = match self.store.replace(&bound).await {
+                if !bound
+                    .metadata
+                    .finalizers
+                    .iter()
+                    .any(|f| f == AGENT_FINALIZER)
+                {
+                    bound.metadata.finalizers.push(AGENT_FINALIZER.into());
+                }
+                let message = format!("bound to machine {machine}");
+                let written = match self
+                    .store
+                    .replace_with_status(&bound, |v| scheduled_status(v, true, "Bound", &message))
+                    .await
+                {
                     Ok(w) => w,
-                    // The user changed it meanwhile; its change event brings it back.
+                    // The user (or a status writer) changed it meanwhile; its change event
+                    // brings it back.
                     Err(cobalt_store::Error::Conflict { .. }) => return Ok(0),
                     Err(e) => return Err(e),
                 };
                 self.metrics.decision("bound");
-                let message = format!("bound to machine {machine}");
-                let update = self
-                    .store
-                    .update_status::<Volume, _>(&name, |v| {
-                        Some(scheduled_status(v, true, "Bound", &message))
-                    })
-                    .await?;
-                Ok(written.metadata.revision().max(update.written.unwrap_or(0)))
+                Ok(written.metadata.revision())
             }
             Decision::Unschedulable(message) => {
                 self.metrics.decision("unschedulable");

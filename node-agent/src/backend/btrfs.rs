@@ -412,6 +412,34 @@ impl Backend for BtrfsBackend {
         })
     }
 
+    fn usage_all(&self) -> Result<std::collections::HashMap<String, VolumeUsage>> {
+        // One qgroup listing for the whole pool, without forcing a commit: figures are as of
+        // the last transaction commit (BTRFS commits at least every 30 s).
+        let out = run(Command::new("btrfs")
+            .args(["qgroup", "show", "-r", "--raw"])
+            .arg(&self.pool))?;
+        let referenced = parse_qgroup_referenced(&out);
+        let dir = self.volumes_dir();
+        let mut usage = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("list volumes", &dir))? {
+            let path = entry.map_err(io("list volumes", &dir))?.path();
+            let Some(record) = self.read_record(&path) else {
+                continue;
+            };
+            let Ok(id) = self.subvolume_id(&path) else {
+                continue;
+            };
+            usage.insert(
+                record.uid.clone(),
+                VolumeUsage {
+                    used_bytes: referenced.get(&id).copied().unwrap_or(0),
+                    limit_bytes: record.size_bytes,
+                },
+            );
+        }
+        Ok(usage)
+    }
+
     fn capacity(&self) -> Result<PoolCapacity> {
         let s = nix::sys::statvfs::statvfs(&self.pool).map_err(errno("statvfs", &self.pool))?;
         let total = s.blocks() as u64 * s.fragment_size() as u64;
@@ -425,6 +453,17 @@ impl Backend for BtrfsBackend {
     fn path(&self, uid: &str) -> PathBuf {
         self.subvolume(uid)
     }
+}
+
+/// Referenced bytes by subvolume id, from `btrfs qgroup show -r --raw` (rows `0/<id> <rfer> ...`).
+fn parse_qgroup_referenced(out: &str) -> std::collections::HashMap<u64, u64> {
+    out.lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let id = cols.next()?.strip_prefix("0/")?.parse().ok()?;
+            Some((id, cols.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 fn check_btrfs(path: &Path) -> Result<()> {

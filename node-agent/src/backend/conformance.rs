@@ -118,6 +118,22 @@ pub fn the_quota_is_enforced(h: &impl Harness) {
     assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
 }
 
+pub fn usage_of_all_volumes_agrees_with_each_volumes_usage(h: &impl Harness) {
+    let b = h.open();
+    b.create(&record("u1", 32 * MIB)).unwrap();
+    b.create(&record("u2", 16 * MIB)).unwrap();
+    fill(&b, "u1", "a", 8 * MIB).unwrap();
+    // `usage` is current to the instant; `usage_all` may lag until the next commit, which the
+    // single-volume read has just forced.
+    let one = b.usage("u1").unwrap();
+    assert!(one.used_bytes >= 8 * MIB, "{one:?}");
+    let all = b.usage_all().unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all["u1"], one);
+    assert_eq!(all["u2"].limit_bytes, 16 * MIB);
+    assert!(all["u2"].used_bytes < MIB, "{:?}", all["u2"]);
+}
+
 pub fn resize_grows_and_shrinks_only_above_what_is_used(h: &impl Harness) {
     let b = h.open();
     b.create(&record("u1", 8 * MIB)).unwrap();
@@ -248,6 +264,10 @@ macro_rules! backend_conformance {
             #[test]
             fn the_quota_is_enforced() {
                 c::the_quota_is_enforced(&$make)
+            }
+            #[test]
+            fn usage_of_all_volumes_agrees_with_each_volumes_usage() {
+                c::usage_of_all_volumes_agrees_with_each_volumes_usage(&$make)
             }
             #[test]
             fn resize_grows_and_shrinks_only_above_what_is_used() {

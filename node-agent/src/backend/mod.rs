@@ -84,7 +84,17 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, uid: &str) -> Result<Option<VolumeRecord>> {
         Ok(self.list()?.into_iter().find(|r| r.uid == uid))
     }
+    /// One volume's usage, current to this instant (may commit the filesystem to get it).
     fn usage(&self, uid: &str) -> Result<VolumeUsage>;
+    /// Usage of every volume, by uid, in one pass. Figures may lag writes by the filesystem's
+    /// commit interval; this is what periodic reporting uses, so it must stay cheap at
+    /// thousands of volumes.
+    fn usage_all(&self) -> Result<std::collections::HashMap<String, VolumeUsage>> {
+        self.list()?
+            .into_iter()
+            .map(|r| Ok((r.uid.clone(), self.usage(&r.uid)?)))
+            .collect()
+    }
     fn capacity(&self) -> Result<PoolCapacity>;
     /// Where the volume's files are, for exporters.
     fn path(&self, uid: &str) -> PathBuf;

@@ -87,12 +87,13 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ex
     }
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let p = path.to_string_lossy();
+/// Mount points now mounted (read once per apply: /proc/mounts grows with every export).
+fn mount_points() -> BTreeSet<PathBuf> {
     std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+        .filter_map(|l| l.split_whitespace().nth(1).map(PathBuf::from))
+        .collect()
 }
 
 fn run(cmd: &mut Command) -> Result<(), ExportError> {
@@ -288,11 +289,12 @@ impl Exporter for GaneshaExporter {
                 changed = true;
             }
         }
+        let mounted = mount_points();
         let mut includes = Vec::new();
         for e in set.values().filter(|e| !e.clients.is_empty()) {
             let mp = self.mountpoint(&e.name);
             std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
-            if !is_mounted(&mp) {
+            if !mounted.contains(&mp) {
                 run(Command::new("mount").arg("--bind").arg(&e.source).arg(&mp))?;
             }
             let file = exports_d.join(format!("{}.conf", e.name));
@@ -311,7 +313,7 @@ impl Exporter for GaneshaExporter {
             self.start()?;
         }
         for mp in stale_mounts {
-            if is_mounted(&mp) {
+            if mounted.contains(&mp) {
                 // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
                 run(Command::new("umount").arg("-l").arg(&mp))?;
             }
@@ -345,8 +347,9 @@ impl Exporter for GaneshaExporter {
             *g = None;
         }
         if let Ok(entries) = std::fs::read_dir(self.dir.join("exports")) {
+            let mounted = mount_points();
             for e in entries.flatten() {
-                if is_mounted(&e.path()) {
+                if mounted.contains(&e.path()) {
                     let _ = Command::new("umount").arg("-l").arg(e.path()).status();
                 }
             }
