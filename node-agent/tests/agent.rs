@@ -147,10 +147,14 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
     // committed (forced here by reading the usage directly).
     let used = b.usage(&uid).unwrap().used_bytes;
     assert!(used >= 4 * MIB, "{used}");
-    until("the usage in the status", Duration::from_secs(15), || async {
-        let v: Volume = store.get("media").await.ok()??;
-        (v.status?.usage?.used_bytes == used).then_some(())
-    })
+    until(
+        "the usage in the status",
+        Duration::from_secs(15),
+        || async {
+            let v: Volume = store.get("media").await.ok()??;
+            (v.status?.usage?.used_bytes == used).then_some(())
+        },
+    )
     .await;
 
     // The machine registered itself and reports capacity.

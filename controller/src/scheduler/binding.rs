@@ -19,7 +19,7 @@
 //! Status ownership: the scheduler writes the Scheduled condition, phase Pending/Scheduled (only
 //! while the agent has not moved it further) and phase Lost; the agent writes the rest.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -225,12 +225,19 @@ impl VolumeScheduler {
                 reserved_bytes: 0,
             })
             .collect();
+        let index: HashMap<&str, usize> = views
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name.as_str(), i))
+            .collect();
+        let mut reserved = vec![0u64; views.len()];
         for v in volumes {
-            if let Some(bound) = &v.spec.machine {
-                if let Some(view) = views.iter_mut().find(|m| &m.name == bound) {
-                    view.reserved_bytes += v.spec.reserved_bytes();
-                }
+            if let Some(&i) = v.spec.machine.as_deref().and_then(|m| index.get(m)) {
+                reserved[i] += v.spec.reserved_bytes();
             }
+        }
+        for (view, bytes) in views.iter_mut().zip(reserved) {
+            view.reserved_bytes = bytes;
         }
         views
     }
@@ -298,8 +305,12 @@ impl VolumeScheduler {
             .collect();
         let decisions = place_batch(self.strategy, requests, &mut views);
         self.metrics.placed(decisions.len(), start.elapsed());
+        let by_name: HashMap<&str, &Arc<Volume>> = pending
+            .iter()
+            .map(|v| (v.metadata.name.as_str(), v))
+            .collect();
         let writes = futures::stream::iter(decisions.into_iter().filter_map(|(name, decision)| {
-            let volume = pending.iter().find(|v| v.metadata.name == name)?.clone();
+            let volume = (*by_name.get(name.as_str())?).clone();
             Some(self.apply_decision(volume, decision))
         }))
         .buffer_unordered(WRITE_CONCURRENCY)
