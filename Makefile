@@ -53,6 +53,8 @@ schemas:
 
 bench: deps
 	$(CARGO) bench -p cobalt-reconcile -p cobalt-controller
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p cobalt-e2e --bench system
 
 demo: deps
 	bash scripts/demo.sh

@@ -163,6 +163,15 @@ async fn one_controller_leads_and_another_takes_over_within_ttl_plus_one_second(
         Some(false),
         "only one controller schedules"
     );
+    // Settled, the leader and its standby write nothing: waiting for leadership is one
+    // long-lived campaign, not a campaign repeated (and its key rewritten) every deadline.
+    let quiet_from = store.revision().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await; // a window in which nothing may happen
+    assert_eq!(
+        store.revision().await.unwrap(),
+        quiet_from,
+        "an idle leader and standby wrote to etcd"
+    );
 
     daemons[leader_index].kill();
     let killed = Instant::now();

@@ -79,6 +79,10 @@ impl Machine {
         self.agent = Some(Daemon::spawn(&mut cmd, &format!("agent-{}", self.name)));
     }
 
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().and_then(Daemon::pid)
+    }
+
     /// SIGKILL, like a crash (its ganesha keeps serving, by design).
     pub fn kill_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {
@@ -134,16 +138,21 @@ impl Cluster {
     /// etcd, two controllers (`placement`), three machines m1 (disk=ssd), m2 (disk=ssd),
     /// m3 (disk=hdd), and a client host.
     pub async fn start(placement: &str) -> Cluster {
-        Self::launch(placement, false).await
+        Self::launch(placement, false, 1024).await
+    }
+
+    /// Like [`Cluster::start`] with `pool_mib` MiB pools (sparse images), for benchmarks.
+    pub async fn start_with_pools(placement: &str, pool_mib: u64) -> Cluster {
+        Self::launch(placement, false, pool_mib).await
     }
 
     /// Like [`Cluster::start`] but etcd is down while the daemons start
     /// (`etcd.start_again()` brings it up).
     pub async fn start_with_etcd_down(placement: &str) -> Cluster {
-        Self::launch(placement, true).await
+        Self::launch(placement, true, 1024).await
     }
 
-    async fn launch(placement: &str, etcd_down: bool) -> Cluster {
+    async fn launch(placement: &str, etcd_down: bool, pool_mib: u64) -> Cluster {
         cobalt_testkit::require("nsenter");
         cobalt_testkit::require("ganesha.nfsd");
         reap_orphans();
@@ -166,7 +175,7 @@ impl Cluster {
             let m = Machine {
                 name: format!("m{}", i + 1),
                 host: lan.host(11 + i as u8),
-                pool: BtrfsPool::new(1024),
+                pool: BtrfsPool::new(pool_mib),
                 state: tempfile::tempdir().unwrap(),
                 labels: labels.to_string(),
                 agent: None,

@@ -400,9 +400,13 @@ impl Reconciler<Volume> for VolumeAgent {
     }
 }
 
+/// Usage is reported when it moved by at least this much, so metadata noise (an empty
+/// subvolume already references 16 KiB) and idle volumes cost no etcd writes.
+pub const USAGE_STEP: u64 = 1 << 20;
+
 /// Every `period`, reads the usage of every volume on this machine in one backend pass and
-/// writes `status.usage` of those whose figures changed — nothing when nothing changed, so an
-/// idle machine causes no etcd writes.
+/// writes `status.usage` of those whose used bytes moved by [`USAGE_STEP`] or more — nothing
+/// otherwise, so an idle machine causes no etcd writes.
 pub async fn report_usage(
     store: Store,
     machine: String,
@@ -436,7 +440,7 @@ pub async fn report_usage(
             let reported = v.status.as_ref().and_then(|s| s.usage.as_ref());
             if !here
                 || v.metadata.is_deleting()
-                || reported.is_some_and(|u| u.used_bytes == now.used_bytes)
+                || reported.is_some_and(|u| u.used_bytes.abs_diff(now.used_bytes) < USAGE_STEP)
             {
                 continue;
             }

@@ -6,11 +6,17 @@
 //! expired, the process was partitioned, it resigned) its writes fail with [`Error::Fenced`] —
 //! a deposed leader cannot write, even if it has not noticed yet.
 
-use etcd_client::{Compare, CompareOp, LeaderKey, ResignOptions};
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
 
 use crate::connection::Store;
 use crate::error::{Error, Result};
 use crate::lease::Lease;
+use crate::objects::header_revision;
 
 /// Proof of leadership to include in writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +40,6 @@ impl Fence {
 #[derive(Debug)]
 pub struct Leadership {
     fence: Fence,
-    leader_key: LeaderKey,
     store: Store,
 }
 
@@ -45,54 +50,130 @@ impl Leadership {
 
     /// Gives up leadership at once so another candidate can win without waiting for a TTL.
     pub async fn resign(self) -> Result<()> {
-        let mut client = self.store.client.election_client();
+        let txn = Txn::new()
+            .when(vec![self.fence.compare()])
+            .and_then(vec![TxnOp::delete(self.fence.key.clone(), None)]);
         self.store
-            .call(client.resign(Some(ResignOptions::new().with_leader(self.leader_key))))
+            .call(self.store.client.kv_client().txn(txn))
             .await?;
         Ok(())
     }
 }
 
+/// How long a waiting candidate trusts its watch before looking again (a read, not a write).
+const RECHECK: Duration = Duration::from_secs(10);
+
 impl Store {
     /// Campaigns in `election` with `value` (e.g. the process's name) until elected, or until the
-    /// lease is lost ([`Error::Fenced`]). etcd answers a campaign only on election, so each
-    /// attempt is bounded by the request deadline and repeated.
+    /// lease is lost ([`Error::Fenced`]).
+    ///
+    /// The candidate enters once — its key `<election>/<lease id>` attached to its lease, the
+    /// layout etcd's own election service uses, so [`Store::leader`] and `etcdctl elect` agree —
+    /// and then only reads and watches until every key created before it is gone. Waiting thus
+    /// costs etcd no writes, however long a standby waits. (etcd's Campaign RPC would delete
+    /// and rewrite the key each time a bounded call ends.) Every request is bounded by the
+    /// request deadline; the wait as a whole by the candidate's lease.
     pub async fn campaign(&self, election: &str, value: &str, lease: &Lease) -> Result<Leadership> {
-        let name = self.keys.election(election);
-        loop {
+        let fenced = || Error::Fenced {
+            election: election.to_string(),
+        };
+        let prefix = format!("{}/", self.keys.election(election));
+        let key = format!("{prefix}{:x}", lease.id());
+        let create_revision = loop {
             if lease.is_lost() {
-                return Err(Error::Fenced {
-                    election: election.to_string(),
-                });
+                return Err(fenced());
             }
-            let mut client = self.client.election_client();
-            let attempt = self
-                .call(client.campaign(name.clone(), value, lease.id()))
-                .await;
-            match attempt {
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then(vec![TxnOp::put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease.id())),
+                )])
+                .or_else(vec![TxnOp::get(key.clone(), None)]);
+            match self.call(self.client.kv_client().txn(txn)).await {
+                Ok(resp) if resp.succeeded() => break header_revision(resp.header()),
                 Ok(resp) => {
-                    let leader_key = resp.leader().cloned().ok_or_else(|| {
-                        Error::Invalid("etcd answered a campaign without a leader key".into())
-                    })?;
-                    let fence = Fence {
-                        election: election.to_string(),
-                        key: leader_key.key().to_vec(),
-                        create_revision: leader_key.rev(),
-                    };
-                    return Ok(Leadership {
-                        fence,
-                        leader_key,
-                        store: self.clone(),
+                    let existing = resp.op_responses().into_iter().find_map(|r| match r {
+                        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
+                        _ => None,
                     });
-                }
-                Err(Error::Unavailable { .. }) => {
-                    tokio::select! {
-                        _ = lease.lost() => {}
-                        _ = tokio::time::sleep(self.timeout / 10) => {}
+                    if let Some(revision) = existing {
+                        break revision;
                     }
                 }
+                Err(Error::Unavailable { .. }) => self.pause(lease).await,
                 Err(e) => return Err(e),
             }
+        };
+        loop {
+            if lease.is_lost() {
+                return Err(fenced());
+            }
+            // The newest candidate that entered before us: we lead once none is left.
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_max_create_revision(create_revision - 1)
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(1);
+            let ahead = match self
+                .call(self.client.kv_client().get(prefix.clone(), Some(options)))
+                .await
+            {
+                Ok(resp) => resp
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.key().to_vec(), header_revision(resp.header()))),
+                Err(Error::Unavailable { .. }) => {
+                    self.pause(lease).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some((ahead_key, seen_at)) = ahead else {
+                return Ok(Leadership {
+                    fence: Fence {
+                        election: election.to_string(),
+                        key: key.into_bytes(),
+                        create_revision,
+                    },
+                    store: self.clone(),
+                });
+            };
+            let mut client = self.client.watch_client();
+            let options = WatchOptions::new().with_start_revision(seen_at + 1);
+            let Ok(mut stream) = self.call(client.watch(ahead_key, Some(options))).await else {
+                self.pause(lease).await;
+                continue;
+            };
+            let deleted = async {
+                while let Ok(Some(resp)) = stream.message().await {
+                    if resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = deleted => {}
+                _ = lease.lost() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+
+    /// A short pause before retrying after etcd was unreachable (cut short if the lease goes).
+    async fn pause(&self, lease: &Lease) {
+        tokio::select! {
+            _ = lease.lost() => {}
+            _ = tokio::time::sleep(self.timeout / 10) => {}
         }
     }
 

@@ -254,6 +254,18 @@ impl VolumeScheduler {
 
     /// Places every pending volume (one pass under the placement lock).
     async fn schedule_pending(&self, cache: &Cache<Volume>) -> Result<(), SchedulerError> {
+        // Placing before the machines are known would call every volume unschedulable.
+        if tokio::time::timeout(OWN_WRITE_WAIT, self.machines.ready())
+            .await
+            .is_err()
+        {
+            return Err(cobalt_store::Error::Unavailable {
+                endpoints: "cache".into(),
+                deadline: OWN_WRITE_WAIT,
+                cause: "the machine list has not loaded yet".into(),
+            }
+            .into());
+        }
         let mut last_write = self.last_write.lock().await;
         if !cache.wait_for_revision(*last_write, OWN_WRITE_WAIT).await {
             tracing::warn!(

@@ -158,21 +158,7 @@ impl BtrfsBackend {
     }
 
     fn set_limit(&self, path: &Path, bytes: u64) -> Result<()> {
-        let dir = File::open(path).map_err(io("open subvolume", path))?;
-        let mut args = QgroupLimitArgs {
-            qgroupid: 0,
-            lim: QgroupLimit {
-                flags: QGROUP_LIMIT_MAX_RFER,
-                max_rfer: bytes,
-                max_excl: 0,
-                rsv_rfer: 0,
-                rsv_excl: 0,
-            },
-        };
-        // SAFETY: valid btrfs_ioctl_qgroup_limit_args; qgroupid 0 means "this subvolume".
-        unsafe { ioc_qgroup_limit(dir.as_raw_fd(), &mut args) }
-            .map_err(errno("set qgroup limit", path))?;
-        Ok(())
+        raw::limit_referenced(path, bytes).map_err(io("set qgroup limit", path))
     }
 
     fn subvolume_id(&self, path: &Path) -> Result<u64> {
@@ -266,12 +252,8 @@ impl Backend for BtrfsBackend {
     fn create(&self, record: &VolumeRecord) -> Result<()> {
         let path = self.subvolume(&record.uid);
         if !path.exists() {
-            let parent = self.volumes_dir();
-            let dir = File::open(&parent).map_err(io("open volumes directory", &parent))?;
-            let args = vol_args(0, &record.uid);
-            // SAFETY: valid btrfs_ioctl_vol_args naming a new subvolume under `dir`.
-            unsafe { ioc_subvol_create(dir.as_raw_fd(), &args) }
-                .map_err(errno("create subvolume", &path))?;
+            raw::create_subvolume(&self.volumes_dir(), &record.uid)
+                .map_err(io("create subvolume", &path))?;
         }
         self.finish(&path, record)
     }
@@ -452,6 +434,39 @@ impl Backend for BtrfsBackend {
 
     fn path(&self, uid: &str) -> PathBuf {
         self.subvolume(uid)
+    }
+}
+
+/// The bare syscalls behind [`BtrfsBackend::create`] — no record, no checks, no idempotence —
+/// so `make bench` can measure the floor Cobalt's own provisioning is compared with.
+pub mod raw {
+    use super::*;
+
+    /// `BTRFS_IOC_SUBVOL_CREATE`: a new subvolume `name` under `parent`.
+    pub fn create_subvolume(parent: &Path, name: &str) -> std::io::Result<()> {
+        let dir = File::open(parent)?;
+        let args = vol_args(0, name);
+        // SAFETY: valid btrfs_ioctl_vol_args naming a new subvolume under `dir`.
+        unsafe { ioc_subvol_create(dir.as_raw_fd(), &args) }?;
+        Ok(())
+    }
+
+    /// `BTRFS_IOC_QGROUP_LIMIT`: caps the referenced bytes of the subvolume at `path`.
+    pub fn limit_referenced(path: &Path, bytes: u64) -> std::io::Result<()> {
+        let dir = File::open(path)?;
+        let mut args = QgroupLimitArgs {
+            qgroupid: 0,
+            lim: QgroupLimit {
+                flags: QGROUP_LIMIT_MAX_RFER,
+                max_rfer: bytes,
+                max_excl: 0,
+                rsv_rfer: 0,
+                rsv_excl: 0,
+            },
+        };
+        // SAFETY: valid btrfs_ioctl_qgroup_limit_args; qgroupid 0 means "this subvolume".
+        unsafe { ioc_qgroup_limit(dir.as_raw_fd(), &mut args) }?;
+        Ok(())
     }
 }
 
