@@ -85,16 +85,33 @@ async fn main() {
     // 1. Latency, with the etcd cost of each create counted around it.
     let before = EtcdCounters::read(&etcd_url).await;
     let mut latencies = Vec::new();
+    // Where the time goes: the API's create, the scheduler's binding, the agent's work (each
+    // including one watch hop to it).
+    let (mut created, mut scheduled, mut provisioned) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..latency_n {
         let name = format!("lat-{i:03}");
         let t0 = Instant::now();
         apply(name.clone(), true).await;
-        latencies.push(ready.wait(&name, Duration::from_secs(60)).await - t0);
+        let t1 = Instant::now();
+        let done = ready.wait(&name, Duration::from_secs(60)).await;
+        let bound = ready.bound_at(&name).unwrap_or(done);
+        latencies.push(done - t0);
+        created.push(t1 - t0);
+        scheduled.push(bound.saturating_duration_since(t1));
+        provisioned.push(done.saturating_duration_since(bound));
+    }
+    for v in [&mut created, &mut scheduled, &mut provisioned] {
+        v.sort();
     }
     let after = EtcdCounters::read(&etcd_url).await;
     let per_create = after.minus(&before).per(latency_n);
     let writes_per_create = per_create.proposals.round().max(1.0) as usize;
-    eprintln!("latency run done: {per_create:?} per create");
+    eprintln!(
+        "latency run done: {per_create:?} per create; p50 stages: api {:.2?}, scheduler {:.2?}, agent {:.2?}",
+        percentile(&created, 0.5),
+        percentile(&scheduled, 0.5),
+        percentile(&provisioned, 0.5)
+    );
 
     let floor = Arc::new(Floor::new(&cluster, &etcd_url).await);
     let mut floor_latencies = Vec::new();
@@ -106,7 +123,9 @@ async fn main() {
         floor_latencies.push(t0.elapsed());
     }
 
-    // 2. Throughput: 1,000 at once.
+    // 2. Throughput: 1,000 at once, with the CPU each process spent on it.
+    let processes = processes(&cluster);
+    let cpu_before = cpu_seconds(&processes);
     let t0 = Instant::now();
     futures::stream::iter((0..burst_n).map(|i| apply(format!("burst-{i:04}"), true)))
         .buffer_unordered(CLIENTS)
@@ -118,7 +137,14 @@ async fn main() {
             .await;
     }
     let burst = t0.elapsed();
-    eprintln!("burst run done in {burst:.2?}");
+    let burst_cpu: std::collections::BTreeMap<String, f64> = cpu_seconds(&processes)
+        .into_iter()
+        .map(|(name, after)| {
+            let before = cpu_before.get(&name).copied().unwrap_or(0.0);
+            (name, ((after - before) * 100.0).round() / 100.0)
+        })
+        .collect();
+    eprintln!("burst run done in {burst:.2?}; CPU seconds: {burst_cpu:?}");
     let floor_burst = floor.burst(burst_n, writes_per_create, CLIENTS).await;
 
     // 4. Idle: let the creation burst settle (one filesystem commit, one status period), then
@@ -178,6 +204,11 @@ async fn main() {
             "ratio_p50": ratio(percentile(&latencies, 0.5), percentile(&floor_latencies, 0.5)),
             "ratio_p99": ratio(percentile(&latencies, 0.99), percentile(&floor_latencies, 0.99)),
             "floor_etcd_writes": writes_per_create,
+            "stages_p50_ms": {
+                "api_create": ms(percentile(&created, 0.5)),
+                "scheduler_bind": ms(percentile(&scheduled, 0.5)),
+                "agent_ready": ms(percentile(&provisioned, 0.5)),
+            },
         },
         "throughput": {
             "volumes": burst_n,
@@ -187,6 +218,7 @@ async fn main() {
             "floor_seconds": floor_burst.as_secs_f64(),
             "floor_volumes_per_second": burst_n as f64 / floor_burst.as_secs_f64(),
             "ratio": burst.as_secs_f64() / floor_burst.as_secs_f64(),
+            "cpu_seconds": burst_cpu,
         },
         "etcd": {
             "write_requests_per_create": per_create.proposals,
@@ -207,7 +239,21 @@ async fn main() {
             "fill_volumes": memory_n - existing,
         },
     });
-    floor.stop();
+    drop(floor);
+    // COBALT_BENCH_LOGS=dir keeps the daemons' logs (e.g. with RUST_LOG=cobalt_agent=debug).
+    if let Ok(dir) = std::env::var("COBALT_BENCH_LOGS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        for m in &cluster.machines {
+            std::fs::write(
+                Path::new(&dir).join(format!("agent-{}.log", m.name)),
+                m.agent_log(),
+            )
+            .unwrap();
+        }
+        for (i, (d, _)) in cluster.controllers.iter().enumerate() {
+            std::fs::write(Path::new(&dir).join(format!("controller-{i}.log")), d.log()).unwrap();
+        }
+    }
     drop(ready);
     drop(cluster);
     report(system);
@@ -267,9 +313,11 @@ async fn create(http: &reqwest::Client, api: &str, name: &str, client: Option<&s
     }
 }
 
-/// When each volume was first seen Ready, from one etcd watch (what `cobaltctl wait` sees).
+/// When each volume was first seen bound and Ready, from one etcd watch (what `cobaltctl
+/// wait` sees).
 struct ReadyWatch {
     seen: Arc<Mutex<HashMap<String, Instant>>>,
+    bound: Arc<Mutex<HashMap<String, Instant>>>,
     changed: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -280,9 +328,10 @@ impl ReadyWatch {
         let revision = store.revision().await.unwrap();
         let mut watch = store.watch::<Volume>(revision).await.unwrap();
         let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let bound: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let changed = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn({
-            let (seen, changed) = (seen.clone(), changed.clone());
+            let (seen, bound, changed) = (seen.clone(), bound.clone(), changed.clone());
             async move {
                 loop {
                     let Ok(event) = watch.next().await else {
@@ -293,6 +342,13 @@ impl ReadyWatch {
                     if let WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } =
                         event
                     {
+                        if object.spec.machine.is_some() {
+                            bound
+                                .lock()
+                                .unwrap()
+                                .entry(object.metadata.name.clone())
+                                .or_insert(now);
+                        }
                         if object
                             .status
                             .as_ref()
@@ -310,6 +366,7 @@ impl ReadyWatch {
         });
         ReadyWatch {
             seen,
+            bound,
             changed,
             task,
         }
@@ -330,6 +387,10 @@ impl ReadyWatch {
             );
             let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), notified).await;
         }
+    }
+
+    fn bound_at(&self, name: &str) -> Option<Instant> {
+        self.bound.lock().unwrap().get(name).copied()
     }
 
     fn count(&self) -> usize {
@@ -404,6 +465,7 @@ struct Floor {
     dir: tempfile::TempDir,
     port: u16,
     exports: Mutex<Vec<PathBuf>>,
+    mounts: Mutex<Vec<PathBuf>>,
 }
 
 impl Floor {
@@ -440,6 +502,7 @@ impl Floor {
             dir,
             port,
             exports: Mutex::new(Vec::new()),
+            mounts: Mutex::new(Vec::new()),
         };
         floor.write_main();
         let d = Daemon::spawn(
@@ -479,14 +542,27 @@ impl Floor {
     }
 
     /// Writes one export file (no reload).
+    /// Bind-mounts the subvolume (ganesha cannot export a subvolume under its parent; see the
+    /// ganesha exporter) and writes its export file (no reload).
     fn add_export(&self, pool: usize, name: &str) {
+        let mp = self.dir.path().join("mnt").join(name);
+        std::fs::create_dir_all(&mp).unwrap();
+        nix::mount::mount(
+            Some(&self.pools[pool].join(name)),
+            &mp,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        self.mounts.lock().unwrap().push(mp.clone());
         let id = 10_000 + self.exports.lock().unwrap().len();
         let file = self.dir.path().join("exports").join(format!("{name}.conf"));
         std::fs::write(
             &file,
             format!(
                 "EXPORT {{ Export_Id = {id}; Path = \"{}\"; Pseudo = \"/{name}\"; Protocols = 4; Access_Type = None; FSAL {{ Name = VFS; }} CLIENT {{ Clients = 10.0.0.1; Access_Type = RW; }} }}\n",
-                self.pools[pool].join(name).display()
+                mp.display()
             ),
         )
         .unwrap();
@@ -587,6 +663,47 @@ impl Floor {
             d.terminate(Duration::from_secs(5));
         }
     }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        self.stop();
+        // Before the pools go: a bind mount would keep a pool busy.
+        for mp in self.mounts.lock().unwrap().drain(..) {
+            let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// The cluster's processes by role (and this benchmark itself).
+fn processes(cluster: &Cluster) -> Vec<(String, u32)> {
+    let mut out = vec![("bench".to_string(), std::process::id())];
+    out.extend(cluster.etcd.pid().map(|p| ("etcd".to_string(), p)));
+    for (i, (d, _)) in cluster.controllers.iter().enumerate() {
+        out.extend(d.pid().map(|p| (format!("controller-{i}"), p)));
+    }
+    for m in &cluster.machines {
+        out.extend(m.agent_pid().map(|p| (format!("agent-{}", m.name), p)));
+        out.extend(m.ganesha_pid().map(|p| (format!("ganesha-{}", m.name), p)));
+    }
+    out
+}
+
+/// User + system CPU seconds each process has used (from /proc/<pid>/stat).
+fn cpu_seconds(processes: &[(String, u32)]) -> HashMap<String, f64> {
+    // /proc reports CPU time in USER_HZ, which Linux fixes at 100 for user space.
+    let tick = 100.0;
+    processes
+        .iter()
+        .filter_map(|(name, pid)| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((name.clone(), ticks / tick))
+        })
+        .collect()
 }
 
 /// VmHWM of a process, KiB.

@@ -79,6 +79,11 @@ impl Machine {
         self.agent = Some(Daemon::spawn(&mut cmd, &format!("agent-{}", self.name)));
     }
 
+    /// What the agent printed so far.
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().and_then(Daemon::pid)
     }

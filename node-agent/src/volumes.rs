@@ -163,15 +163,16 @@ impl VolumeAgent {
             .map_err(Into::into)
     }
 
+    /// Writes the status `f` makes of `seen`'s (or, if `seen` is stale, of the stored one).
     async fn status(
         &self,
         ctx: &Context<Volume>,
-        name: &str,
+        seen: &Volume,
         f: impl Fn(&Volume, &mut VolumeStatus),
     ) -> Result<(), AgentError> {
         let update = self
             .store
-            .update_status::<Volume, _>(name, |v| {
+            .update_status_from(seen, |v: &Volume| {
                 let mut s = v.status.clone().unwrap_or_default();
                 f(v, &mut s);
                 Some(s)
@@ -237,6 +238,7 @@ impl Reconciler<Volume> for VolumeAgent {
             size_bytes: size,
             compression: volume.spec.compression,
         };
+        let started = std::time::Instant::now();
         let existing = {
             let uid = uid.clone();
             self.blocking(move |b| b.get(&uid)).await?
@@ -265,7 +267,7 @@ impl Reconciler<Volume> for VolumeAgent {
                         self.blocking(move |b| b.create(&r)).await?;
                     }
                 }
-                tracing::info!(volume = %name, %uid, size, "provisioned");
+                tracing::info!(volume = %name, %uid, size, took = ?started.elapsed(), "provisioned");
             }
             Some(current) => {
                 if current.size_bytes != size {
@@ -305,7 +307,9 @@ impl Reconciler<Volume> for VolumeAgent {
         let spec = export_spec(&volume, self.backend.as_ref());
         let exported = self.exports.exporter.port() != 0 && !spec.clients.is_empty();
         let rules = describe_rules(&spec.clients);
+        let exporting = std::time::Instant::now();
         self.exports.set(&name, Some(spec)).await?;
+        let exported_in = exporting.elapsed();
         let port = self.exports.exporter.port();
         let endpoint = exported.then(|| cobalt_api::Endpoint {
             server: self.address.clone(),
@@ -317,7 +321,7 @@ impl Reconciler<Volume> for VolumeAgent {
             ),
         });
         let machine = self.machine.clone();
-        self.status(&ctx, &name, |v, s| {
+        self.status(&ctx, &volume, |v, s| {
             let generation = v.metadata.generation;
             let now = Utc::now();
             s.machine = Some(machine.clone());
@@ -396,6 +400,7 @@ impl Reconciler<Volume> for VolumeAgent {
             s.observed_generation = generation;
         })
         .await?;
+        tracing::debug!(volume = %name, export = ?exported_in, total = ?started.elapsed(), "reconciled");
         Ok(Action::Done)
     }
 }
@@ -446,7 +451,7 @@ pub async fn report_usage(
             }
             let used_bytes = now.used_bytes;
             let result = store
-                .update_status::<Volume, _>(&v.metadata.name, |live| {
+                .update_status_from(&*v, |live: &Volume| {
                     let mut s = live.status.clone()?;
                     if live.metadata.uid != v.metadata.uid || s.machine.as_deref() != Some(&machine)
                     {

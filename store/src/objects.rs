@@ -369,6 +369,63 @@ impl Store {
         })
     }
 
+    /// Like [`Store::update_status`], but first tries against `seen` — the object as last
+    /// read, e.g. from a watch cache — sparing the read: the write is guarded by `seen`'s
+    /// resourceVersion and by the stored status being byte for byte the one `seen` carries.
+    /// If either moved, it falls back to the read-modify-write of [`Store::update_status`].
+    pub async fn update_status_from<R, F>(&self, seen: &R, mut change: F) -> Result<StatusUpdate<R>>
+    where
+        R: Resource,
+        F: FnMut(&R) -> Option<R::Status>,
+    {
+        let name = seen.name().to_string();
+        let Ok(revision) = seen.meta().resource_version.parse::<i64>() else {
+            return self.update_status(&name, change).await;
+        };
+        let Some(status) = change(seen) else {
+            return Ok(StatusUpdate {
+                object: seen.clone(),
+                written: None,
+            });
+        };
+        if seen.status() == Some(&status) {
+            return Ok(StatusUpdate {
+                object: seen.clone(),
+                written: None,
+            });
+        }
+        let key = self.keys.status(R::PLURAL, &name);
+        let status_guard = match seen.status() {
+            Some(old) => Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                serde_json::to_vec(old).map_err(|e| Error::Invalid(e.to_string()))?,
+            ),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let guards = vec![
+            Compare::mod_revision(
+                self.keys.object(R::PLURAL, &name),
+                CompareOp::Equal,
+                revision,
+            ),
+            status_guard,
+        ];
+        let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
+        if let Some(written) = self
+            .commit(guards, vec![TxnOp::put(key, value, None)])
+            .await?
+        {
+            let mut object = seen.clone();
+            *object.status_mut() = Some(status);
+            return Ok(StatusUpdate {
+                object,
+                written: Some(written),
+            });
+        }
+        self.update_status(&name, change).await
+    }
+
     fn delete_ops<R: Resource>(&self, name: &str) -> Vec<TxnOp> {
         vec![
             TxnOp::delete(self.keys.object(R::PLURAL, name), None),

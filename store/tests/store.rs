@@ -176,6 +176,58 @@ async fn replace_with_status_writes_spec_and_status_in_one_revision_or_not_at_al
 }
 
 #[tokio::test]
+async fn a_status_write_from_a_cached_object_lands_and_falls_back_when_the_cache_is_stale() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let seen = store.create(&volume("a", "1Gi")).await.unwrap();
+    // Current: written in one transaction.
+    let before = store.revision().await.unwrap();
+    let first = store
+        .update_status_from(&seen, |_| Some(phase(VolumePhase::Scheduled)))
+        .await
+        .unwrap();
+    assert_eq!(first.written, Some(before + 1));
+    // Stale status (another writer since `seen`): the change is computed again from what is
+    // stored, so the other writer's status is not lost.
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    store
+        .update_status_from(&first.object, |v: &Volume| {
+            calls.push(v.status.as_ref().map(|s| s.phase));
+            let mut s = v.status.clone().unwrap_or_default();
+            s.observed_generation = 7;
+            Some(s)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        calls,
+        vec![Some(VolumePhase::Scheduled), Some(VolumePhase::Ready)],
+        "tried on the cached object, then on the stored one"
+    );
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    let status = live.status.clone().unwrap();
+    assert_eq!(
+        (status.phase, status.observed_generation),
+        (VolumePhase::Ready, 7)
+    );
+    // Stale spec: falls back as well.
+    let mut edited = live.clone();
+    edited.spec.size = "2Gi".parse().unwrap();
+    store.replace(&edited).await.unwrap();
+    let update = store
+        .update_status_from(&live, |_| Some(phase(VolumePhase::Resizing)))
+        .await
+        .unwrap();
+    assert_eq!(update.object.spec.size, "2Gi".parse().unwrap());
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Resizing);
+}
+
+#[tokio::test]
 async fn a_status_write_that_changes_nothing_writes_nothing() {
     let etcd = Etcd::start();
     let store = connect(&etcd).await;

@@ -11,7 +11,7 @@
 //! in its own session, so an agent that is killed leaves it serving; the next agent adopts it
 //! from the pid file — an agent restart causes no export blip. A graceful agent shutdown stops it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +37,49 @@ pub struct GaneshaExporter {
     dir: PathBuf,
     port: u16,
     process: Mutex<Option<Process>>,
+    /// What the last successful apply left on disk, so the next one touches only what changed
+    /// (an apply must stay cheap with thousands of exports). `None` — at start and after any
+    /// error — means: look at the disk and /proc/mounts again.
+    applied: Mutex<Option<OnDisk>>,
+}
+
+/// Export files (path → content, the main config included) and bind mounts in place.
+#[derive(Default)]
+struct OnDisk {
+    files: HashMap<PathBuf, String>,
+    mounts: BTreeSet<PathBuf>,
+}
+
+impl OnDisk {
+    /// Reads what is there now.
+    fn scan(exports_d: &Path, config: &Path) -> OnDisk {
+        let mut files = HashMap::new();
+        let paths = std::fs::read_dir(exports_d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .chain([config.to_path_buf()]);
+        for path in paths {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                files.insert(path, text);
+            }
+        }
+        OnDisk {
+            files,
+            mounts: mount_points(),
+        }
+    }
+
+    /// Writes `text` to `path` unless it is there already; true if it wrote.
+    fn write(&mut self, path: PathBuf, text: String) -> Result<bool, ExportError> {
+        if self.files.get(&path) == Some(&text) {
+            return Ok(false);
+        }
+        write_if_changed(&path, &text)?;
+        self.files.insert(path, text);
+        Ok(true)
+    }
 }
 
 /// One volume's export block (pure).
@@ -87,6 +130,31 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ex
     }
 }
 
+/// `mount --bind source target`, as a syscall (no process per export).
+fn bind_mount(source: &Path, target: &Path) -> Result<(), ExportError> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| ExportError::Io {
+        op: "bind-mount onto",
+        path: target.into(),
+        source: e.into(),
+    })
+}
+
+/// `umount -l target`: detached now, released once ganesha lets go of it.
+fn detach(target: &Path) -> Result<(), ExportError> {
+    nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(|e| ExportError::Io {
+        op: "unmount",
+        path: target.into(),
+        source: e.into(),
+    })
+}
+
 /// Mount points now mounted (read once per apply: /proc/mounts grows with every export).
 fn mount_points() -> BTreeSet<PathBuf> {
     std::fs::read_to_string("/proc/mounts")
@@ -96,28 +164,82 @@ fn mount_points() -> BTreeSet<PathBuf> {
         .collect()
 }
 
-fn run(cmd: &mut Command) -> Result<(), ExportError> {
-    let out = cmd.output().map_err(|e| ExportError::Command {
-        command: format!("{cmd:?}"),
-        message: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(ExportError::Command {
-            command: format!("{cmd:?}"),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
 impl GaneshaExporter {
+    /// Makes the disk, the mounts and ganesha hold exactly `set`, touching only what differs
+    /// from `disk` (which it keeps current).
+    fn apply_on(&self, disk: &mut OnDisk, set: &ExportSet) -> Result<(), ExportError> {
+        let exports_d = self.exports_d();
+        let mut changed = false;
+        let wanted: BTreeSet<PathBuf> = set
+            .values()
+            .filter(|e| !e.clients.is_empty())
+            .map(|e| exports_d.join(format!("{}.conf", e.name)))
+            .collect();
+        // Remove exports no longer wanted: file first (after the reload ganesha lets go), then mount.
+        let stale: Vec<PathBuf> = disk
+            .files
+            .keys()
+            .filter(|p| p.starts_with(&exports_d) && !wanted.contains(*p))
+            .cloned()
+            .collect();
+        let mut stale_mounts = Vec::new();
+        for path in stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", &path)(e)),
+            }
+            disk.files.remove(&path);
+            // A leftover `<name>.tmp` from an interrupted write is only a file.
+            if path.extension().is_some_and(|x| x == "conf") {
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                stale_mounts.push(self.mountpoint(&name));
+                changed = true;
+            }
+        }
+        let mut includes = Vec::new();
+        for e in set.values().filter(|e| !e.clients.is_empty()) {
+            let mp = self.mountpoint(&e.name);
+            if !disk.mounts.contains(&mp) {
+                std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
+                bind_mount(&e.source, &mp)?;
+                disk.mounts.insert(mp.clone());
+            }
+            let file = exports_d.join(format!("{}.conf", e.name));
+            changed |= disk.write(file.clone(), render_export(e, &mp))?;
+            includes.push(file);
+        }
+        changed |= disk.write(
+            self.config(),
+            render_main(self.port, &self.dir.join("recovery"), &includes),
+        )?;
+        if self.running() || self.adopt() {
+            if changed {
+                self.reload();
+            }
+        } else {
+            self.start()?;
+        }
+        for mp in stale_mounts {
+            if disk.mounts.remove(&mp) {
+                // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
+                detach(&mp)?;
+            }
+            let _ = std::fs::remove_dir(&mp);
+        }
+        Ok(())
+    }
+
     /// Uses `dir` (e.g. `<stateDir>/ganesha`) for config, mounts, pid file, log and recovery.
     pub fn new(dir: PathBuf, port: u16) -> Self {
         GaneshaExporter {
             dir,
             port,
             process: Mutex::new(None),
+            applied: Mutex::new(None),
         }
     }
 
@@ -258,67 +380,24 @@ fn process_is_ganesha(pid: u32) -> bool {
 
 impl Exporter for GaneshaExporter {
     fn apply(&self, set: &ExportSet) -> Result<(), ExportError> {
-        let exports_d = self.exports_d();
-        for d in [
-            &exports_d,
-            &self.dir.join("exports"),
-            &self.dir.join("recovery"),
-        ] {
-            std::fs::create_dir_all(d).map_err(io("create", d))?;
-        }
-        let mut changed = false;
-        let wanted: BTreeSet<&String> = set
-            .values()
-            .filter(|e| !e.clients.is_empty())
-            .map(|e| &e.name)
-            .collect();
-        // Remove exports no longer wanted: file first (after the reload ganesha lets go), then mount.
-        let mut stale_mounts = Vec::new();
-        for entry in std::fs::read_dir(&exports_d)
-            .map_err(io("list", &exports_d))?
-            .flatten()
-        {
-            let path = entry.path();
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if !wanted.contains(&name) {
-                std::fs::remove_file(&path).map_err(io("remove", &path))?;
-                stale_mounts.push(self.mountpoint(&name));
-                changed = true;
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut disk = match applied.take() {
+            Some(d) => d,
+            None => {
+                let exports_d = self.exports_d();
+                for d in [
+                    &exports_d,
+                    &self.dir.join("exports"),
+                    &self.dir.join("recovery"),
+                ] {
+                    std::fs::create_dir_all(d).map_err(io("create", d))?;
+                }
+                OnDisk::scan(&exports_d, &self.config())
             }
-        }
-        let mounted = mount_points();
-        let mut includes = Vec::new();
-        for e in set.values().filter(|e| !e.clients.is_empty()) {
-            let mp = self.mountpoint(&e.name);
-            std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
-            if !mounted.contains(&mp) {
-                run(Command::new("mount").arg("--bind").arg(&e.source).arg(&mp))?;
-            }
-            let file = exports_d.join(format!("{}.conf", e.name));
-            changed |= write_if_changed(&file, &render_export(e, &mp))?;
-            includes.push(file);
-        }
-        changed |= write_if_changed(
-            &self.config(),
-            &render_main(self.port, &self.dir.join("recovery"), &includes),
-        )?;
-        if self.running() || self.adopt() {
-            if changed {
-                self.reload();
-            }
-        } else {
-            self.start()?;
-        }
-        for mp in stale_mounts {
-            if mounted.contains(&mp) {
-                // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
-                run(Command::new("umount").arg("-l").arg(&mp))?;
-            }
-            let _ = std::fs::remove_dir(&mp);
-        }
+        };
+        // On error `applied` stays None: the next apply looks at the disk again.
+        self.apply_on(&mut disk, set)?;
+        *applied = Some(disk);
         Ok(())
     }
 
@@ -350,7 +429,7 @@ impl Exporter for GaneshaExporter {
             let mounted = mount_points();
             for e in entries.flatten() {
                 if mounted.contains(&e.path()) {
-                    let _ = Command::new("umount").arg("-l").arg(e.path()).status();
+                    let _ = detach(&e.path());
                 }
             }
         }
