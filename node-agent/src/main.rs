@@ -156,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let controller_config = Config {
         name: "volume-agent".into(),
-        concurrency: 4,
+        // Reconciles mostly wait on etcd and the exporter; more in flight means bigger export
+        // batches (one reload for many volumes) in a burst.
+        concurrency: 16,
         resync: Duration::from_secs(300),
         ..Config::default()
     };
