@@ -115,12 +115,19 @@ async fn main() {
 
     let floor = Arc::new(Floor::new(&cluster, &etcd_url).await);
     let mut floor_latencies = Vec::new();
+    let mut floor_parts: [Vec<Duration>; 3] = Default::default();
     for i in 0..latency_n {
         let t0 = Instant::now();
-        floor
+        let parts = floor
             .provision(0, &format!("lat-{i:03}"), writes_per_create)
             .await;
         floor_latencies.push(t0.elapsed());
+        for (all, part) in floor_parts.iter_mut().zip(parts) {
+            all.push(part);
+        }
+    }
+    for v in floor_parts.iter_mut() {
+        v.sort();
     }
 
     // 2. Throughput: 1,000 at once, with the CPU each process spent on it.
@@ -204,6 +211,11 @@ async fn main() {
             "ratio_p50": ratio(percentile(&latencies, 0.5), percentile(&floor_latencies, 0.5)),
             "ratio_p99": ratio(percentile(&latencies, 0.99), percentile(&floor_latencies, 0.99)),
             "floor_etcd_writes": writes_per_create,
+            "floor_parts_p50_ms": {
+                "etcd_writes": ms(percentile(&floor_parts[0], 0.5)),
+                "ioctls": ms(percentile(&floor_parts[1], 0.5)),
+                "export": ms(percentile(&floor_parts[2], 0.5)),
+            },
             "stages_p50_ms": {
                 "api_create": ms(percentile(&created, 0.5)),
                 "scheduler_bind": ms(percentile(&scheduled, 0.5)),
@@ -615,13 +627,18 @@ impl Floor {
     }
 
     /// One volume's worth of work, one step after another.
-    async fn provision(&self, pool: usize, name: &str, writes: usize) {
+    /// Returns how long the etcd writes, the ioctls and the export took.
+    async fn provision(&self, pool: usize, name: &str, writes: usize) -> [Duration; 3] {
+        let t0 = Instant::now();
         for w in 0..writes {
             self.put(format!("/cobalt-bench-floor/{name}/{w}")).await;
         }
+        let t1 = Instant::now();
         self.ioctls(pool, name);
+        let t2 = Instant::now();
         self.add_export(pool, name);
         self.reload();
+        [t1 - t0, t2 - t1, t2.elapsed()]
     }
 
     /// `n` volumes' worth of work at once: the etcd writes with `clients` in flight, meanwhile
@@ -899,5 +916,15 @@ fn report(system: Value) {
     for (name, cobalt, floor, ratio, target) in rows {
         println!("{name:<46} {cobalt:>10} {floor:>10} {ratio:>7}  {target}");
     }
+    let (st, fp) = (&l["stages_p50_ms"], &l["floor_parts_p50_ms"]);
+    println!(
+        "\nlatency p50 by stage (ms): API create {}, scheduler binding {}, agent to Ready {}; floor: etcd writes {}, ioctls {}, export {}",
+        f(&st["api_create"]),
+        f(&st["scheduler_bind"]),
+        f(&st["agent_ready"]),
+        f(&fp["etcd_writes"]),
+        f(&fp["ioctls"]),
+        f(&fp["export"]),
+    );
     println!("\nwritten to bench/results.json (see bench/README.md for how to read it)");
 }

@@ -104,9 +104,7 @@ impl Reconciler<Volume> for VolumeScheduler {
             if provisioned {
                 let update = self
                     .store
-                    .update_status::<Volume, _>(&volume.metadata.name, |v| {
-                        Some(lost_status(v, &machine))
-                    })
+                    .update_status_from(&*volume, |v: &Volume| Some(lost_status(v, &machine)))
                     .await?;
                 ctx.wrote(update.written);
             }
@@ -138,7 +136,7 @@ impl Reconciler<Volume> for VolumeScheduler {
         {
             let update = self
                 .store
-                .update_status::<Volume, _>(&volume.metadata.name, |v| {
+                .update_status_from(&*volume, |v: &Volume| {
                     Some(scheduled_status(v, ok, reason, &message))
                 })
                 .await?;
