@@ -167,6 +167,60 @@ impl Store {
         self.replace_inner(obj, Some(status)).await
     }
 
+    /// Like [`Store::replace_with_status`], but tried first against `seen` — the object as last
+    /// read, e.g. from a watch cache, of which `obj` is the edited copy — sparing the read: the
+    /// transaction is guarded by `seen`'s resourceVersion and status bytes. If either moved, it
+    /// falls back to [`Store::replace_with_status`], which reads (and reports a
+    /// [`Error::Conflict`] if `obj` is stale).
+    pub async fn replace_with_status_from<R, F>(&self, seen: &R, obj: &R, status: F) -> Result<R>
+    where
+        R: Resource,
+        F: Fn(&R) -> R::Status,
+    {
+        let optimistic = seen.name() == obj.name()
+            && seen.meta().resource_version == obj.meta().resource_version
+            && !obj.meta().is_deleting();
+        let Some(expected) = optimistic
+            .then(|| seen.meta().resource_version.parse::<i64>().ok())
+            .flatten()
+        else {
+            return self.replace_with_status(obj, status).await;
+        };
+        let name = obj.name().to_string();
+        let mut new = replacement(seen, obj);
+        *new.status_mut() = seen.status().cloned();
+        let computed = status(&new);
+        let object_changed = encode(&new)? != encode(seen)?;
+        let status_changed = seen.status() != Some(&computed);
+        if !object_changed && !status_changed {
+            return Ok(seen.clone());
+        }
+        let key = self.keys.object(R::PLURAL, &name);
+        let status_key = self.keys.status(R::PLURAL, &name);
+        let guards = vec![
+            Compare::mod_revision(key.clone(), CompareOp::Equal, expected),
+            status_guard(&status_key, seen.status())?,
+        ];
+        let mut ops = Vec::new();
+        if object_changed {
+            ops.push(TxnOp::put(key, encode(&new)?, None));
+        }
+        if status_changed {
+            let value = serde_json::to_vec(&computed).map_err(|e| Error::Invalid(e.to_string()))?;
+            ops.push(TxnOp::put(status_key, value, None));
+        }
+        match self.commit(guards, ops).await? {
+            Some(revision) => {
+                *new.status_mut() = Some(computed);
+                if object_changed {
+                    new.meta_mut().resource_version = revision.to_string();
+                }
+                Ok(new)
+            }
+            None => self.replace_with_status(obj, status).await,
+        }
+    }
+
     async fn replace_inner<R, F>(&self, obj: &R, status: Option<F>) -> Result<R>
     where
         R: Resource,
@@ -195,18 +249,7 @@ impl Store {
             return Err(conflict());
         }
         let old = &current.object;
-        let mut new = obj.clone();
-        {
-            let (o, m) = (old.meta(), new.meta_mut());
-            m.uid = o.uid.clone();
-            m.creation_timestamp = o.creation_timestamp;
-            m.deletion_timestamp = o.deletion_timestamp;
-            m.generation = if old.same_spec(obj) {
-                o.generation
-            } else {
-                o.generation + 1
-            };
-        }
+        let mut new = replacement(old, obj);
         *new.status_mut() = old.status().cloned();
         let key = self.keys.object(R::PLURAL, &name);
         let mut ops = Vec::new();
@@ -395,21 +438,13 @@ impl Store {
             });
         }
         let key = self.keys.status(R::PLURAL, &name);
-        let status_guard = match seen.status() {
-            Some(old) => Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                serde_json::to_vec(old).map_err(|e| Error::Invalid(e.to_string()))?,
-            ),
-            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-        };
         let guards = vec![
             Compare::mod_revision(
                 self.keys.object(R::PLURAL, &name),
                 CompareOp::Equal,
                 revision,
             ),
-            status_guard,
+            status_guard(&key, seen.status())?,
         ];
         let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
         if let Some(written) = self
@@ -506,6 +541,35 @@ pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// Serializes an object without its status (status lives in its own key).
+/// `obj` as it replaces `old`: the server-set fields (uid, timestamps) kept from `old`, the
+/// generation bumped when the spec changed.
+fn replacement<R: Resource>(old: &R, obj: &R) -> R {
+    let mut new = obj.clone();
+    let (o, m) = (old.meta(), new.meta_mut());
+    m.uid = o.uid.clone();
+    m.creation_timestamp = o.creation_timestamp;
+    m.deletion_timestamp = o.deletion_timestamp;
+    m.generation = if old.same_spec(obj) {
+        o.generation
+    } else {
+        o.generation + 1
+    };
+    new
+}
+
+/// Guards a write on the status key holding exactly `seen` (serialised as every writer does),
+/// or being absent when `seen` is `None`.
+fn status_guard<S: serde::Serialize>(key: &str, seen: Option<&S>) -> Result<Compare> {
+    Ok(match seen {
+        Some(old) => Compare::value(
+            key,
+            CompareOp::Equal,
+            serde_json::to_vec(old).map_err(|e| Error::Invalid(e.to_string()))?,
+        ),
+        None => Compare::create_revision(key, CompareOp::Equal, 0),
+    })
+}
+
 pub(crate) fn encode<R: Resource>(obj: &R) -> Result<Vec<u8>> {
     let mut value = serde_json::to_value(obj).map_err(|e| Error::Invalid(e.to_string()))?;
     if let Value::Object(map) = &mut value {

@@ -228,6 +228,64 @@ async fn a_status_write_from_a_cached_object_lands_and_falls_back_when_the_cache
 }
 
 #[tokio::test]
+async fn replace_with_status_from_a_cached_object_lands_and_still_refuses_a_stale_edit() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let seen = store.create(&volume("a", "1Gi")).await.unwrap();
+    let mut bound = seen.clone();
+    bound.spec.machine = Some("m1".into());
+    let before = store.revision().await.unwrap();
+    let written = store
+        .replace_with_status_from(&seen, &bound, |_| phase(VolumePhase::Scheduled))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before + 1,
+        "one transaction"
+    );
+    assert_eq!(
+        written.metadata.generation, 2,
+        "a spec change bumps the generation"
+    );
+    let live: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        live.metadata.resource_version,
+        written.metadata.resource_version
+    );
+    assert_eq!(live.metadata.uid, seen.metadata.uid);
+    assert_eq!(live.status.clone().unwrap().phase, VolumePhase::Scheduled);
+
+    // A status written since `seen`: the cached attempt fails, the fallback computes from the
+    // stored status and lands.
+    store
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
+        .await
+        .unwrap();
+    let mut labelled = live.clone();
+    labelled.metadata.labels.insert("team".into(), "a".into());
+    let out = store
+        .replace_with_status_from(&live, &labelled, |v: &Volume| {
+            v.status.clone().unwrap_or_default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.status.unwrap().phase, VolumePhase::Ready);
+
+    // A stale edit is still a conflict and writes nothing.
+    let mut stale = live.clone();
+    stale.spec.machine = Some("m2".into());
+    let err = store
+        .replace_with_status_from(&live, &stale, |_| phase(VolumePhase::Lost))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    let after: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(after.spec.machine.as_deref(), Some("m1"));
+    assert_eq!(after.status.unwrap().phase, VolumePhase::Ready);
+}
+
+#[tokio::test]
 async fn a_status_write_that_changes_nothing_writes_nothing() {
     let etcd = Etcd::start();
     let store = connect(&etcd).await;

@@ -367,7 +367,9 @@ impl VolumeScheduler {
                 let message = format!("bound to machine {machine}");
                 let written = match self
                     .store
-                    .replace_with_status(&bound, |v| scheduled_status(v, true, "Bound", &message))
+                    .replace_with_status_from(&*volume, &bound, |v| {
+                        scheduled_status(v, true, "Bound", &message)
+                    })
                     .await
                 {
                     Ok(w) => w,
