@@ -73,6 +73,22 @@ async fn wait(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Replaces every object with `size`, 64 writes in flight.
+async fn resize_all(store: &Store, objects: Vec<Volume>, size: &str) {
+    let size: cobalt_api::Quantity = size.parse().unwrap();
+    futures::stream::iter(objects)
+        .map(|mut v| {
+            let store = store.clone();
+            async move {
+                v.spec.size = size;
+                store.replace(&v).await.unwrap()
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -142,17 +158,7 @@ async fn main() {
         .map(|v| (**v).clone())
         .collect();
     let t0 = Instant::now();
-    futures::stream::iter(objects)
-        .map(|mut v| {
-            let store = store.clone();
-            async move {
-                v.spec.size = "3Gi".parse().unwrap();
-                store.replace(&v).await.unwrap()
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
+    resize_all(&store, objects, "3Gi").await;
     wait("burst reconciles", Duration::from_secs(120), || {
         cache
             .list()
@@ -174,17 +180,7 @@ async fn main() {
         .take(BURST)
         .collect();
     let t0 = Instant::now();
-    futures::stream::iter(objects)
-        .map(|mut v| {
-            let store = store.clone();
-            async move {
-                v.spec.size = "4Gi".parse().unwrap();
-                store.replace(&v).await.unwrap()
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
+    resize_all(&store, objects, "4Gi").await;
     let burst_writes = t0.elapsed();
     let t0 = Instant::now();
     let (listed, _) = store.list::<Volume>(&Default::default()).await.unwrap();

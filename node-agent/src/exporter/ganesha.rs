@@ -22,7 +22,7 @@ use cobalt_api::Access;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{stable_id, write_if_changed, ExportError, ExportSet, ExportSpec, Exporter};
+use super::{stable_id, write_atomically, ExportError, ExportSet, ExportSpec, Exporter};
 
 /// How long a (re)started ganesha may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(15);
@@ -76,7 +76,8 @@ impl OnDisk {
         if self.files.get(&path) == Some(&text) {
             return Ok(false);
         }
-        write_if_changed(&path, &text)?;
+        // What is on disk is known (scanned, then kept): no need to read it back first.
+        write_atomically(&path, &text)?;
         self.files.insert(path, text);
         Ok(true)
     }

@@ -102,6 +102,12 @@ pub(crate) fn write_if_changed(path: &std::path::Path, text: &str) -> Result<boo
     if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
         return Ok(false);
     }
+    write_atomically(path, text)?;
+    Ok(true)
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so readers never see half.
+pub(crate) fn write_atomically(path: &std::path::Path, text: &str) -> Result<(), ExportError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|source| ExportError::Io {
         op: "write",
@@ -112,6 +118,5 @@ pub(crate) fn write_if_changed(path: &std::path::Path, text: &str) -> Result<boo
         op: "rename",
         path: path.into(),
         source,
-    })?;
-    Ok(true)
+    })
 }
