@@ -248,6 +248,17 @@ impl Reconciler<Volume> for VolumeAgent {
             // No intermediate "Provisioning" status write: creating a subvolume takes
             // milliseconds, so it would double the etcd writes for a state nobody sees.
             None => {
+                // Creating data needs, like destroying it, a fresh confirmation: a cache that is
+                // behind (an agent back from a partition replays old bindings) must not make a
+                // copy on a machine the volume has since left.
+                let fresh = self.store.get::<Volume>(&name).await?;
+                if !fresh.is_some_and(|f| {
+                    f.metadata.uid == uid
+                        && !f.metadata.is_deleting()
+                        && f.spec.machine.as_deref() == Some(self.machine.as_str())
+                }) {
+                    return Ok(Action::Done);
+                }
                 match &volume.spec.source {
                     Some(source) => {
                         let src = ctx
