@@ -29,11 +29,11 @@ pub mod validate;
 pub mod volume;
 
 pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
-pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus};
+pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
 pub use meta::{ObjectMeta, Resource, API_VERSION};
 pub use quantity::{Quantity, QuantityError};
 pub use validate::{FieldError, ValidationErrors};
 pub use volume::{
-    Access, Compression, Endpoint, Export, ExportClient, Placement, Usage, Volume, VolumePhase,
-    VolumeSource, VolumeSpec, VolumeStatus, AGENT_FINALIZER,
+    Access, Capability, Compression, Endpoint, Export, ExportClient, Placement, Usage, Volume,
+    VolumePhase, VolumeSource, VolumeSpec, VolumeStatus, AGENT_FINALIZER,
 };

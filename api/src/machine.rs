@@ -41,6 +41,23 @@ impl Machine {
     }
 }
 
+/// The label an agent puts on its Machine naming its backend kind (`btrfs`, `loop`), so
+/// manifests can select it with `placement.selector`.
+pub const BACKEND_LABEL: &str = "cobalt.io/backend";
+
+impl Machine {
+    /// Ready means schedulable: the agent holds its liveness lease (`alive`) and has reported
+    /// its capacity. The machine lifecycle writes the phase from this; placement uses the same
+    /// test, so a machine is never offered with capacity 0.
+    pub fn is_ready_with(&self, alive: bool) -> bool {
+        alive
+            && self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.capacity.total_bytes > 0)
+    }
+}
+
 /// Default `maxFill`: the share of a machine's bytes the scheduler may reserve.
 pub const DEFAULT_MAX_FILL_PERCENT: u8 = 90;
 
@@ -83,6 +100,10 @@ pub struct MachineStatus {
     /// Volumes bound to this machine.
     #[serde(default)]
     pub volumes: u32,
+    /// What the machine's backend can do beyond the core (the backend kind is the label
+    /// `cobalt.io/backend`). Written by the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<crate::volume::Capability>,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -82,13 +82,112 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl VolumeSpec {
+    /// The hard limit the spec asks for, in bytes (a whole number of MiB).
+    pub fn size_bytes(&self) -> u64 {
+        self.size.round_up_mib().bytes()
+    }
+
     /// Bytes this volume reserves on its machine: size × (1 + dilation%), rounded up to a MiB.
     pub fn reserved_bytes(&self) -> u64 {
-        let size = self.size.round_up_mib().bytes() as u128;
+        self.reserved_bytes_for(self.size_bytes())
+    }
+
+    /// What a volume of `size_bytes` with this spec's dilation reserves.
+    pub fn reserved_bytes_for(&self, size_bytes: u64) -> u64 {
+        let size = Quantity::from_bytes(size_bytes).round_up_mib().bytes() as u128;
         let reserved = size * (100 + self.dilation as u128) / 100;
         Quantity::from_bytes(u64::try_from(reserved).unwrap_or(u64::MAX))
             .round_up_mib()
             .bytes()
+    }
+
+    /// The capabilities a machine's backend needs to serve this spec.
+    pub fn required_capabilities(&self) -> Vec<Capability> {
+        let mut needs = Vec::new();
+        if !self.compression.is_none() {
+            needs.push(Capability::Compression);
+        }
+        if self.source.is_some() {
+            needs.push(Capability::Clone);
+        }
+        needs
+    }
+}
+
+impl Volume {
+    /// The size the agent may give the volume now: what the spec asks, but never more than the
+    /// scheduler has reserved room for (`status.allocatedBytes`; volumes from before
+    /// allocations existed count as granted).
+    pub fn granted_size_bytes(&self) -> u64 {
+        let asked = self.spec.size_bytes();
+        self.status
+            .as_ref()
+            .and_then(|s| s.allocated_bytes)
+            .map_or(asked, |a| a.min(asked))
+    }
+
+    /// Bytes the capacity ledger counts for this volume on its machine: the reservation of the
+    /// granted size, or of the limit actually in force if that is larger (a shrink the agent
+    /// could not apply still holds its bytes). Shared by the scheduler and the agent's machine
+    /// report, so both count the same.
+    pub fn ledger_bytes(&self) -> u64 {
+        let in_force = self
+            .status
+            .as_ref()
+            .and_then(|s| s.usage.as_ref())
+            .map_or(0, |u| u.limit_bytes);
+        self.spec
+            .reserved_bytes_for(self.granted_size_bytes().max(in_force))
+    }
+
+    /// The machines whose ledger counts this volume: where it is bound and where its data is
+    /// (both, while they differ: a move holds room on both ends).
+    pub fn ledger_machines(&self) -> impl Iterator<Item = &str> {
+        let bound = self.spec.machine.as_deref();
+        let holder = self
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_deref())
+            .filter(|h| Some(*h) != bound);
+        bound.into_iter().chain(holder)
+    }
+}
+
+/// What a backend can do beyond the core every backend has (create, destroy, resize, list,
+/// usage, capacity). Agents publish theirs in Machine status; the scheduler places a volume
+/// only where its spec can be served.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Capability {
+    /// Transparent compression (`spec.compression` other than none).
+    Compression,
+    /// A volume as a copy of another's content (`spec.source`).
+    Clone,
+    /// Read-only point-in-time copies.
+    Snapshot,
+    /// Streams of a volume's content for moves between machines.
+    SendReceive,
+    /// Online defragmentation (`cobalt.io/defragment`).
+    Defragment,
+}
+
+impl Capability {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Capability::Compression => "compression",
+            Capability::Clone => "clone",
+            Capability::Snapshot => "snapshot",
+            Capability::SendReceive => "sendReceive",
+            Capability::Defragment => "defragment",
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -168,6 +267,11 @@ pub struct VolumeStatus {
     pub endpoint: Option<Endpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The size in bytes the scheduler has reserved room for on the volume's machine. The agent
+    /// never grows the volume past it; a grow that does not fit leaves it at the old size (see
+    /// the `CapacityReserved` condition). Absent on volumes never bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
     /// The last `cobalt.io/defragment` token whose defragmentation finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defragmented: Option<String>,
@@ -177,17 +281,26 @@ pub struct VolumeStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// Where a volume is in its life. Each phase is written by exactly one actor (see
+/// ARCHITECTURE.md): Pending and Scheduled by the scheduler, Lost by the scheduler when the
+/// machine holding the data is gone; Ready, Resizing, Deleting and Failed by the agent holding
+/// (or about to create) the data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum VolumePhase {
+    /// Not bound to a machine yet (or no machine can take it: see the Scheduled condition).
     #[default]
     Pending,
+    /// Bound; the agent has not reported it yet.
     Scheduled,
-    Provisioning,
+    /// Provisioned, exported as the spec says, serving.
     Ready,
-    Moving,
-    Resizing,
+    /// Being deleted: unexported, its data is going (a destroy that fails stays here, with the
+    /// error in the Ready condition).
     Deleting,
+    /// Cannot be served as declared; the Ready condition's reason and message say why (data
+    /// missing on its machine, a capability the machine's backend lacks).
     Failed,
+    /// The machine holding the data is not ready; the data stays there until it returns.
     Lost,
 }
 
@@ -213,6 +326,53 @@ pub struct Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sized(size: &str) -> Volume {
+        Volume::new(
+            "v",
+            VolumeSpec {
+                size: size.parse().unwrap(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_grow_is_granted_only_up_to_the_allocation_and_the_ledger_counts_the_limit_in_force() {
+        let mut v = sized("128Mi");
+        assert_eq!(v.granted_size_bytes(), 128 << 20, "never bound: the spec");
+        v.status = Some(VolumeStatus {
+            allocated_bytes: Some(64 << 20),
+            usage: Some(Usage {
+                used_bytes: 0,
+                limit_bytes: 64 << 20,
+                updated: None,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(v.granted_size_bytes(), 64 << 20, "grow not granted yet");
+        assert_eq!(v.ledger_bytes(), 64 << 20);
+        // A shrink to 32Mi the agent could not apply still holds 64Mi in the ledger.
+        v.spec.size = "32Mi".parse().unwrap();
+        assert_eq!(v.granted_size_bytes(), 32 << 20);
+        assert_eq!(v.ledger_bytes(), 64 << 20);
+        v.spec.dilation = 50;
+        assert_eq!(v.ledger_bytes(), 96 << 20);
+    }
+
+    #[test]
+    fn compression_and_clones_need_their_capabilities() {
+        let mut spec = sized("1Gi").spec;
+        assert!(spec.required_capabilities().is_empty());
+        spec.compression = Compression::Zstd;
+        spec.source = Some(VolumeSource {
+            volume: "base".into(),
+        });
+        assert_eq!(
+            spec.required_capabilities(),
+            [Capability::Compression, Capability::Clone]
+        );
+    }
 
     #[test]
     fn reservation_includes_dilation_and_rounds_to_mib() {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use cobalt_store::{EtcdConfig, TlsFiles};
+use cobalt_store::EtcdConfig;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -102,18 +102,8 @@ pub struct Flags {
     /// YAML config file; flags override its keys.
     #[arg(long, env = "COBALT_CONTROLLER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// etcd endpoints, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pub etcd_endpoints: Option<Vec<String>>,
-    /// Key prefix in etcd (default /cobalt).
-    #[arg(long)]
-    pub etcd_prefix: Option<String>,
-    #[arg(long)]
-    pub etcd_ca: Option<PathBuf>,
-    #[arg(long)]
-    pub etcd_cert: Option<PathBuf>,
-    #[arg(long)]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: cobalt_store::EtcdFlags,
     /// Address of the HTTP API (default 127.0.0.1:7420).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -172,19 +162,7 @@ impl ControllerConfig {
             Some(path) => read_yaml(path)?,
             None => ControllerConfig::default(),
         };
-        if let Some(e) = &flags.etcd_endpoints {
-            c.etcd.endpoints = e.clone();
-        }
-        if let Some(p) = &flags.etcd_prefix {
-            c.etcd.prefix = p.clone();
-        }
-        if let Some(ca) = &flags.etcd_ca {
-            c.etcd.tls = Some(TlsFiles {
-                ca: ca.clone(),
-                cert: flags.etcd_cert.clone(),
-                key: flags.etcd_key.clone(),
-            });
-        }
+        flags.etcd.apply(&mut c.etcd);
         if let Some(l) = flags.listen {
             c.listen = l;
         }

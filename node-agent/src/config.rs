@@ -34,17 +34,26 @@ fn btrfs() -> String {
     "btrfs".into()
 }
 
+/// Which NFS server exports this machine's volumes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExporterKind {
+    /// An nfs-ganesha the agent runs and supervises.
+    Ganesha,
+    /// The kernel NFS server (`/etc/exports.d/` + `exportfs -ra`).
+    Kernel,
+    /// No exports (volumes are reported Exported=False, reason NoExporter).
+    #[default]
+    None,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExporterConfig {
-    #[serde(default = "none")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: ExporterKind,
     #[serde(default = "nfs_port")]
     pub port: u16,
-}
-
-fn none() -> String {
-    "none".into()
 }
 
 fn nfs_port() -> u16 {
@@ -54,7 +63,7 @@ fn nfs_port() -> u16 {
 impl Default for ExporterConfig {
     fn default() -> Self {
         ExporterConfig {
-            kind: none(),
+            kind: ExporterKind::None,
             port: nfs_port(),
         }
     }
@@ -113,11 +122,8 @@ pub struct Flags {
     /// YAML config file; flags override its keys.
     #[arg(long, env = "COBALT_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// etcd endpoints, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pub etcd_endpoints: Option<Vec<String>>,
-    #[arg(long)]
-    pub etcd_prefix: Option<String>,
+    #[command(flatten)]
+    pub etcd: cobalt_store::EtcdFlags,
     /// This machine's name (default: the hostname).
     #[arg(long)]
     pub machine: Option<String>,
@@ -134,8 +140,8 @@ pub struct Flags {
     #[arg(long)]
     pub pool: Option<PathBuf>,
     /// Exporter: ganesha, kernel or none.
-    #[arg(long)]
-    pub exporter: Option<String>,
+    #[arg(long, value_enum)]
+    pub exporter: Option<ExporterKind>,
     /// NFS port of the exporter.
     #[arg(long)]
     pub export_port: Option<u16>,
@@ -192,14 +198,32 @@ pub enum PoolCommand {
     },
 }
 
+/// Why the agent's configuration cannot be used; each message names the key or flag to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl AgentConfig {
-    pub fn load(flags: &Flags) -> anyhow::Result<AgentConfig> {
+    pub fn load(flags: &Flags) -> Result<AgentConfig, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
         let mut c: AgentConfig = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-                serde_saphyr::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("config file {} is invalid: {e}", path.display())
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
                 })?
             }
             None => AgentConfig {
@@ -218,12 +242,7 @@ impl AgentConfig {
                 usage_refresh: usage_refresh(),
             },
         };
-        if let Some(e) = &flags.etcd_endpoints {
-            c.etcd.endpoints = e.clone();
-        }
-        if let Some(p) = &flags.etcd_prefix {
-            c.etcd.prefix = p.clone();
-        }
+        flags.etcd.apply(&mut c.etcd);
         if let Some(m) = &flags.machine {
             c.machine = m.clone();
         }
@@ -232,9 +251,9 @@ impl AgentConfig {
         }
         if let Some(labels) = &flags.labels {
             for l in labels {
-                let (k, v) = l
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("--labels {l:?}: write key=value"))?;
+                let Some((k, v)) = l.split_once('=') else {
+                    return invalid(format!("--labels {l:?}: write key=value"));
+                };
                 c.labels.insert(k.into(), v.into());
             }
         }
@@ -244,8 +263,8 @@ impl AgentConfig {
         if let Some(p) = &flags.pool {
             c.backend.pool = p.clone();
         }
-        if let Some(e) = &flags.exporter {
-            c.exporter.kind = e.clone();
+        if let Some(e) = flags.exporter {
+            c.exporter.kind = e;
         }
         if let Some(p) = flags.export_port {
             c.exporter.port = p;
@@ -266,25 +285,21 @@ impl AgentConfig {
                 .to_string();
         }
         if let Some(p) = cobalt_api::validate::dns1123_label_problem(&c.machine) {
-            anyhow::bail!("machine name {p}; set --machine");
+            return invalid(format!("machine name {p}; set --machine"));
         }
         if c.backend.kind != "btrfs" {
-            anyhow::bail!(
+            return invalid(format!(
                 "backend.kind {:?} is not supported; use btrfs",
                 c.backend.kind
-            );
+            ));
         }
         if c.backend.pool.as_os_str().is_empty() {
-            anyhow::bail!("no pool given: set backend.pool or --pool to a mounted BTRFS directory");
-        }
-        if !matches!(c.exporter.kind.as_str(), "none" | "ganesha" | "kernel") {
-            anyhow::bail!(
-                "exporter.kind {:?} is unknown; use ganesha, kernel or none",
-                c.exporter.kind
+            return invalid(
+                "no pool given: set backend.pool or --pool to a mounted BTRFS directory".into(),
             );
         }
-        if c.exporter.kind != "none" && c.address.is_empty() {
-            anyhow::bail!("exporting needs the address clients reach this machine at: set address or --address");
+        if c.exporter.kind != ExporterKind::None && c.address.is_empty() {
+            return invalid("exporting needs the address clients reach this machine at: set address or --address".into());
         }
         Ok(c)
     }

@@ -8,8 +8,11 @@
 pub mod backend;
 pub mod config;
 pub mod exporter;
+pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod plan;
 pub mod pool;
 pub mod registration;
+pub mod usage;
 pub mod volumes;

@@ -1,17 +1,42 @@
 //! `cobalt-agent pool create|destroy`: a loopback BTRFS pool for demos and tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().map_err(|e| {
-        anyhow::anyhow!("cannot run {cmd:?}: {e} (install btrfs-progs: `make deps`)")
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot run {command}: {source} (install btrfs-progs: `make deps`)")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
+    move |source| PoolError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<(), PoolError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| PoolError::Spawn {
+        command: command.clone(),
+        source,
     })?;
     if !out.status.success() {
-        anyhow::bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(PoolError::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -24,17 +49,19 @@ fn mounted(mount: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(&*m))
 }
 
-pub fn create(image: &Path, size_bytes: u64, mount: &Path) -> anyhow::Result<()> {
+pub fn create(image: &Path, size_bytes: u64, mount: &Path) -> Result<(), PoolError> {
     if mounted(mount) {
         println!("pool already mounted at {}", mount.display());
         return Ok(());
     }
     if let Some(dir) = image.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    std::fs::create_dir_all(mount)?;
+    std::fs::create_dir_all(mount).map_err(io(mount))?;
     if !image.exists() {
-        std::fs::File::create(image)?.set_len(size_bytes)?;
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(size_bytes))
+            .map_err(io(image))?;
         run(Command::new("mkfs.btrfs").arg("-q").arg(image))?;
     }
     run(Command::new("mount")
@@ -46,12 +73,12 @@ pub fn create(image: &Path, size_bytes: u64, mount: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
-pub fn destroy(image: &Path, mount: &Path) -> anyhow::Result<()> {
+pub fn destroy(image: &Path, mount: &Path) -> Result<(), PoolError> {
     if mounted(mount) {
         run(Command::new("umount").arg("-R").arg(mount))?;
     }
     if image.exists() {
-        std::fs::remove_file(image)?;
+        std::fs::remove_file(image).map_err(io(image))?;
     }
     let _ = std::fs::remove_dir(mount);
     println!("pool {} removed", image.display());

@@ -1,43 +1,81 @@
 //! The machine's presence in etcd: the Machine object (created if absent, never overwriting what
-//! a user set), its liveness key (bound to the agent's lease, re-established if the lease is
-//! lost), and its status (capacity, reservations, volume count, orphans), written only when it
-//! changes.
+//! a user set, but always carrying the agent's backend label), its liveness key (bound to the
+//! agent's lease, re-established if the lease is lost), and its status fields the agent owns —
+//! capacity, reservations, volume count, backend capabilities, orphans — written only when they
+//! change.
+//!
+//! **Readiness has one writer**: the leader's machine lifecycle sets phase and the Ready
+//! condition from the liveness key and the capacity reported here (Ready = alive and capacity
+//! known, `Machine::is_ready_with`). The agent never writes them, so the two cannot disagree.
+//! The first status write follows registration at once (retried within a second when etcd is
+//! not there yet), so a started agent is schedulable within about a second.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use cobalt_api::{
-    set_condition, Capacity, ConditionStatus, Machine, MachinePhase, MachineSpec, Volume,
+    set_condition, Capacity, ConditionStatus, Machine, MachineSpec, Volume, BACKEND_LABEL,
 };
 use cobalt_reconcile::{Cache, CancellationToken};
 use cobalt_store::Store;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
+use crate::http::Readiness;
 
 /// How often the machine status is recomputed.
 pub const STATUS_PERIOD: Duration = Duration::from_secs(5);
+/// How soon a failed registration or status write is tried again.
+const RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error(transparent)]
+    Store(#[from] cobalt_store::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("backend task failed: {0}")]
+    Join(String),
+}
+
+/// Who this machine is, as registration needs it.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub address: String,
+    /// Labels for a newly registered Machine.
+    pub labels: BTreeMap<String, String>,
+}
 
 /// Creates the Machine if it does not exist; an existing one (declared by a user, or by an
-/// earlier run) is left as it is.
+/// earlier run) keeps everything a user set, and gains the backend label if it lacks it.
 pub async fn register(
     store: &Store,
-    name: &str,
-    address: &str,
-    labels: &BTreeMap<String, String>,
+    me: &Identity,
+    backend_kind: &str,
 ) -> Result<(), cobalt_store::Error> {
-    if store.get::<Machine>(name).await?.is_some() {
+    if let Some(mut m) = store.get::<Machine>(&me.name).await? {
+        if m.metadata.labels.get(BACKEND_LABEL).map(String::as_str) != Some(backend_kind) {
+            m.metadata
+                .labels
+                .insert(BACKEND_LABEL.into(), backend_kind.into());
+            store.replace(&m).await?;
+        }
         return Ok(());
     }
     let mut m = Machine::new(
-        name,
+        &me.name,
         MachineSpec {
-            address: address.to_string(),
+            address: me.address.clone(),
             ..Default::default()
         },
     );
-    m.metadata.labels = labels.clone();
+    m.metadata.labels = me.labels.clone();
+    m.metadata
+        .labels
+        .insert(BACKEND_LABEL.into(), backend_kind.into());
     match store.create(&m).await {
         Ok(_) | Err(cobalt_store::Error::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
@@ -54,7 +92,7 @@ pub async fn keep_alive(store: Store, name: String, ttl: Duration, shutdown: Can
                 tracing::warn!(error = %e, "cannot get a liveness lease; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(RETRY) => continue,
                 }
             }
         };
@@ -74,26 +112,40 @@ pub async fn keep_alive(store: Store, name: String, ttl: Duration, shutdown: Can
     }
 }
 
-/// Keeps the Machine's status current until shutdown.
-pub async fn report_status(
+/// Registers the Machine, then keeps its status current until shutdown.
+pub async fn run(
     store: Store,
-    name: String,
+    me: Identity,
     backend: Arc<dyn Backend>,
     volumes: Cache<Volume>,
+    readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
+    while let Err(e) = register(&store, &me, backend.kind()).await {
+        tracing::warn!(error = %e, "cannot register the machine yet; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+    tracing::info!(machine = %me.name, "registered");
+    readiness.registered.store(true, Ordering::SeqCst);
     // Until the cache is loaded every subvolume would look orphaned.
     tokio::select! {
         _ = shutdown.cancelled() => return,
         _ = volumes.ready() => {}
     }
     loop {
-        if let Err(e) = write_status(&store, &name, &backend, &volumes).await {
-            tracing::debug!(error = %e, "machine status not written; retrying");
-        }
+        let wait = match write_status(&store, &me.name, &backend, &volumes).await {
+            Ok(()) => STATUS_PERIOD,
+            Err(e) => {
+                tracing::debug!(error = %e, "machine status not written; retrying");
+                RETRY
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(STATUS_PERIOD) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -103,18 +155,22 @@ async fn write_status(
     name: &str,
     backend: &Arc<dyn Backend>,
     volumes: &Cache<Volume>,
-) -> anyhow::Result<()> {
+) -> Result<(), RegistrationError> {
     let b = backend.clone();
-    let (capacity, on_disk) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::backend::BackendError>((b.capacity()?, b.list()?))
-    })
-    .await??;
+    let (capacity, on_disk) =
+        tokio::task::spawn_blocking(move || Ok::<_, BackendError>((b.capacity()?, b.list()?)))
+            .await
+            .map_err(|e| RegistrationError::Join(e.to_string()))??;
+    let capabilities = backend.capabilities();
     let all = volumes.list();
-    let bound: Vec<&Arc<Volume>> = all
-        .iter()
-        .filter(|v| v.spec.machine.as_deref() == Some(name))
-        .collect();
-    let reserved: u64 = bound.iter().map(|v| v.spec.reserved_bytes()).sum();
+    let mut count = 0u32;
+    let mut reserved = 0u64;
+    for v in &all {
+        if v.ledger_machines().any(|m| m == name) {
+            count += 1;
+            reserved += v.ledger_bytes();
+        }
+    }
     let uids: std::collections::HashSet<&str> =
         all.iter().map(|v| v.metadata.uid.as_str()).collect();
     let orphans: Vec<String> = on_disk
@@ -131,18 +187,8 @@ async fn write_status(
                 reserved_bytes: reserved,
                 used_bytes: capacity.used_bytes,
             };
-            s.volumes = bound.len() as u32;
-            s.phase = MachinePhase::Ready;
-            let now = Utc::now();
-            set_condition(
-                &mut s.conditions,
-                "Ready",
-                ConditionStatus::True,
-                "AgentAlive",
-                "the agent holds its lease",
-                m.metadata.generation,
-                now,
-            );
+            s.volumes = count;
+            s.capabilities = capabilities.clone();
             if orphans.is_empty() {
                 s.conditions.retain(|c| c.type_ != "OrphanVolumes");
             } else {
@@ -157,7 +203,7 @@ async fn write_status(
                     "Found",
                     &message,
                     m.metadata.generation,
-                    now,
+                    Utc::now(),
                 );
             }
             Some(s)

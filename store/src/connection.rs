@@ -223,3 +223,42 @@ fn tls_options(files: &TlsFiles) -> Result<TlsOptions> {
     }
     Ok(tls)
 }
+
+/// The etcd flags both daemons take (`--etcd-endpoints`, `--etcd-prefix`, `--etcd-ca`,
+/// `--etcd-cert`, `--etcd-key`); each overrides the config file's `etcd:` key.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EtcdFlags {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix in etcd (default /cobalt).
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// CA that signed etcd's server certificate (turns on TLS to etcd).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd started with --client-cert-auth; needs --etcd-key.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdFlags {
+    /// Lays the flags given over `config`.
+    pub fn apply(&self, config: &mut EtcdConfig) {
+        if let Some(e) = &self.etcd_endpoints {
+            config.endpoints = e.clone();
+        }
+        if let Some(p) = &self.etcd_prefix {
+            config.prefix = p.clone();
+        }
+        if let Some(ca) = &self.etcd_ca {
+            config.tls = Some(TlsFiles {
+                ca: ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
+        }
+    }
+}

@@ -28,7 +28,7 @@ pub mod liveness;
 pub mod objects;
 pub mod watch;
 
-pub use connection::{EtcdConfig, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT};
+pub use connection::{EtcdConfig, EtcdFlags, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT};
 pub use election::{Fence, Leadership};
 pub use error::{Error, Result};
 pub use lease::Lease;

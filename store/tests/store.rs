@@ -114,12 +114,12 @@ async fn spec_writer_and_status_writer_never_conflict() {
     assert_eq!(replaced.status.unwrap().phase, VolumePhase::Ready);
     // And a status write after the spec change needs no fresh resourceVersion either.
     store
-        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Resizing)))
+        .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Deleting)))
         .await
         .unwrap();
     let live: Volume = store.get("a").await.unwrap().unwrap();
     assert_eq!(live.spec.size, "5Gi".parse().unwrap());
-    assert_eq!(live.status.unwrap().phase, VolumePhase::Resizing);
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Deleting);
 }
 
 #[tokio::test]
@@ -219,12 +219,12 @@ async fn a_status_write_from_a_cached_object_lands_and_falls_back_when_the_cache
     edited.spec.size = "2Gi".parse().unwrap();
     store.replace(&edited).await.unwrap();
     let update = store
-        .update_status_from(&live, |_| Some(phase(VolumePhase::Resizing)))
+        .update_status_from(&live, |_| Some(phase(VolumePhase::Deleting)))
         .await
         .unwrap();
     assert_eq!(update.object.spec.size, "2Gi".parse().unwrap());
     let live: Volume = store.get("a").await.unwrap().unwrap();
-    assert_eq!(live.status.unwrap().phase, VolumePhase::Resizing);
+    assert_eq!(live.status.unwrap().phase, VolumePhase::Deleting);
 }
 
 #[tokio::test]

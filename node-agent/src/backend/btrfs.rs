@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cobalt_api::Compression;
+use cobalt_api::{Capability, Compression};
 
 use super::{Backend, BackendError, PoolCapacity, Result, VolumeRecord, VolumeUsage};
 
@@ -249,6 +249,20 @@ impl BtrfsBackend {
 }
 
 impl Backend for BtrfsBackend {
+    fn kind(&self) -> &'static str {
+        "btrfs"
+    }
+
+    /// Snapshot and send/receive are BTRFS features too; they are declared once the agent uses
+    /// them (moves), so the list never promises more than the agent does.
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![
+            Capability::Compression,
+            Capability::Clone,
+            Capability::Defragment,
+        ]
+    }
+
     fn create(&self, record: &VolumeRecord) -> Result<()> {
         let path = self.subvolume(&record.uid);
         if !path.exists() {
@@ -485,9 +499,11 @@ fn check_btrfs(path: &Path) -> Result<()> {
     let s = nix::sys::statfs::statfs(path).map_err(errno("statfs", path))?;
     let found = s.filesystem_type().0 as i64;
     if found != BTRFS_SUPER_MAGIC {
-        return Err(BackendError::NotBtrfs {
+        return Err(BackendError::InvalidPool {
             path: path.into(),
-            found,
+            reason: format!(
+                "not a BTRFS filesystem (statfs type {found:#x}); point backend.pool at a mounted BTRFS directory"
+            ),
         });
     }
     Ok(())

@@ -9,11 +9,14 @@
 //! }
 //! cobalt_agent::backend_conformance!(Pool::new());
 //! ```
-//! Each case gets its own harness (fresh storage) and cleans up through it.
+//! Each case gets its own harness (fresh storage) and cleans up through it. Cases of a
+//! capability (compression, clone, defragment) run in full where the backend declares it;
+//! where it does not, the same case checks instead that the capability's methods refuse with
+//! [`BackendError::Unsupported`] — so no case passes by doing nothing.
 
 use std::io::Write;
 
-use cobalt_api::Compression;
+use cobalt_api::{Capability, Compression};
 
 use super::{Backend, BackendError, VolumeRecord};
 
@@ -156,8 +159,35 @@ pub fn resize_grows_and_shrinks_only_above_what_is_used(h: &impl Harness) {
     assert_eq!(b.list().unwrap()[0].size_bytes, 24 * MIB);
 }
 
+/// True when `b` declares `capability`; otherwise checks that `attempt` is refused as
+/// unsupported and returns false.
+fn declares<B: Backend>(
+    b: &B,
+    capability: Capability,
+    attempt: impl FnOnce(&B) -> super::Result<()>,
+) -> bool {
+    if b.can(capability) {
+        return true;
+    }
+    match attempt(b) {
+        Err(BackendError::Unsupported { capability: c }) if c == capability => {
+            eprintln!("{capability} is not declared by this backend: checked that it is refused");
+            false
+        }
+        other => {
+            panic!("{capability} is not declared, so it must be refused as Unsupported: {other:?}")
+        }
+    }
+}
+
 pub fn a_clone_has_the_sources_content_and_is_independent_after(h: &impl Harness) {
     let b = h.open();
+    if !declares(&b, Capability::Clone, |b| {
+        b.create(&record("src", 32 * MIB))?;
+        b.clone_from("src", &record("copy", 16 * MIB))
+    }) {
+        return;
+    }
     b.create(&record("src", 32 * MIB)).unwrap();
     std::fs::write(b.path("src").join("file"), b"original").unwrap();
     b.clone_from("src", &record("copy", 16 * MIB)).unwrap();
@@ -189,6 +219,12 @@ pub fn a_clone_has_the_sources_content_and_is_independent_after(h: &impl Harness
 
 pub fn compression_is_set_and_read_back(h: &impl Harness) {
     let b = h.open();
+    if !declares(&b, Capability::Compression, |b| {
+        b.create(&record("u1", 16 * MIB))?;
+        b.set_compression("u1", Compression::Zstd)
+    }) {
+        return;
+    }
     b.create(&VolumeRecord {
         compression: Compression::Zstd,
         ..record("u1", 16 * MIB)
@@ -199,7 +235,63 @@ pub fn compression_is_set_and_read_back(h: &impl Harness) {
     assert_eq!(b.compression("u1").unwrap(), Compression::Lzo);
     b.set_compression("u1", Compression::None).unwrap();
     assert_eq!(b.compression("u1").unwrap(), Compression::None);
+}
+
+pub fn defragment_keeps_the_content_and_can_be_repeated(h: &impl Harness) {
+    let b = h.open();
+    if !declares(&b, Capability::Defragment, |b| {
+        b.create(&record("u1", 16 * MIB))?;
+        b.defragment("u1")
+    }) {
+        return;
+    }
+    b.create(&VolumeRecord {
+        compression: if b.can(Capability::Compression) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        ..record("u1", 32 * MIB)
+    })
+    .unwrap();
+    fill(&b, "u1", "data", 8 * MIB).unwrap();
+    let before = std::fs::read(b.path("u1").join("data")).unwrap();
     b.defragment("u1").unwrap();
+    b.defragment("u1").unwrap();
+    assert_eq!(
+        std::fs::read(b.path("u1").join("data")).unwrap(),
+        before,
+        "defragmenting must not change a byte"
+    );
+    assert!(matches!(
+        b.defragment("nope"),
+        Err(BackendError::UnknownVolume(_))
+    ));
+}
+
+pub fn operations_on_an_unknown_volume_are_unknown_volume(h: &impl Harness) {
+    let b = h.open();
+    assert!(matches!(
+        b.resize("nope", 16 * MIB),
+        Err(BackendError::UnknownVolume(_))
+    ));
+    assert!(matches!(
+        b.usage("nope"),
+        Err(BackendError::UnknownVolume(_))
+    ));
+    assert_eq!(b.get("nope").unwrap(), None);
+}
+
+pub fn the_backend_names_its_kind(h: &impl Harness) {
+    let b = h.open();
+    let kind = b.kind();
+    assert!(
+        !kind.is_empty()
+            && kind
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "a kind is a label value: {kind:?}"
+    );
 }
 
 pub fn a_fresh_instance_lists_the_same_volumes(h: &impl Harness) {
@@ -280,6 +372,18 @@ macro_rules! backend_conformance {
             #[test]
             fn compression_is_set_and_read_back() {
                 c::compression_is_set_and_read_back(&$make)
+            }
+            #[test]
+            fn defragment_keeps_the_content_and_can_be_repeated() {
+                c::defragment_keeps_the_content_and_can_be_repeated(&$make)
+            }
+            #[test]
+            fn operations_on_an_unknown_volume_are_unknown_volume() {
+                c::operations_on_an_unknown_volume_are_unknown_volume(&$make)
+            }
+            #[test]
+            fn the_backend_names_its_kind() {
+                c::the_backend_names_its_kind(&$make)
             }
             #[test]
             fn a_fresh_instance_lists_the_same_volumes() {

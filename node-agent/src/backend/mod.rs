@@ -2,6 +2,13 @@
 //! `IBlockDeviceAPI`, so the reconciler never knows which filesystem it drives, and a reusable
 //! [`conformance`] suite any backend instantiates against the real thing.
 //!
+//! The trait has a **core** every backend implements (create, destroy, resize, list with
+//! records, usage, capacity, path) and **capabilities** it declares as data
+//! ([`Backend::capabilities`]): compression, clone, defragment (snapshot and send/receive come
+//! with moves). A capability's methods default to [`BackendError::Unsupported`], the agent
+//! publishes the list on its Machine, the scheduler places volumes only where their spec can be
+//! served, and the conformance suite runs a capability's cases only where it is declared.
+//!
 //! Backends are synchronous (they are syscalls and short commands); the agent calls them from
 //! `spawn_blocking`. Every volume carries its own metadata on the backend ([`VolumeRecord`]), so
 //! a restarted agent rediscovers its volumes without etcd.
@@ -11,7 +18,7 @@ pub mod conformance;
 
 use std::path::PathBuf;
 
-use cobalt_api::Compression;
+use cobalt_api::{Capability, Compression};
 use serde::{Deserialize, Serialize};
 
 /// What a backend stores with each volume, and lists back.
@@ -47,8 +54,10 @@ pub enum BackendError {
     UnknownVolume(String),
     #[error("cannot shrink to {new_bytes} bytes: {used_bytes} bytes are in use; free space first or choose a larger size")]
     ResizeBlocked { used_bytes: u64, new_bytes: u64 },
-    #[error("{path} is not a BTRFS filesystem (statfs type {found:#x}); point backend.pool at a mounted BTRFS directory")]
-    NotBtrfs { path: PathBuf, found: i64 },
+    #[error("the pool {path} cannot be used: {reason}")]
+    InvalidPool { path: PathBuf, reason: String },
+    #[error("this backend cannot {capability} (it does not declare the capability)")]
+    Unsupported { capability: Capability },
     #[error("{op} on {path}: {source}")]
     Io {
         op: &'static str,
@@ -66,18 +75,49 @@ pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 /// A place that holds volumes. Every method is idempotent where the name says so and safe to
 /// call again after a crash at any point.
 pub trait Backend: Send + Sync + 'static {
+    /// The backend's kind as published in the Machine label `cobalt.io/backend` (`btrfs`).
+    fn kind(&self) -> &'static str;
+    /// What this backend can do beyond the core. Methods of capabilities not listed here return
+    /// [`BackendError::Unsupported`].
+    fn capabilities(&self) -> Vec<Capability>;
+
     /// Creates an empty volume, or does nothing if one with this uid exists with the same record.
     fn create(&self, record: &VolumeRecord) -> Result<()>;
-    /// Creates `record` as a copy of `source_uid`'s current content with its own size limit.
-    /// Idempotent like `create`.
-    fn clone_from(&self, source_uid: &str, record: &VolumeRecord) -> Result<()>;
     /// Destroys a volume and everything in it. Unknown uid → [`BackendError::UnknownVolume`].
     fn destroy(&self, uid: &str) -> Result<()>;
     /// Sets the hard limit. Shrinking below what is used → [`BackendError::ResizeBlocked`].
     fn resize(&self, uid: &str, size_bytes: u64) -> Result<()>;
-    fn set_compression(&self, uid: &str, compression: cobalt_api::Compression) -> Result<()>;
-    fn compression(&self, uid: &str) -> Result<cobalt_api::Compression>;
-    fn defragment(&self, uid: &str) -> Result<()>;
+
+    /// Capability `clone`: creates `record` as a copy of `source_uid`'s current content with its
+    /// own size limit. Idempotent like `create`.
+    fn clone_from(&self, _source_uid: &str, _record: &VolumeRecord) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Clone,
+        })
+    }
+    /// Capability `compression`: compression of new writes.
+    fn set_compression(&self, _uid: &str, _compression: Compression) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Compression,
+        })
+    }
+    /// Capability `compression`: the compression in force.
+    fn compression(&self, _uid: &str) -> Result<Compression> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Compression,
+        })
+    }
+    /// Capability `defragment`: defragments the volume online (content unchanged).
+    fn defragment(&self, _uid: &str) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Defragment,
+        })
+    }
+
+    /// True when the backend declares `capability`.
+    fn can(&self, capability: Capability) -> bool {
+        self.capabilities().contains(&capability)
+    }
     /// Every volume on the backend with its record.
     fn list(&self) -> Result<Vec<VolumeRecord>>;
     /// One volume's record, if it exists (and its creation finished).

@@ -5,6 +5,7 @@
 //! Rules: no clients listed → exported to nobody (no export at all); `rootSquash` defaults to
 //! true; hosts were validated by the API (IP, CIDR, hostname).
 
+pub mod batch;
 pub mod ganesha;
 pub mod kernel;
 

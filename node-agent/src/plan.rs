@@ -1,0 +1,705 @@
+//! The agent's decisions, as pure code: what to do for one Volume given what this machine holds
+//! ([`plan`]), and what status to report afterwards ([`status`]). No etcd, no backend, no clock
+//! beyond the timestamp passed in — every branch is a table test below. The reconciler
+//! (`volumes.rs`) only executes the [`Step`]s and fills in the [`Report`].
+//!
+//! **Whose volume is it?** Two fields say: `spec.machine` is where it should be, `status.machine`
+//! where its data is. From one machine's view ([`role`]):
+//! - data here, or bound here and never provisioned anywhere → [`Role::Serving`];
+//! - data here but bound elsewhere → [`Role::MoveRequested`]: the data stays and is served here
+//!   until a move carries it over (moves are not implemented yet; a condition says so);
+//! - bound here but the data is elsewhere → [`Role::AwaitingData`]: nothing is created;
+//! - otherwise → [`Role::NotHere`].
+//!
+//! **Safety invariant:** a volume that has been provisioned (`status.machine` set) is never
+//! created empty — not on another machine, and not on its own machine when its data has gone
+//! missing there (that is reported as `Failed`, reason `DataMissing`). The executor checks the
+//! same with a fresh read before any step that creates data.
+
+use chrono::{DateTime, Utc};
+use cobalt_api::{
+    set_condition, Capability, Compression, ConditionStatus, Endpoint, Usage, Volume, VolumePhase,
+    VolumeStatus, AGENT_FINALIZER,
+};
+
+use crate::backend::VolumeRecord;
+
+/// The annotation whose value, when it changes, asks for one defragmentation.
+pub const DEFRAGMENT_ANNOTATION: &str = "cobalt.io/defragment";
+
+/// What this machine is to a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    NotHere,
+    Serving,
+    /// The data is here; `spec.machine` names `to`.
+    MoveRequested {
+        to: String,
+    },
+    /// Bound here; the data is on `on`.
+    AwaitingData {
+        on: String,
+    },
+}
+
+pub fn role(v: &Volume, machine: &str) -> Role {
+    let bound_here = v.spec.machine.as_deref() == Some(machine);
+    match v.status.as_ref().and_then(|s| s.machine.as_deref()) {
+        Some(h) if h == machine && bound_here => Role::Serving,
+        Some(h) if h == machine => Role::MoveRequested {
+            to: v.spec.machine.clone().unwrap_or_else(|| "(unbound)".into()),
+        },
+        Some(h) if bound_here => Role::AwaitingData { on: h.to_string() },
+        Some(_) => Role::NotHere,
+        None if bound_here => Role::Serving,
+        None => Role::NotHere,
+    }
+}
+
+/// What the machine knows of the volume, gathered by the executor before planning.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The volume's record on this machine's backend, if its data is here.
+    pub on_disk: Option<VolumeRecord>,
+    /// What this machine's backend can do.
+    pub capabilities: Vec<Capability>,
+    /// For a clone: the source volume's uid, when the source's data is on this machine.
+    pub clone_source_uid: Option<String>,
+}
+
+/// One thing the executor does, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    AddFinalizer,
+    /// Creates empty data (after a fresh read confirms the binding).
+    Create(VolumeRecord),
+    /// Creates data as a copy of the source (after a fresh read confirms the binding).
+    Clone {
+        source_uid: String,
+        record: VolumeRecord,
+    },
+    Resize {
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    SetCompression(Compression),
+    Defragment {
+        token: String,
+    },
+    Export,
+    Unexport,
+    /// Status phase Deleting before the data goes, so watchers see it.
+    MarkDeleting,
+    /// Destroys the data (after a fresh read confirms the deletion).
+    Destroy,
+    RemoveFinalizer,
+    WriteStatus,
+}
+
+/// Why a volume cannot be served as declared: phase Failed, Ready=False with this reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The plan for one volume, and what the plan alone already knows about its status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub problem: Option<Problem>,
+    /// Parts of the spec this machine's backend cannot serve (reported, not fatal).
+    pub unsupported: Vec<String>,
+    /// `spec.machine` asks for this machine; the data stays here.
+    pub move_requested: Option<String>,
+    /// A clone whose source is not on this machine yet: the executor retries with backoff.
+    pub waiting_for_source: Option<String>,
+}
+
+impl Plan {
+    fn of(steps: Vec<Step>) -> Plan {
+        Plan {
+            steps,
+            ..Plan::default()
+        }
+    }
+}
+
+/// The record the volume's data should carry: the granted size (never more than the scheduler
+/// reserved) and the spec's compression.
+pub fn record(v: &Volume) -> VolumeRecord {
+    VolumeRecord {
+        uid: v.metadata.uid.clone(),
+        name: v.metadata.name.clone(),
+        size_bytes: v.granted_size_bytes(),
+        compression: v.spec.compression,
+    }
+}
+
+/// Decides what to do for `v` on `machine`.
+pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
+    let has_finalizer = v.metadata.finalizers.iter().any(|f| f == AGENT_FINALIZER);
+    if v.metadata.is_deleting() {
+        // The machine holding the data (or bound and never provisioned) destroys it.
+        let holder = v
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_deref())
+            .or(v.spec.machine.as_deref());
+        if holder != Some(machine) || !has_finalizer {
+            return Plan::default();
+        }
+        let mut steps = Vec::new();
+        if v.status.as_ref().map(|s| s.phase) != Some(VolumePhase::Deleting) {
+            steps.push(Step::MarkDeleting);
+        }
+        steps.extend([Step::Unexport, Step::Destroy, Step::RemoveFinalizer]);
+        return Plan::of(steps);
+    }
+    let mut plan = match role(v, machine) {
+        Role::NotHere | Role::AwaitingData { .. } => return Plan::default(),
+        Role::MoveRequested { to } => Plan {
+            move_requested: Some(to),
+            ..Plan::default()
+        },
+        Role::Serving => Plan::default(),
+    };
+    if !has_finalizer && plan.move_requested.is_none() {
+        plan.steps.push(Step::AddFinalizer);
+    }
+    let wanted = record(v);
+    let provisioned_here = v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(machine);
+    match &seen.on_disk {
+        None if provisioned_here => {
+            plan.steps = vec![Step::Unexport, Step::WriteStatus];
+            plan.problem = Some(Problem {
+                reason: "DataMissing",
+                message: format!(
+                    "the volume was provisioned on machine {machine}, but its data is not on the pool; it is not recreated empty — restore the data or delete the volume"
+                ),
+            });
+            return plan;
+        }
+        None => match &v.spec.source {
+            Some(source) if !seen.capabilities.contains(&Capability::Clone) => {
+                plan.steps.push(Step::WriteStatus);
+                plan.problem = Some(Problem {
+                    reason: "CloneUnsupported",
+                    message: format!(
+                        "machine {machine}'s backend cannot clone volumes, so it cannot make a copy of {}",
+                        source.volume
+                    ),
+                });
+                return plan;
+            }
+            Some(source) => match &seen.clone_source_uid {
+                Some(uid) => plan.steps.push(Step::Clone {
+                    source_uid: uid.clone(),
+                    record: wanted.clone(),
+                }),
+                None => {
+                    plan.steps.clear();
+                    plan.waiting_for_source = Some(source.volume.clone());
+                    return plan;
+                }
+            },
+            None => plan.steps.push(Step::Create(wanted.clone())),
+        },
+        Some(current) => {
+            if current.size_bytes != wanted.size_bytes {
+                plan.steps.push(Step::Resize {
+                    from_bytes: current.size_bytes,
+                    to_bytes: wanted.size_bytes,
+                });
+            }
+            if current.compression != wanted.compression
+                && seen.capabilities.contains(&Capability::Compression)
+            {
+                plan.steps.push(Step::SetCompression(wanted.compression));
+            }
+        }
+    }
+    if !wanted.compression.is_none() && !seen.capabilities.contains(&Capability::Compression) {
+        plan.unsupported.push(format!(
+            "compression {:?}: this machine's backend does not compress, so data is stored uncompressed",
+            wanted.compression
+        ));
+    }
+    if let Some(token) = defragment_token(v) {
+        if seen.capabilities.contains(&Capability::Defragment) {
+            plan.steps.push(Step::Defragment { token });
+        } else {
+            plan.unsupported.push(
+                "defragment: this machine's backend cannot defragment; the request is ignored"
+                    .into(),
+            );
+        }
+    }
+    plan.steps.extend([Step::Export, Step::WriteStatus]);
+    plan
+}
+
+/// The defragment token not yet done, if any.
+fn defragment_token(v: &Volume) -> Option<String> {
+    let token = v.metadata.annotations.get(DEFRAGMENT_ANNOTATION)?;
+    let done = v.status.as_ref().and_then(|s| s.defragmented.as_ref());
+    (done != Some(token)).then(|| token.clone())
+}
+
+/// How the volume is exported after the plan ran.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExportState {
+    Exported { endpoint: Endpoint, rules: String },
+    NoExporter,
+    NoClients,
+    Unexported,
+}
+
+/// What executing the plan found, for the status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub machine: String,
+    pub plan: Plan,
+    /// The hard limit in force after the steps.
+    pub limit_bytes: u64,
+    /// A shrink the backend refused (the data does not fit the smaller size).
+    pub resize_blocked: Option<String>,
+    /// The defragment token that finished, if one ran.
+    pub defragmented: Option<String>,
+    pub export: ExportState,
+}
+
+/// The status to write for `v` after the plan ran: starts from the current status, so fields
+/// other actors own (the scheduler's Scheduled and CapacityReserved conditions, the allocation)
+/// are kept.
+pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
+    let generation = v.metadata.generation;
+    let mut s = v.status.clone().unwrap_or_default();
+    let set = |s: &mut VolumeStatus, type_: &str, ok: bool, reason: &str, message: &str| {
+        let status = if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        set_condition(
+            &mut s.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    };
+    s.observed_generation = generation;
+    if let Some(problem) = &report.plan.problem {
+        s.phase = VolumePhase::Failed;
+        s.endpoint = None;
+        set(&mut s, "Ready", false, problem.reason, &problem.message);
+        return s;
+    }
+    let machine = &report.machine;
+    s.machine = Some(machine.clone());
+    // Used bytes come from the periodic pool-wide refresh; a new volume starts at what was
+    // last reported, or 0.
+    let used_bytes = s.usage.as_ref().map_or(0, |u| u.used_bytes);
+    s.usage = Some(Usage {
+        used_bytes,
+        limit_bytes: report.limit_bytes,
+        updated: s.usage.as_ref().and_then(|u| u.updated),
+    });
+    if let Some(token) = &report.defragmented {
+        s.defragmented = Some(token.clone());
+    }
+    set(
+        &mut s,
+        "Provisioned",
+        true,
+        "Created",
+        &format!("on machine {machine}"),
+    );
+    s.endpoint = None;
+    match &report.export {
+        ExportState::Exported { endpoint, rules } => {
+            s.endpoint = Some(endpoint.clone());
+            set(&mut s, "Exported", true, "Applied", rules);
+        }
+        ExportState::NoExporter => set(
+            &mut s,
+            "Exported",
+            false,
+            "NoExporter",
+            "this machine's agent runs without an NFS exporter",
+        ),
+        ExportState::NoClients => set(
+            &mut s,
+            "Exported",
+            false,
+            "NoClients",
+            "no clients are listed in spec.export, so it is exported to nobody",
+        ),
+        ExportState::Unexported => set(&mut s, "Exported", false, "Unexported", "not exported"),
+    }
+    match &report.resize_blocked {
+        Some(message) => set(&mut s, "ResizeBlocked", true, "InUse", message),
+        None => s.conditions.retain(|c| c.type_ != "ResizeBlocked"),
+    }
+    if report.plan.unsupported.is_empty() {
+        s.conditions.retain(|c| c.type_ != "Unsupported");
+    } else {
+        let message = report.plan.unsupported.join("; ");
+        set(&mut s, "Unsupported", true, "BackendCapability", &message);
+    }
+    match &report.plan.move_requested {
+        Some(to) => set(
+            &mut s,
+            "Moving",
+            false,
+            "MoveNotSupported",
+            &format!(
+                "spec.machine asks for machine {to}, but moving a provisioned volume's data is not supported yet; the data stays on machine {machine} and is served from there"
+            ),
+        ),
+        None => s.conditions.retain(|c| c.type_ != "Moving"),
+    }
+    set(&mut s, "Ready", true, "Provisioned", "the volume is ready");
+    s.phase = VolumePhase::Ready;
+    s
+}
+
+/// The status of a volume whose data is being destroyed.
+pub fn deleting_status(v: &Volume, now: DateTime<Utc>) -> VolumeStatus {
+    let mut s = v.status.clone().unwrap_or_default();
+    s.phase = VolumePhase::Deleting;
+    s.endpoint = None;
+    set_condition(
+        &mut s.conditions,
+        "Ready",
+        ConditionStatus::False,
+        "Deleting",
+        "the volume is being deleted: unexported, its data is being destroyed",
+        v.metadata.generation,
+        now,
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cobalt_api::{find_condition, VolumeSource, VolumeSpec};
+
+    const MIB: u64 = 1 << 20;
+    const ALL: [Capability; 3] = [
+        Capability::Compression,
+        Capability::Clone,
+        Capability::Defragment,
+    ];
+
+    fn volume() -> Volume {
+        let mut v = Volume::new(
+            "media",
+            VolumeSpec {
+                size: "64Mi".parse().unwrap(),
+                machine: Some("m1".into()),
+                ..Default::default()
+            },
+        );
+        v.metadata.uid = "uid-1".into();
+        v.metadata.generation = 3;
+        v.metadata.finalizers = vec![AGENT_FINALIZER.into()];
+        v
+    }
+
+    fn provisioned_on(mut v: Volume, machine: &str) -> Volume {
+        v.status = Some(VolumeStatus {
+            machine: Some(machine.into()),
+            allocated_bytes: Some(64 * MIB),
+            phase: VolumePhase::Ready,
+            ..Default::default()
+        });
+        v
+    }
+
+    fn seen(on_disk: Option<VolumeRecord>) -> Observed {
+        Observed {
+            on_disk,
+            capabilities: ALL.to_vec(),
+            clone_source_uid: None,
+        }
+    }
+
+    fn on_disk(v: &Volume) -> Option<VolumeRecord> {
+        Some(VolumeRecord {
+            size_bytes: 64 * MIB,
+            compression: Compression::None,
+            ..record(v)
+        })
+    }
+
+    #[test]
+    fn roles_follow_the_binding_and_where_the_data_is() {
+        let v = volume();
+        assert_eq!(role(&v, "m1"), Role::Serving);
+        assert_eq!(role(&v, "m2"), Role::NotHere);
+        let mut moved = provisioned_on(v, "m1");
+        moved.spec.machine = Some("m2".into());
+        assert_eq!(role(&moved, "m1"), Role::MoveRequested { to: "m2".into() });
+        assert_eq!(role(&moved, "m2"), Role::AwaitingData { on: "m1".into() });
+        assert_eq!(role(&moved, "m3"), Role::NotHere);
+    }
+
+    #[test]
+    fn a_new_bound_volume_is_created_exported_and_reported() {
+        let v = volume();
+        let p = plan(&v, "m1", &seen(None));
+        assert_eq!(
+            p.steps,
+            [Step::Create(record(&v)), Step::Export, Step::WriteStatus]
+        );
+        assert_eq!(p.problem, None);
+    }
+
+    #[test]
+    fn a_missing_finalizer_is_added_first() {
+        let mut v = volume();
+        v.metadata.finalizers.clear();
+        assert_eq!(plan(&v, "m1", &seen(None)).steps[0], Step::AddFinalizer);
+    }
+
+    #[test]
+    fn an_unchanged_volume_is_only_exported_and_reported() {
+        let v = provisioned_on(volume(), "m1");
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [Step::Export, Step::WriteStatus]
+        );
+    }
+
+    #[test]
+    fn a_granted_grow_resizes_and_an_ungranted_one_does_not() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.spec.size = "128Mi".parse().unwrap();
+        // Not granted yet: the allocation is still 64Mi.
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [Step::Export, Step::WriteStatus]
+        );
+        v.status.as_mut().unwrap().allocated_bytes = Some(128 * MIB);
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps[0],
+            Step::Resize {
+                from_bytes: 64 * MIB,
+                to_bytes: 128 * MIB
+            }
+        );
+    }
+
+    #[test]
+    fn a_shrink_needs_no_grant() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.spec.size = "32Mi".parse().unwrap();
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps[0],
+            Step::Resize {
+                from_bytes: 64 * MIB,
+                to_bytes: 32 * MIB
+            }
+        );
+    }
+
+    #[test]
+    fn a_compression_change_is_applied_where_the_backend_compresses_and_reported_where_not() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.spec.compression = Compression::Zstd;
+        let p = plan(&v, "m1", &seen(on_disk(&v)));
+        assert_eq!(p.steps[0], Step::SetCompression(Compression::Zstd));
+        assert!(p.unsupported.is_empty());
+        let plain = Observed {
+            capabilities: vec![],
+            ..seen(on_disk(&v))
+        };
+        let p = plan(&v, "m1", &plain);
+        assert_eq!(p.steps, [Step::Export, Step::WriteStatus]);
+        assert_eq!(p.unsupported.len(), 1, "{p:?}");
+    }
+
+    #[test]
+    fn a_new_defragment_token_defragments_once() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.metadata
+            .annotations
+            .insert(DEFRAGMENT_ANNOTATION.into(), "t1".into());
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps[0],
+            Step::Defragment { token: "t1".into() }
+        );
+        v.status.as_mut().unwrap().defragmented = Some("t1".into());
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [Step::Export, Step::WriteStatus]
+        );
+    }
+
+    #[test]
+    fn a_clone_is_made_from_the_local_source_or_waits_for_it() {
+        let mut v = volume();
+        v.spec.source = Some(VolumeSource {
+            volume: "base".into(),
+        });
+        let p = plan(&v, "m1", &seen(None));
+        assert!(p.steps.is_empty(), "no source here yet: nothing is created");
+        assert_eq!(p.waiting_for_source.as_deref(), Some("base"));
+        let with_source = Observed {
+            clone_source_uid: Some("uid-base".into()),
+            ..seen(None)
+        };
+        assert_eq!(
+            plan(&v, "m1", &with_source).steps[0],
+            Step::Clone {
+                source_uid: "uid-base".into(),
+                record: record(&v)
+            }
+        );
+        let no_clones = Observed {
+            capabilities: vec![],
+            ..with_source
+        };
+        let p = plan(&v, "m1", &no_clones);
+        assert_eq!(p.steps, [Step::WriteStatus]);
+        assert_eq!(p.problem.unwrap().reason, "CloneUnsupported");
+    }
+
+    #[test]
+    fn a_volume_bound_elsewhere_stays_where_its_data_is_and_is_never_created_empty() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.spec.machine = Some("m2".into());
+        // The target has no data and must not make any.
+        assert_eq!(plan(&v, "m2", &seen(None)), Plan::default());
+        // The source keeps serving and says why the volume did not move.
+        let p = plan(&v, "m1", &seen(on_disk(&v)));
+        assert_eq!(p.steps, [Step::Export, Step::WriteStatus]);
+        assert_eq!(p.move_requested.as_deref(), Some("m2"));
+        let s = status(&v, &report(&v, p), Utc::now());
+        assert_eq!(s.phase, VolumePhase::Ready);
+        assert_eq!(s.machine.as_deref(), Some("m1"));
+        let moving = find_condition(&s.conditions, "Moving").unwrap();
+        assert_eq!(moving.reason, "MoveNotSupported");
+        assert!(moving.message.contains("m2"), "{}", moving.message);
+    }
+
+    #[test]
+    fn provisioned_data_gone_from_its_own_machine_is_failed_not_recreated() {
+        let v = provisioned_on(volume(), "m1");
+        let p = plan(&v, "m1", &seen(None));
+        assert_eq!(p.steps, [Step::Unexport, Step::WriteStatus]);
+        let s = status(&v, &report(&v, p), Utc::now());
+        assert_eq!(s.phase, VolumePhase::Failed);
+        assert_eq!(
+            find_condition(&s.conditions, "Ready").unwrap().reason,
+            "DataMissing"
+        );
+        assert_eq!(s.endpoint, None);
+    }
+
+    #[test]
+    fn a_deleted_volume_is_destroyed_by_the_machine_holding_its_data() {
+        let mut v = provisioned_on(volume(), "m1");
+        v.metadata.deletion_timestamp = Some(Utc::now());
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [
+                Step::MarkDeleting,
+                Step::Unexport,
+                Step::Destroy,
+                Step::RemoveFinalizer
+            ]
+        );
+        v.status.as_mut().unwrap().phase = VolumePhase::Deleting;
+        assert_eq!(plan(&v, "m1", &seen(on_disk(&v))).steps[0], Step::Unexport);
+        // Bound elsewhere but the data is on m1: m1 destroys it, the other does nothing.
+        v.spec.machine = Some("m2".into());
+        assert_eq!(plan(&v, "m1", &seen(on_disk(&v))).steps.len(), 3);
+        assert_eq!(plan(&v, "m2", &seen(None)), Plan::default());
+        // Without the finalizer there is nothing left to do.
+        v.metadata.finalizers.clear();
+        assert_eq!(plan(&v, "m1", &seen(on_disk(&v))), Plan::default());
+    }
+
+    fn report(v: &Volume, plan: Plan) -> Report {
+        Report {
+            machine: v
+                .status
+                .as_ref()
+                .and_then(|s| s.machine.clone())
+                .unwrap_or_else(|| "m1".into()),
+            plan,
+            limit_bytes: 64 * MIB,
+            resize_blocked: None,
+            defragmented: None,
+            export: ExportState::NoClients,
+        }
+    }
+
+    #[test]
+    fn status_reports_ready_with_the_limit_in_force_and_keeps_other_actors_fields() {
+        let mut v = provisioned_on(volume(), "m1");
+        set_condition(
+            &mut v.status.as_mut().unwrap().conditions,
+            "Scheduled",
+            ConditionStatus::True,
+            "Bound",
+            "bound to machine m1",
+            1,
+            Utc::now(),
+        );
+        let mut r = report(&v, plan(&v, "m1", &seen(on_disk(&v))));
+        r.resize_blocked = Some("cannot shrink".into());
+        r.export = ExportState::Exported {
+            endpoint: Endpoint {
+                server: "10.0.0.1".into(),
+                port: 2049,
+                path: "/media".into(),
+                mount: "mount".into(),
+            },
+            rules: "10.0.0.0/24 rw".into(),
+        };
+        let s = status(&v, &r, Utc::now());
+        assert_eq!(s.phase, VolumePhase::Ready);
+        assert_eq!(s.observed_generation, 3);
+        assert_eq!(s.usage.as_ref().unwrap().limit_bytes, 64 * MIB);
+        assert_eq!(s.allocated_bytes, Some(64 * MIB));
+        assert!(s.endpoint.is_some());
+        for (t, ok) in [
+            ("Scheduled", true),
+            ("Provisioned", true),
+            ("Exported", true),
+            ("ResizeBlocked", true),
+            ("Ready", true),
+        ] {
+            let c = find_condition(&s.conditions, t).unwrap_or_else(|| panic!("{t}"));
+            assert_eq!(c.is_true(), ok, "{t}");
+        }
+        // Resolved conditions go away.
+        let mut v2 = v.clone();
+        v2.status = Some(s);
+        let s2 = status(
+            &v2,
+            &report(&v2, plan(&v2, "m1", &seen(on_disk(&v2)))),
+            Utc::now(),
+        );
+        assert!(find_condition(&s2.conditions, "ResizeBlocked").is_none());
+        assert_eq!(s2.endpoint, None, "exported to nobody now");
+    }
+
+    #[test]
+    fn deleting_status_unexports_and_says_so() {
+        let v = provisioned_on(volume(), "m1");
+        let s = deleting_status(&v, Utc::now());
+        assert_eq!(s.phase, VolumePhase::Deleting);
+        assert_eq!(
+            find_condition(&s.conditions, "Ready").unwrap().reason,
+            "Deleting"
+        );
+    }
+}
