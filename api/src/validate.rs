@@ -249,6 +249,23 @@ pub fn validate_volume(v: &Volume) -> Result<(), ValidationErrors> {
     errors.into_result()
 }
 
+/// Checks a change to a stored Volume (`old` → `new`) beyond what [`validate_volume`] checks:
+/// fields fixed at creation. `Err` lists every problem.
+pub fn validate_volume_update(old: &Volume, new: &Volume) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    if old.spec.source != new.spec.source {
+        let was = match &old.spec.source {
+            Some(s) => format!("a clone of {}", s.volume),
+            None => "not a clone".into(),
+        };
+        errors.push(
+            "spec.source",
+            format!("is immutable: the volume was created {was}; create a new volume to clone"),
+        );
+    }
+    errors.into_result()
+}
+
 /// Checks a Machine; `Err` lists every problem.
 pub fn validate_machine(m: &Machine) -> Result<(), ValidationErrors> {
     let mut errors = ValidationErrors::default();

@@ -24,6 +24,7 @@ fn main() {
             total_bytes: (4u64 << 40) + (i as u64) * (1 << 30),
             max_fill_percent: 90,
             reserved_bytes: 0,
+            capabilities: vec![cobalt_api::Capability::Compression],
         })
         .collect();
     let requests: Vec<Request> = (0..VOLUMES)
@@ -36,6 +37,7 @@ fn main() {
                 BTreeMap::new()
             },
             required_machine: None,
+            needs: vec![],
         })
         .collect();
     let mut results = serde_json::Map::new();

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cobalt_api::Resource;
+use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -198,7 +199,6 @@ impl<R: Resource, Rec: Reconciler<R>> Controller<R, Rec> {
             queue.add(&key, now, Priority::Fresh);
         }
         let mut running: JoinSet<(String, Outcome, i64)> = JoinSet::new();
-        let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
         // Keys waiting for the cache to reach their own write: key → (revision, since).
         let mut waiting_ryw: HashMap<String, (i64, Instant)> = HashMap::new();
         let mut parked: HashMap<String, Instant> = HashMap::new();
@@ -228,8 +228,7 @@ impl<R: Resource, Rec: Reconciler<R>> Controller<R, Rec> {
                     queue.forget(&key);
                     continue;
                 };
-                let handle = running.spawn(self.run_one(key.clone(), object));
-                tasks.insert(handle.id(), key);
+                running.spawn(self.run_one(key, object));
             }
             if let Some(m) = &self.metrics {
                 m.queue_depth(&name, queue.len());
@@ -245,15 +244,12 @@ impl<R: Resource, Rec: Reconciler<R>> Controller<R, Rec> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                Some(done) = running.join_next(), if !running.is_empty() => {
                     let now = Instant::now();
-                    let (key, outcome, written) = match done {
-                        Ok((_, (key, outcome, written))) => (key, outcome, written),
-                        Err(e) => {
-                            let key = tasks.remove(&e.id()).unwrap_or_default();
-                            tracing::error!(controller = %name, object = %key, error = %e, "reconcile panicked");
-                            (key, Outcome::Failed, 0)
-                        }
+                    let Ok((key, outcome, written)) = done else {
+                        // Tasks catch their own panics; only a cancelled task lands here, and
+                        // tasks are cancelled only when the runner itself stops.
+                        continue;
                     };
                     if written > self.cache.revision() {
                         waiting_ryw.insert(key.clone(), (written, now));
@@ -348,13 +344,20 @@ impl<R: Resource, Rec: Reconciler<R>> Controller<R, Rec> {
             tracing::info_span!("reconcile", controller = %name, kind = R::KIND, object = %key);
         async move {
             let start = Instant::now();
-            let result = tokio::time::timeout(timeout, reconciler.reconcile(object, ctx)).await;
+            // A panic is caught here, inside the task, so the task always returns its key and
+            // the runner keeps no per-task bookkeeping that could outgrow the queue.
+            let run = std::panic::AssertUnwindSafe(reconciler.reconcile(object, ctx));
+            let result = tokio::time::timeout(timeout, run.catch_unwind()).await;
             let (outcome, label) = match result {
-                Ok(Ok(Action::Done)) => (Outcome::Done, "ok"),
-                Ok(Ok(Action::RequeueAfter(d))) => (Outcome::RequeueAfter(d), "requeue"),
-                Ok(Err(e)) => {
+                Ok(Ok(Ok(Action::Done))) => (Outcome::Done, "ok"),
+                Ok(Ok(Ok(Action::RequeueAfter(d)))) => (Outcome::RequeueAfter(d), "requeue"),
+                Ok(Ok(Err(e))) => {
                     tracing::warn!(error = %e, "reconcile failed; retrying with backoff");
                     (Outcome::Failed, "error")
+                }
+                Ok(Err(_)) => {
+                    tracing::error!("reconcile panicked; retrying with backoff");
+                    (Outcome::Failed, "panic")
                 }
                 Err(_) => {
                     tracing::warn!(?timeout, "reconcile timed out; retrying with backoff");

@@ -205,18 +205,23 @@ async fn replace_kind<R: ApiKind>(
             "is required: send the resourceVersion you read, so a concurrent change is not overwritten",
         ));
     }
-    if dry_run {
-        let current = bounded(&s, s.store.get_stored::<R>(name))
-            .await?
-            .ok_or_else(|| not_found::<R>(name))?;
-        if current.object_mod_revision.to_string() != object.meta().resource_version {
-            return Err(cobalt_store::Error::Conflict {
-                kind: R::KIND,
-                name: name.into(),
-                sent: object.meta().resource_version.clone(),
-            }
-            .into());
+    // Read the stored object to check what may not change; the replace itself is still guarded
+    // by the resourceVersion, so a change between this read and the write is a 409.
+    let current = bounded(&s, s.store.get_stored::<R>(name))
+        .await?
+        .ok_or_else(|| not_found::<R>(name))?;
+    if current.object_mod_revision.to_string() != object.meta().resource_version {
+        return Err(cobalt_store::Error::Conflict {
+            kind: R::KIND,
+            name: name.into(),
+            sent: object.meta().resource_version.clone(),
         }
+        .into());
+    }
+    object
+        .validate_update(&current.object)
+        .map_err(|e| ApiError::invalid(R::KIND, name, e.0))?;
+    if dry_run {
         return Ok(Json(object).into_response());
     }
     let replaced = bounded(&s, s.store.replace(&object)).await?;

@@ -2,7 +2,9 @@
 
 use axum::http::HeaderMap;
 use cobalt_api::manifest::from_value;
-use cobalt_api::validate::{validate_machine, validate_volume, ValidationErrors};
+use cobalt_api::validate::{
+    validate_machine, validate_volume, validate_volume_update, ValidationErrors,
+};
 use cobalt_api::{FieldError, Machine, Resource, Volume};
 use serde_json::Value;
 
@@ -13,12 +15,19 @@ pub trait ApiKind: Resource {
     /// `VolumeList`, `MachineList`.
     const LIST_KIND: &'static str;
     fn validate(&self) -> Result<(), ValidationErrors>;
+    /// Checks a replace of `old` by `self` (fields fixed at creation).
+    fn validate_update(&self, _old: &Self) -> Result<(), ValidationErrors> {
+        Ok(())
+    }
 }
 
 impl ApiKind for Volume {
     const LIST_KIND: &'static str = "VolumeList";
     fn validate(&self) -> Result<(), ValidationErrors> {
         validate_volume(self)
+    }
+    fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
+        validate_volume_update(old, self)
     }
 }
 

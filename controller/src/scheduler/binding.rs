@@ -12,12 +12,20 @@
 //! phase Lost, Ready=False reason MachineLost — never deleted, never recreated empty; the agent
 //! sets it Ready again when it returns. A volume the *user* pinned is never moved.
 //!
+//! **Grants**: the ledger counts each bound volume at `Volume::ledger_bytes` — the reservation
+//! of the size the scheduler granted (`status.allocatedBytes`, written in the binding's own
+//! transaction) or of the limit in force, whichever is larger. A grow is granted here, under the
+//! same placement lock, only if the machine can reserve the difference; otherwise the volume
+//! keeps its size, stays Ready, and the condition `CapacityReserved` (False, reason
+//! InsufficientCapacity) names the bytes missing. The agent never grows past the grant.
+//!
 //! **Pinned volumes** (`spec.machine` set by the user) are respected; if the machine lacks
 //! capacity the Scheduled condition says so (reason PinnedOvercommitted) but the binding stays —
 //! the user asked for it, and the quota still bounds the volume.
 //!
-//! Status ownership: the scheduler writes the Scheduled condition, phase Pending/Scheduled (only
-//! while the agent has not moved it further) and phase Lost; the agent writes the rest.
+//! Status ownership: the scheduler writes the Scheduled and CapacityReserved conditions,
+//! `allocatedBytes`, phase Pending/Scheduled (only while the agent has not moved it further)
+//! and phase Lost; the agent writes the rest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -110,6 +118,7 @@ impl Reconciler<Volume> for VolumeScheduler {
             }
             return Ok(Action::Done);
         }
+        let grant = self.grant(ctx.cache(), &volume, &machine).await?;
         let (reason, ok, message) = if by_scheduler {
             ("Bound", true, format!("bound to machine {machine}"))
         } else {
@@ -137,17 +146,27 @@ impl Reconciler<Volume> for VolumeScheduler {
             let update = self
                 .store
                 .update_status_from(&*volume, |v: &Volume| {
-                    Some(scheduled_status(v, ok, reason, &message))
+                    let mut s = scheduled_status(v, ok, reason, &message);
+                    grant.apply(&mut s, v);
+                    Some(s)
                 })
                 .await?;
             ctx.wrote(update.written);
+            if let Some(w) = update.written {
+                let mut last = self.last_write.lock().await;
+                *last = (*last).max(w);
+            }
         } else {
             // A volume pinned at create: the finalizer and the Scheduled condition in one write.
             let mut held = (*volume).clone();
             held.metadata.finalizers.push(AGENT_FINALIZER.into());
             match self
                 .store
-                .replace_with_status(&held, |v| scheduled_status(v, ok, reason, &message))
+                .replace_with_status(&held, |v| {
+                    let mut s = scheduled_status(v, ok, reason, &message);
+                    grant.apply(&mut s, v);
+                    s
+                })
                 .await
             {
                 Ok(written) => ctx.wrote(written.metadata.revision()),
@@ -160,7 +179,89 @@ impl Reconciler<Volume> for VolumeScheduler {
     }
 }
 
+/// What the scheduler decided about a bound volume's size.
+enum Grant {
+    /// The allocation already matches the spec.
+    Unchanged,
+    /// Allocate the spec's size (a grow that fits, a shrink, or a first allocation).
+    Size(u64),
+    /// A grow that does not fit: the allocation stays, the message says why.
+    Refused(String),
+}
+
+impl Grant {
+    fn apply(&self, s: &mut VolumeStatus, v: &Volume) {
+        match self {
+            Grant::Unchanged => {}
+            Grant::Size(bytes) => {
+                s.allocated_bytes = Some(*bytes);
+                s.conditions.retain(|c| c.type_ != "CapacityReserved");
+            }
+            Grant::Refused(message) => set_condition(
+                &mut s.conditions,
+                "CapacityReserved",
+                ConditionStatus::False,
+                "InsufficientCapacity",
+                message,
+                v.metadata.generation,
+                Utc::now(),
+            ),
+        }
+    }
+}
+
 impl VolumeScheduler {
+    /// Decides the allocation of a volume bound to `machine`. A grow is checked against the
+    /// ledger under the placement lock, so it cannot race a placement onto the same machine.
+    async fn grant(
+        &self,
+        cache: &Cache<Volume>,
+        volume: &Volume,
+        machine: &str,
+    ) -> Result<Grant, SchedulerError> {
+        let asked = volume.spec.size_bytes();
+        let allocated = volume.status.as_ref().and_then(|s| s.allocated_bytes);
+        match allocated {
+            Some(a) if a == asked => return Ok(Grant::Unchanged),
+            // First allocation of a volume bound before allocations existed, or a shrink:
+            // neither needs room.
+            None => return Ok(Grant::Size(asked)),
+            Some(a) if asked < a => return Ok(Grant::Size(asked)),
+            Some(_) => {}
+        }
+        let last_write = self.last_write.lock().await;
+        if !cache.wait_for_revision(*last_write, OWN_WRITE_WAIT).await {
+            return Err(cobalt_store::Error::Unavailable {
+                endpoints: "cache".into(),
+                deadline: OWN_WRITE_WAIT,
+                cause: "cache behind the scheduler's own writes".into(),
+            }
+            .into());
+        }
+        let volumes = cache.list();
+        let views = self.machine_views(&volumes);
+        let Some(m) = views.iter().find(|m| m.name == machine) else {
+            return Ok(Grant::Refused(format!(
+                "machine {machine} is not registered"
+            )));
+        };
+        let in_force = volume
+            .status
+            .as_ref()
+            .and_then(|s| s.usage.as_ref())
+            .map_or(0, |u| u.limit_bytes);
+        let wanted = volume.spec.reserved_bytes_for(asked.max(in_force));
+        let more = wanted.saturating_sub(volume.ledger_bytes());
+        let free = m.reservable_bytes();
+        if more <= free {
+            return Ok(Grant::Size(asked));
+        }
+        Ok(Grant::Refused(format!(
+            "growing to {asked} bytes needs {more} more bytes reserved on machine {machine}, which has {free} reservable; the volume keeps {} bytes",
+            volume.granted_size_bytes()
+        )))
+    }
+
     /// A volume being deleted whose machine is gone and which was never provisioned there has
     /// no data to wait for: the scheduler drops the agent's finalizer so the delete completes.
     /// (If an agent died between creating the data and reporting it, that data is left on the
@@ -212,7 +313,12 @@ impl VolumeScheduler {
             .map(|m| MachineView {
                 name: m.metadata.name.clone(),
                 labels: m.metadata.labels.clone(),
-                ready: is_alive(&self.alive, &m.metadata.name),
+                ready: m.is_ready_with(is_alive(&self.alive, &m.metadata.name)),
+                capabilities: m
+                    .status
+                    .as_ref()
+                    .map(|s| s.capabilities.clone())
+                    .unwrap_or_default(),
                 unschedulable: m.spec.unschedulable,
                 total_bytes: m
                     .status
@@ -230,8 +336,10 @@ impl VolumeScheduler {
             .collect();
         let mut reserved = vec![0u64; views.len()];
         for v in volumes {
-            if let Some(&i) = v.spec.machine.as_deref().and_then(|m| index.get(m)) {
-                reserved[i] += v.spec.reserved_bytes();
+            for machine in v.ledger_machines() {
+                if let Some(&i) = index.get(machine) {
+                    reserved[i] += v.ledger_bytes();
+                }
             }
         }
         for (view, bytes) in views.iter_mut().zip(reserved) {
@@ -246,7 +354,7 @@ impl VolumeScheduler {
         // The ledger already counts this volume; it fits if the machine is not overcommitted.
         views.iter().find(|m| m.name == machine).is_some_and(|m| {
             let cap = (m.total_bytes as u128 * m.max_fill_percent as u128 / 100) as u64;
-            m.reserved_bytes <= cap && m.reserved_bytes >= volume.spec.reserved_bytes()
+            m.reserved_bytes <= cap && m.reserved_bytes >= volume.ledger_bytes()
         })
     }
 
@@ -294,6 +402,7 @@ impl VolumeScheduler {
             .map(|v| Request {
                 name: v.metadata.name.clone(),
                 reserved_bytes: v.spec.reserved_bytes(),
+                needs: v.spec.required_capabilities(),
                 selector: v
                     .spec
                     .placement
@@ -368,7 +477,9 @@ impl VolumeScheduler {
                 let written = match self
                     .store
                     .replace_with_status_from(&*volume, &bound, |v| {
-                        scheduled_status(v, true, "Bound", &message)
+                        let mut s = scheduled_status(v, true, "Bound", &message);
+                        s.allocated_bytes = Some(v.spec.size_bytes());
+                        s
                     })
                     .await
                 {

@@ -1,6 +1,9 @@
-//! Machine lifecycle: a machine is Ready while its agent's `alive` key exists, NotReady (Ready
-//! condition False, reason LeaseExpired) once the lease behind it has expired. The agent owns
-//! capacity and volume counts in the same status; this writes only phase and the Ready condition.
+//! Machine lifecycle, the one writer of a Machine's phase and Ready condition. Ready means
+//! schedulable (`Machine::is_ready_with`): the agent's `alive` key exists and it has reported its
+//! capacity. NotReady says which is missing: reason LeaseExpired (no agent holds the lease) or
+//! CapacityUnknown (alive, capacity not reported yet). The agent owns capacity, volume count and
+//! capabilities in the same status and never writes phase or Ready; placement uses the same
+//! test, so what `get machines` shows and what the scheduler does agree.
 
 use std::sync::Arc;
 
@@ -34,7 +37,8 @@ impl Reconciler<Machine> for MachineLifecycle {
             .store
             .update_status::<Machine, _>(&name, |m| {
                 let mut status = m.status.clone().unwrap_or_default();
-                if alive {
+                let ready = m.is_ready_with(alive);
+                if ready {
                     status.phase = MachinePhase::Ready;
                     set_condition(
                         &mut status.conditions,
@@ -47,12 +51,23 @@ impl Reconciler<Machine> for MachineLifecycle {
                     );
                 } else {
                     status.phase = MachinePhase::NotReady;
+                    let (reason, message) = if alive {
+                        (
+                            "CapacityUnknown",
+                            "the agent is alive but has not reported its capacity yet",
+                        )
+                    } else {
+                        (
+                            "LeaseExpired",
+                            "the agent's liveness lease expired or it never registered",
+                        )
+                    };
                     set_condition(
                         &mut status.conditions,
                         "Ready",
                         ConditionStatus::False,
-                        "LeaseExpired",
-                        "the agent's liveness lease expired or it never registered",
+                        reason,
+                        message,
                         m.metadata.generation,
                         Utc::now(),
                     );

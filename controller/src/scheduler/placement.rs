@@ -8,10 +8,16 @@
 //!   batch is placed first-fit-decreasing (largest reservation first);
 //! - `spread` picks the one left with the *most* (balance load).
 //!
+//! A machine must also declare every backend capability the volume's spec needs (compression
+//! other than none, a clone source): a volume asking for compression is never placed on a
+//! backend that cannot compress, and the Unschedulable message names the missing capability.
+//!
 //! Ties go to the machine whose name sorts first, so decisions are deterministic. A clone goes to
 //! the machine holding its source, or nowhere.
 
 use std::collections::{BTreeMap, HashMap};
+
+use cobalt_api::Capability;
 
 use crate::config::PlacementStrategy;
 
@@ -26,6 +32,8 @@ pub struct MachineView {
     pub max_fill_percent: u8,
     /// Sum of reservations of volumes bound to it.
     pub reserved_bytes: u64,
+    /// What its backend can do.
+    pub capabilities: Vec<Capability>,
 }
 
 impl MachineView {
@@ -44,6 +52,17 @@ pub struct Request {
     pub selector: BTreeMap<String, String>,
     /// For a clone: the machine holding the source.
     pub required_machine: Option<String>,
+    /// Backend capabilities the spec needs.
+    pub needs: Vec<Capability>,
+}
+
+impl Request {
+    fn served_by(&self, m: &MachineView) -> Result<(), Capability> {
+        match self.needs.iter().find(|c| !m.capabilities.contains(c)) {
+            Some(c) => Err(*c),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +80,8 @@ struct Rejections {
     selector: usize,
     capacity: usize,
     not_source: usize,
+    /// Machines lacking a capability the volume needs, by capability.
+    lacking: BTreeMap<Capability, usize>,
 }
 
 impl Rejections {
@@ -78,6 +99,11 @@ impl Rejections {
         .iter()
         .filter(|(n, _)| *n > 0)
         .map(|(n, why)| format!("{n} {why}"))
+        .chain(
+            self.lacking
+                .iter()
+                .map(|(c, n)| format!("{n} whose backend lacks the {c} capability")),
+        )
         .collect();
         format!(
             "{total} machine{}: {}",
@@ -108,6 +134,8 @@ pub fn place(strategy: PlacementStrategy, request: &Request, machines: &[Machine
             .all(|(k, v)| m.labels.get(k) == Some(v))
         {
             why.selector += 1;
+        } else if let Err(c) = request.served_by(m) {
+            *why.lacking.entry(c).or_default() += 1;
         } else if m.reservable_bytes() < request.reserved_bytes {
             why.capacity += 1;
         } else {
@@ -157,12 +185,14 @@ pub fn place_batch(
         .iter()
         .map(|&i| machines[i].reservable_bytes())
         .collect();
-    let mut candidates: HashMap<BTreeMap<String, String>, Vec<u32>> = HashMap::new();
+    type Key = (BTreeMap<String, String>, Vec<Capability>);
+    let mut candidates: HashMap<Key, Vec<u32>> = HashMap::new();
     let mut out = Vec::with_capacity(requests.len());
     for request in requests {
         let mut chosen = None;
         if request.required_machine.is_none() {
-            if !candidates.contains_key(&request.selector) {
+            let key = (request.selector.clone(), request.needs.clone());
+            if !candidates.contains_key(&key) {
                 let admitted = by_name
                     .iter()
                     .enumerate()
@@ -174,14 +204,15 @@ pub fn place_batch(
                                 .selector
                                 .iter()
                                 .all(|(k, v)| m.labels.get(k) == Some(v))
+                            && request.served_by(m).is_ok()
                     })
                     .map(|(pos, _)| pos as u32)
                     .collect();
-                candidates.insert(request.selector.clone(), admitted);
+                candidates.insert(key.clone(), admitted);
             }
             chosen = best_candidate(
                 strategy,
-                &candidates[&request.selector],
+                &candidates[&key],
                 &reservable,
                 request.reserved_bytes,
             );
@@ -249,6 +280,7 @@ mod tests {
             total_bytes: total_gib * GIB,
             max_fill_percent: 100,
             reserved_bytes: reserved_gib * GIB,
+            capabilities: vec![Capability::Compression, Capability::Clone],
         }
     }
 
@@ -258,6 +290,7 @@ mod tests {
             reserved_bytes: gib * GIB,
             selector: BTreeMap::new(),
             required_machine: None,
+            needs: vec![],
         }
     }
 
@@ -276,6 +309,30 @@ mod tests {
         assert_eq!(
             place(PlacementStrategy::Spread, &r, &machines),
             Decision::Bind("a".into())
+        );
+    }
+
+    #[test]
+    fn a_volume_needing_compression_goes_only_where_the_backend_compresses_and_says_so() {
+        let mut plain = machine("a", 100, 0);
+        plain.capabilities.clear();
+        let mut r = request("v", 1);
+        r.needs = vec![Capability::Compression];
+        match place(PlacementStrategy::Spread, &r, std::slice::from_ref(&plain)) {
+            Decision::Unschedulable(m) => {
+                assert!(m.contains("lacks the compression capability"), "{m}")
+            }
+            d => panic!("{d:?}"),
+        }
+        let machines = [plain, machine("b", 100, 90)];
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &machines),
+            Decision::Bind("b".into())
+        );
+        let mut batch = machines.to_vec();
+        assert_eq!(
+            place_batch(PlacementStrategy::Spread, vec![r], &mut batch),
+            [("v".to_string(), Decision::Bind("b".into()))]
         );
     }
 
@@ -397,6 +454,9 @@ mod tests {
                     if rng.next(2) == 0 {
                         m.labels.insert("disk".into(), "ssd".into());
                     }
+                    if rng.next(4) == 0 {
+                        m.capabilities.clear();
+                    }
                     m
                 })
                 .collect();
@@ -405,6 +465,9 @@ mod tests {
                     let mut r = request(&format!("v{i}"), 1 + rng.next(50));
                     if rng.next(3) == 0 {
                         r.selector.insert("disk".into(), "ssd".into());
+                    }
+                    if rng.next(4) == 0 {
+                        r.needs.push(Capability::Compression);
                     }
                     if rng.next(8) == 0 {
                         let k = rng.next(machines.len() as u64) as usize;
@@ -461,6 +524,10 @@ mod tests {
                         assert!(
                             r.selector.iter().all(|(k, v)| m.labels.get(k) == Some(v)),
                             "round {round}: selector ignored"
+                        );
+                        assert!(
+                            r.needs.iter().all(|c| m.capabilities.contains(c)),
+                            "round {round}: capability ignored"
                         );
                     }
                 }
