@@ -8,8 +8,8 @@ use cobalt_agent::backend::btrfs::BtrfsBackend;
 use cobalt_agent::backend::conformance::fill;
 use cobalt_agent::backend::Backend;
 use cobalt_api::{
-    find_condition, Compression, Machine, MachineSpec, Volume, VolumePhase, VolumeSource,
-    VolumeSpec,
+    find_condition, Capability, Compression, Machine, MachineSpec, Volume, VolumePhase,
+    VolumeSource, VolumeSpec, BACKEND_LABEL,
 };
 use cobalt_store::{EtcdConfig, Store};
 use cobalt_testkit::btrfs::BtrfsPool;
@@ -50,10 +50,12 @@ impl Node {
             .arg("--pool")
             .arg(self.pool.path())
             .arg("--state-dir")
-            .arg(self.state.path())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .arg("--lease-ttl")
+            .arg(self.state.path());
+        if !extra.contains(&"--listen") {
+            cmd.arg("--listen")
+                .arg(format!("127.0.0.1:{}", free_port()));
+        }
+        cmd.arg("--lease-ttl")
             .arg("2s")
             .args(extra)
             .env("RUST_LOG", "info");
@@ -343,7 +345,89 @@ async fn registration_never_overwrites_what_a_user_declared() {
     )
     .await;
     assert_eq!(m.spec, declared.spec);
-    assert_eq!(m.metadata.labels, declared.metadata.labels);
+    // The user's labels stay (disk=ssd, not the flag's hdd); the agent adds only its backend.
+    let mut expected = declared.metadata.labels.clone();
+    expected.insert(BACKEND_LABEL.into(), "btrfs".into());
+    assert_eq!(m.metadata.labels, expected);
+    let caps = &m.status.as_ref().unwrap().capabilities;
+    for c in [
+        Capability::Compression,
+        Capability::Clone,
+        Capability::Defragment,
+    ] {
+        assert!(caps.contains(&c), "{c} published: {caps:?}");
+    }
+    // Readiness is the leader's to write, never the agent's.
+    assert!(
+        cobalt_api::find_condition(&m.status.as_ref().unwrap().conditions, "Ready").is_none(),
+        "{:?}",
+        m.status
+    );
+}
+
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
+#[tokio::test]
+async fn the_agent_is_healthy_at_once_ready_once_registered_and_serves_metrics() {
+    let mut etcd = Etcd::start();
+    etcd.stop();
+    let node = Node::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = node.agent(&etcd, &["--listen", &listen]);
+    let (code, body) = until("/healthz", Duration::from_secs(15), || async {
+        http_get(&listen, "/healthz").await
+    })
+    .await;
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, body) = http_get(&listen, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "not ready while etcd is down: {body}");
+    assert!(body.contains("not registered"), "{body}");
+    etcd.start_again();
+    until("/readyz 200", Duration::from_secs(30), || async {
+        let (code, _) = http_get(&listen, "/readyz").await?;
+        (code == 200).then_some(())
+    })
+    .await;
+    let (code, metrics) = http_get(&listen, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for family in [
+        "cobalt_reconcile_queue_depth",
+        "cobalt_relists_total",
+        "cobalt_agent_orphan_volumes",
+    ] {
+        assert!(metrics.contains(family), "{family} in /metrics:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn provisioned_data_missing_from_the_pool_is_reported_failed_and_not_recreated_empty() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let node = Node::new();
+    let agent = node.agent(&etcd, &[]);
+    store.create(&bound("precious", "16Mi")).await.unwrap();
+    let v = ready(&store, "precious").await;
+    // The data disappears behind Cobalt's back (a mistaken `btrfs subvolume delete`).
+    drop(agent);
+    node.backend().destroy(&v.metadata.uid).unwrap();
+    let _agent = node.agent(&etcd, &[]);
+    let failed = until("phase Failed", Duration::from_secs(30), || async {
+        let v: Volume = store.get("precious").await.ok()??;
+        (v.status.as_ref()?.phase == VolumePhase::Failed).then_some(v)
+    })
+    .await;
+    let s = failed.status.unwrap();
+    let c = find_condition(&s.conditions, "Ready").unwrap();
+    assert_eq!(c.reason, "DataMissing", "{c:?}");
+    assert_eq!(s.endpoint, None);
+    assert_eq!(
+        node.backend().get(&v.metadata.uid).unwrap(),
+        None,
+        "no empty copy was made in its place"
+    );
 }
 
 #[test]

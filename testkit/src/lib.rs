@@ -12,6 +12,7 @@ pub mod certs;
 pub mod etcd;
 pub mod lan;
 pub mod netns;
+pub mod nfs;
 pub mod process;
 pub mod proxy;
 pub mod wait;
