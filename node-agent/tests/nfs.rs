@@ -86,6 +86,10 @@ fn client(host: &ClientHost, access: Access) -> ExportClient {
     }
 }
 
+fn gateway(host: &ClientHost) -> String {
+    host.gateway.to_string()
+}
+
 fn url(host: &ClientHost, port: u16, path: &str) -> String {
     format!("nfs://{}/{path}?version=4&nfsport={port}", host.gateway)
 }
@@ -166,12 +170,56 @@ async fn exports_follow_the_manifest_for_each_client_host() {
         c.message
     );
 
-    // The writer's bytes land in the subvolume, and read back over NFS.
+    // Real data: 4 MiB written over NFSv4.1 land in the subvolume byte for byte and read back
+    // the same; a file past the 8 MiB quota is refused.
+    let data = cobalt_testkit::nfs::pattern(42, 4 << 20);
+    writer
+        .nfs()
+        .write(&gateway(&writer), port, "/media", "data.bin", &data)
+        .expect("rw client writes 4 MiB");
+    let backend = BtrfsBackend::open(node.pool.path()).unwrap();
+    assert!(
+        std::fs::read(backend.path(&live.metadata.uid).join("data.bin")).unwrap() == data,
+        "the subvolume holds exactly the bytes written over NFS"
+    );
+    assert!(
+        writer
+            .nfs()
+            .read(&gateway(&writer), port, "/media", "data.bin")
+            .unwrap()
+            == data,
+        "read back over NFS byte-identical"
+    );
+    writer
+        .nfs()
+        .write(
+            &gateway(&writer),
+            port,
+            "/media",
+            "big.bin",
+            &cobalt_testkit::nfs::pattern(7, 16 << 20),
+        )
+        .expect_err("a write past the size must fail");
+    let landed =
+        std::fs::metadata(backend.path(&live.metadata.uid).join("big.bin")).map_or(0, |m| m.len());
+    assert!(
+        landed <= 8 << 20,
+        "the quota stopped it: {landed} bytes of 16 MiB landed"
+    );
+    std::fs::remove_file(backend.path(&live.metadata.uid).join("big.bin")).unwrap();
+    assert!(
+        reader
+            .nfs()
+            .write(&gateway(&reader), port, "/media", "ro.bin", &data[..8192])
+            .is_err(),
+        "ro host must not write data"
+    );
+
+    // Small files through libnfs too (the tools an operator reaches for).
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("hello.txt");
     std::fs::write(&local, "hello over nfs\n").unwrap();
     put(&writer, port, &local, "media/hello.txt").expect("rw client writes");
-    let backend = BtrfsBackend::open(node.pool.path()).unwrap();
     assert_eq!(
         std::fs::read_to_string(backend.path(&live.metadata.uid).join("hello.txt")).unwrap(),
         "hello over nfs\n"
@@ -192,13 +240,6 @@ async fn exports_follow_the_manifest_for_each_client_host() {
     assert!(
         cat(&stranger, port, "media/hello.txt").is_err(),
         "unlisted host must not mount"
-    );
-    // The quota holds through NFS.
-    let big = dir.path().join("big.bin");
-    std::fs::write(&big, vec![7u8; 16 << 20]).unwrap();
-    assert!(
-        put(&writer, port, &big, "media/big.bin").is_err(),
-        "a write past the size must fail"
     );
 
     // Edit the manifest: the stranger becomes the writer, the writer is dropped. Nothing restarts.

@@ -105,6 +105,11 @@ impl Drop for Lan {
 }
 
 impl LanHost {
+    /// An NFS client that runs from inside this host (export rules see its address).
+    pub fn nfs(&self) -> crate::nfs::NfsClient {
+        crate::nfs::NfsClient::in_netns(&self.ns)
+    }
+
     /// A command that runs `program` inside this host's namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");

@@ -20,6 +20,11 @@ pub struct ClientHost {
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl ClientHost {
+    /// An NFS client that runs from inside this host (export rules see its address).
+    pub fn nfs(&self) -> crate::nfs::NfsClient {
+        crate::nfs::NfsClient::in_netns(&self.ns)
+    }
+
     pub fn new() -> ClientHost {
         require("ip");
         let pid = std::process::id();

@@ -20,8 +20,8 @@ use nfs_rs::{Mount, OPEN_READ};
 
 /// The most any one NFS call here may take.
 pub const NFS_DEADLINE: Duration = Duration::from_secs(60);
-/// Bytes per READ request.
-const READ_CHUNK: u32 = 1 << 20;
+/// Bytes per READ request (below the session's negotiated maximum reply size).
+const READ_CHUNK: u32 = 256 << 10;
 
 /// Where the client runs: a network namespace (`/run/netns/NAME`), or the test's own.
 #[derive(Clone, Debug)]
@@ -168,4 +168,17 @@ impl NfsClient {
 
 fn err(e: nfs_rs::NfsError) -> String {
     e.to_string()
+}
+
+/// `len` bytes of reproducible, incompressible data (xorshift from `seed`).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }
