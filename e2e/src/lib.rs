@@ -266,20 +266,26 @@ impl Cluster {
         }
     }
 
-    /// `nfs-cp` of `content` from the client host to `server:/path`.
+    /// Writes `content` from the client host to `server:/VOLUME/FILE` (`path` is
+    /// `VOLUME/FILE`) with the nfs-rs client, committed before it returns.
     pub fn nfs_put(&self, server: &str, path: &str, content: &str) -> Result<(), String> {
-        let dir = tempfile::tempdir().unwrap();
-        let local = dir.path().join("upload");
-        std::fs::write(&local, content).unwrap();
-        let url = format!("nfs://{server}/{path}?version=4&nfsport={NFS_PORT}");
-        let o = self
-            .client
-            .run("nfs-cp", &[&local.display().to_string(), &url]);
-        if o.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&o.stderr).into_owned())
-        }
+        self.nfs_write(server, path, content.as_bytes())
+    }
+
+    /// Like [`Cluster::nfs_put`] for any bytes (MiBs are fine: nfs-rs writes them whole).
+    pub fn nfs_write(&self, server: &str, path: &str, data: &[u8]) -> Result<(), String> {
+        let (volume, file) = path.split_once('/').expect("VOLUME/FILE");
+        self.client
+            .nfs()
+            .write(server, NFS_PORT, &format!("/{volume}"), file, data)
+    }
+
+    /// Reads `server:/VOLUME/FILE` whole from the client host with the nfs-rs client.
+    pub fn nfs_read(&self, server: &str, path: &str) -> Result<Vec<u8>, String> {
+        let (volume, file) = path.split_once('/').expect("VOLUME/FILE");
+        self.client
+            .nfs()
+            .read(server, NFS_PORT, &format!("/{volume}"), file)
     }
 }
 
