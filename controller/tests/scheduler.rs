@@ -420,3 +420,140 @@ async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_pr
     })
     .await;
 }
+
+/// Stands in for an agent whose backend declares `capabilities`.
+async fn machine_with(
+    store: &Store,
+    name: &str,
+    total_bytes: u64,
+    capabilities: Vec<cobalt_api::Capability>,
+) -> Lease {
+    let lease = machine(store, name, total_bytes, &[]).await;
+    store
+        .update_status::<Machine, _>(name, |m| {
+            let mut s = m.status.clone()?;
+            s.capabilities = capabilities.clone();
+            Some(s)
+        })
+        .await
+        .unwrap();
+    lease
+}
+
+async fn scheduled_condition(store: &Store, name: &str, reason: &str) -> String {
+    until(
+        &format!("Scheduled reason {reason}"),
+        Duration::from_secs(10),
+        || async {
+            let v: Volume = store.get(name).await.ok()??;
+            let c = find_condition(&v.status?.conditions, "Scheduled")?.clone();
+            (c.reason == reason).then_some(c.message)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_compressed_volume_is_never_placed_on_a_backend_that_cannot_compress() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    // A backend that declares no compression (a block-device backend, say).
+    let _plain = machine_with(&store, "plain-1", 10 << 30, vec![]).await;
+    let _scheduler = run_scheduler(&store, PlacementStrategy::Spread);
+    let mut v = volume("squeezed", 100 * MIB);
+    v.spec.compression = cobalt_api::Compression::Zstd;
+    store.create(&v).await.unwrap();
+    store.create(&volume("plain", 100 * MIB)).await.unwrap();
+    let msg = scheduled_condition(&store, "squeezed", "Unschedulable").await;
+    assert_eq!(
+        msg,
+        "1 machine: 1 whose backend lacks the compression capability"
+    );
+    assert_eq!(
+        until("the plain volume bound", Duration::from_secs(10), || {
+            bound_to(&store, "plain")
+        })
+        .await,
+        "plain-1",
+        "an uncompressed volume is fine there"
+    );
+    let _btrfs = machine_with(
+        &store,
+        "btrfs-1",
+        10 << 30,
+        vec![cobalt_api::Capability::Compression],
+    )
+    .await;
+    assert_eq!(
+        until(
+            "placement on the compressing machine",
+            Duration::from_secs(10),
+            || { bound_to(&store, "squeezed") }
+        )
+        .await,
+        "btrfs-1"
+    );
+}
+
+#[tokio::test]
+async fn a_grow_that_does_not_fit_keeps_the_old_size_and_says_how_much_is_missing() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let _m = machine(&store, "small", 1024 * MIB, &[]).await;
+    let _scheduler = run_scheduler(&store, PlacementStrategy::Binpack);
+    store.create(&volume("a", 400 * MIB)).await.unwrap();
+    store.create(&volume("b", 400 * MIB)).await.unwrap();
+    for name in ["a", "b"] {
+        scheduled_condition(&store, name, "Bound").await;
+    }
+    let v: Volume = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        v.status.as_ref().unwrap().allocated_bytes,
+        Some(400 * MIB),
+        "the binding allocates the size"
+    );
+    // Growing a to 800Mi needs 400Mi more; the machine has 224Mi reservable.
+    let mut grown = v.clone();
+    grown.spec.size = cobalt_api::Quantity::from_bytes(800 * MIB);
+    store.replace(&grown).await.unwrap();
+    let refused = until(
+        "CapacityReserved=False",
+        Duration::from_secs(10),
+        || async {
+            let v: Volume = store.get("a").await.ok()??;
+            let c = find_condition(&v.status.as_ref()?.conditions, "CapacityReserved")?.clone();
+            (c.reason == "InsufficientCapacity").then_some((v, c.message))
+        },
+    )
+    .await;
+    let (v, message) = refused;
+    assert_eq!(v.status.as_ref().unwrap().allocated_bytes, Some(400 * MIB));
+    assert_eq!(v.granted_size_bytes(), 400 * MIB, "the agent keeps 400Mi");
+    assert!(
+        message.contains(&format!("{} more bytes", 400 * MIB))
+            && message.contains(&format!("{} reservable", 224 * MIB)),
+        "{message}"
+    );
+    // Room appears (b is deleted, and the machine's agent reports its lower reservation): the
+    // grow is granted without anyone touching a.
+    store.delete::<Volume>("b", None).await.unwrap();
+    let mut b: Volume = store.get("b").await.unwrap().unwrap();
+    b.metadata.finalizers.clear();
+    store.replace(&b).await.unwrap();
+    store
+        .update_status::<Machine, _>("small", |m| {
+            let mut s = m.status.clone()?;
+            s.capacity.reserved_bytes = 400 * MIB;
+            Some(s)
+        })
+        .await
+        .unwrap();
+    until("the grow granted", Duration::from_secs(15), || async {
+        let v: Volume = store.get("a").await.ok()??;
+        let s = v.status?;
+        (s.allocated_bytes == Some(800 * MIB)
+            && find_condition(&s.conditions, "CapacityReserved").is_none())
+        .then_some(())
+    })
+    .await;
+}
