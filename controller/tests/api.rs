@@ -290,6 +290,18 @@ async fn replace_needs_the_current_resource_version_and_unchanged_writes_nothing
         before,
         "an unchanged replace must not write to etcd"
     );
+
+    // What a volume is a clone of is fixed at creation: a change is 422, nothing written.
+    let mut cloned = v2.clone();
+    cloned["spec"]["source"] = json!({"volume": "base"});
+    let (code, body) = api.put("volumes/a", &cloned).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(causes(&body), ["spec.source"]);
+    assert!(
+        body["message"].as_str().unwrap().contains("immutable"),
+        "{body}"
+    );
+    assert_eq!(api.store.revision().await.unwrap(), before);
 }
 
 #[tokio::test]

@@ -11,19 +11,13 @@ use cobalt_api::{
 use cobalt_controller::config::PlacementStrategy;
 use cobalt_controller::scheduler::{self, SchedulerConfig, SchedulerMetrics};
 use cobalt_reconcile::CancellationToken;
-use cobalt_store::{EtcdConfig, Lease, Store};
+use cobalt_store::{Lease, Store};
 use cobalt_testkit::etcd::Etcd;
 use cobalt_testkit::free_port;
 use cobalt_testkit::process::Daemon;
 use cobalt_testkit::wait::until;
 
 const MIB: u64 = 1 << 20;
-
-async fn connect(etcd: &Etcd) -> Store {
-    Store::connect(&EtcdConfig::new(etcd.endpoints()))
-        .await
-        .unwrap()
-}
 
 /// Stands in for an agent: registers a machine with a capacity and holds its alive key.
 async fn machine(store: &Store, name: &str, total_bytes: u64, labels: &[(&str, &str)]) -> Lease {
@@ -136,7 +130,7 @@ async fn is_leader(port: u16) -> Option<bool> {
 #[tokio::test]
 async fn one_controller_leads_and_another_takes_over_within_ttl_plus_one_second() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let _m = machine(&store, "node-1", 100 << 30, &[]).await;
     let ports = [free_port(), free_port()];
     let mut daemons = [
@@ -197,7 +191,7 @@ async fn one_controller_leads_and_another_takes_over_within_ttl_plus_one_second(
 async fn a_thousand_volumes_created_at_once_never_overcommit_a_machine() {
     use futures::StreamExt;
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     // 3 machines of 1 GiB; 1,000 volumes of 2–8 MiB (~4.9 GiB wanted): most fit, some cannot.
     let _leases = [
         machine(&store, "m1", 1 << 30, &[]).await,
@@ -261,7 +255,7 @@ async fn a_thousand_volumes_created_at_once_never_overcommit_a_machine() {
 #[tokio::test]
 async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_then_retry() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let _hdd = machine(&store, "hdd-1", 10 << 30, &[("disk", "hdd")]).await;
     let _scheduler = run_scheduler(&store, PlacementStrategy::Spread);
     let mut v = volume("fast", 100 * MIB);
@@ -303,7 +297,7 @@ async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_t
 async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_provisioned_one_is_lost(
 ) {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let doomed = machine(&store, "m1", 10 << 30, &[]).await;
     let _scheduler = run_scheduler(&store, PlacementStrategy::Binpack);
     store
@@ -456,7 +450,7 @@ async fn scheduled_condition(store: &Store, name: &str, reason: &str) -> String 
 #[tokio::test]
 async fn a_compressed_volume_is_never_placed_on_a_backend_that_cannot_compress() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     // A backend that declares no compression (a block-device backend, say).
     let _plain = machine_with(&store, "plain-1", 10 << 30, vec![]).await;
     let _scheduler = run_scheduler(&store, PlacementStrategy::Spread);
@@ -498,7 +492,7 @@ async fn a_compressed_volume_is_never_placed_on_a_backend_that_cannot_compress()
 #[tokio::test]
 async fn a_grow_that_does_not_fit_keeps_the_old_size_and_says_how_much_is_missing() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let _m = machine(&store, "small", 1024 * MIB, &[]).await;
     let _scheduler = run_scheduler(&store, PlacementStrategy::Binpack);
     store.create(&volume("a", 400 * MIB)).await.unwrap();

@@ -11,7 +11,7 @@ use cobalt_api::{
     find_condition, Capability, Compression, Machine, MachineSpec, Volume, VolumePhase,
     VolumeSource, VolumeSpec, BACKEND_LABEL,
 };
-use cobalt_store::{EtcdConfig, Store};
+use cobalt_store::Store;
 use cobalt_testkit::btrfs::BtrfsPool;
 use cobalt_testkit::etcd::Etcd;
 use cobalt_testkit::free_port;
@@ -67,12 +67,6 @@ impl Node {
     }
 }
 
-async fn connect(etcd: &Etcd) -> Store {
-    Store::connect(&EtcdConfig::new(etcd.endpoints()))
-        .await
-        .unwrap()
-}
-
 fn bound(name: &str, size: &str) -> Volume {
     Volume::new(
         name,
@@ -114,7 +108,7 @@ async fn edit(store: &Store, name: &str, f: impl Fn(&mut Volume)) {
 #[tokio::test]
 async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clones_and_deletes() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let node = Node::new();
     let _agent = node.agent(&etcd, &["--usage-refresh", "1s"]);
 
@@ -232,7 +226,7 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
 #[tokio::test]
 async fn a_crash_mid_create_neither_duplicates_nor_loses_volumes() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let node = Node::new();
     // A crash right after the subvolume was made, before limit and record: simulate it exactly.
     let half = store
@@ -294,7 +288,7 @@ async fn a_second_agent_on_the_same_machine_refuses_to_start() {
     let etcd = Etcd::start();
     let node = Node::new();
     let _first = node.agent(&etcd, &[]);
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     until("the first agent alive", Duration::from_secs(15), || async {
         store
             .alive_machines()
@@ -322,7 +316,7 @@ async fn a_second_agent_on_the_same_machine_refuses_to_start() {
 #[tokio::test]
 async fn registration_never_overwrites_what_a_user_declared() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let mut declared = Machine::new(
         "node-1",
         MachineSpec {
@@ -405,7 +399,7 @@ async fn the_agent_is_healthy_at_once_ready_once_registered_and_serves_metrics()
 #[tokio::test]
 async fn provisioned_data_missing_from_the_pool_is_reported_failed_and_not_recreated_empty() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let node = Node::new();
     let agent = node.agent(&etcd, &[]);
     store.create(&bound("precious", "16Mi")).await.unwrap();

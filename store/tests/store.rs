@@ -9,12 +9,6 @@ use cobalt_store::{Deleted, Error, EtcdConfig, Store, TlsFiles, WatchEvent};
 use cobalt_testkit::certs::TestCerts;
 use cobalt_testkit::etcd::Etcd;
 
-async fn connect(etcd: &Etcd) -> Store {
-    Store::connect(&EtcdConfig::new(etcd.endpoints()))
-        .await
-        .unwrap()
-}
-
 fn volume(name: &str, size: &str) -> Volume {
     Volume::new(
         name,
@@ -35,7 +29,7 @@ fn phase(p: VolumePhase) -> VolumeStatus {
 #[tokio::test]
 async fn create_sets_server_fields_and_a_second_create_is_already_exists() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let created = store.create(&volume("a", "1Gi")).await.unwrap();
     assert!(!created.metadata.uid.is_empty());
     assert_eq!(created.metadata.generation, 1);
@@ -50,7 +44,7 @@ async fn create_sets_server_fields_and_a_second_create_is_already_exists() {
 #[tokio::test]
 async fn stale_resource_version_is_rejected_with_conflict() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let v1 = store.create(&volume("a", "1Gi")).await.unwrap();
     let mut first = v1.clone();
     first.spec.size = "2Gi".parse().unwrap();
@@ -73,7 +67,7 @@ async fn stale_resource_version_is_rejected_with_conflict() {
 #[tokio::test]
 async fn generation_bumps_only_on_spec_change_and_an_unchanged_replace_writes_nothing() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let v1 = store.create(&volume("a", "1Gi")).await.unwrap();
     let mut labelled = v1.clone();
     labelled
@@ -99,7 +93,7 @@ async fn generation_bumps_only_on_spec_change_and_an_unchanged_replace_writes_no
 #[tokio::test]
 async fn spec_writer_and_status_writer_never_conflict() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let v = store.create(&volume("a", "1Gi")).await.unwrap();
     // The agent writes status after the user read the object...
     let update = store
@@ -125,7 +119,7 @@ async fn spec_writer_and_status_writer_never_conflict() {
 #[tokio::test]
 async fn replace_with_status_writes_spec_and_status_in_one_revision_or_not_at_all() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let v = store.create(&volume("a", "1Gi")).await.unwrap();
     let mut bound = v.clone();
     bound.spec.machine = Some("m1".into());
@@ -178,7 +172,7 @@ async fn replace_with_status_writes_spec_and_status_in_one_revision_or_not_at_al
 #[tokio::test]
 async fn a_status_write_from_a_cached_object_lands_and_falls_back_when_the_cache_is_stale() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let seen = store.create(&volume("a", "1Gi")).await.unwrap();
     // Current: written in one transaction.
     let before = store.revision().await.unwrap();
@@ -230,7 +224,7 @@ async fn a_status_write_from_a_cached_object_lands_and_falls_back_when_the_cache
 #[tokio::test]
 async fn replace_with_status_from_a_cached_object_lands_and_still_refuses_a_stale_edit() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let seen = store.create(&volume("a", "1Gi")).await.unwrap();
     let mut bound = seen.clone();
     bound.spec.machine = Some("m1".into());
@@ -288,7 +282,7 @@ async fn replace_with_status_from_a_cached_object_lands_and_still_refuses_a_stal
 #[tokio::test]
 async fn a_status_write_that_changes_nothing_writes_nothing() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("a", "1Gi")).await.unwrap();
     store
         .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
@@ -306,7 +300,7 @@ async fn a_status_write_that_changes_nothing_writes_nothing() {
 #[tokio::test]
 async fn concurrent_status_writers_both_land_through_retries() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("a", "1Gi")).await.unwrap();
     let bump = |s: Store| async move {
         for _ in 0..10 {
@@ -331,7 +325,7 @@ async fn concurrent_status_writers_both_land_through_retries() {
 #[tokio::test]
 async fn list_filters_by_label_and_pages_through_many_objects() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let creates = (0..620).map(|i| {
         let store = store.clone();
         async move {
@@ -368,7 +362,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterat
 #[tokio::test]
 async fn delete_waits_for_finalizers() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let mut v = volume("a", "1Gi");
     v.metadata.finalizers = vec!["cobalt.io/agent".into()];
     store.create(&v).await.unwrap();
@@ -398,7 +392,7 @@ async fn delete_waits_for_finalizers() {
 #[tokio::test]
 async fn delete_without_finalizers_removes_object_and_status() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("a", "1Gi")).await.unwrap();
     store
         .update_status::<Volume, _>("a", |_| Some(phase(VolumePhase::Ready)))
@@ -455,7 +449,7 @@ async fn take_events(watch: &mut cobalt_store::ResourceWatch<Volume>, n: usize) 
 #[tokio::test]
 async fn watcher_sees_every_change_exactly_once_in_order_across_an_etcd_restart() {
     let mut etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("before", "1Gi")).await.unwrap();
     let (items, mut watch) = store.list_and_watch::<Volume>().await.unwrap();
     assert_eq!(items.len(), 1);
@@ -480,7 +474,7 @@ async fn watcher_sees_every_change_exactly_once_in_order_across_an_etcd_restart(
     etcd.start_again();
 
     // Changes made after the restart (and one made with a second client) still arrive, once.
-    let store2 = connect(&etcd).await;
+    let store2 = etcd.store().await;
     let mut bigger = v.clone();
     bigger.spec.size = "2Gi".parse().unwrap();
     let bigger = loop {
@@ -509,7 +503,7 @@ async fn watcher_sees_every_change_exactly_once_in_order_across_an_etcd_restart(
 #[tokio::test]
 async fn compaction_makes_the_watcher_relist_and_nothing_is_missed() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let (_, revision) = store
         .list::<Volume>(&LabelSelector::default())
         .await
@@ -539,7 +533,7 @@ async fn compaction_makes_the_watcher_relist_and_nothing_is_missed() {
 #[tokio::test]
 async fn with_etcd_stopped_every_call_fails_within_its_deadline_with_a_clear_message() {
     let mut etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("a", "1Gi")).await.unwrap();
     etcd.stop();
     let deadline = store.request_timeout() + Duration::from_millis(500);
@@ -579,7 +573,7 @@ async fn with_etcd_stopped_every_call_fails_within_its_deadline_with_a_clear_mes
         );
     }
     // A store connected while etcd is down works once it is back.
-    let late = connect(&etcd).await;
+    let late = etcd.store().await;
     etcd.start_again();
     cobalt_testkit::wait::until(
         "the store to reach etcd again",
@@ -621,7 +615,7 @@ async fn a_client_with_a_certificate_connects_to_tls_etcd_and_one_without_is_ref
 #[tokio::test]
 async fn a_deposed_leaders_fenced_write_fails() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     store.create(&volume("a", "1Gi")).await.unwrap();
 
     let lease1 = store.grant_lease(Duration::from_secs(5)).await.unwrap();
@@ -695,7 +689,7 @@ async fn a_deposed_leaders_fenced_write_fails() {
 #[tokio::test]
 async fn keys_attached_to_a_lease_vanish_when_it_is_revoked_or_expires() {
     let etcd = Etcd::start();
-    let store = connect(&etcd).await;
+    let store = etcd.store().await;
     let alive = store.keys().alive("node-1");
     let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
     lease.put_attached(&alive, "node-1").await.unwrap();

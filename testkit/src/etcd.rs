@@ -241,3 +241,13 @@ pub(crate) fn kill_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+impl Etcd {
+    /// A store connected to this etcd (default prefix), for tests that read and write
+    /// resources directly.
+    pub async fn store(&self) -> cobalt_store::Store {
+        cobalt_store::Store::connect(&cobalt_store::EtcdConfig::new(self.endpoints()))
+            .await
+            .expect("connecting to the test etcd")
+    }
+}
