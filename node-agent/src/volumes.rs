@@ -7,7 +7,8 @@
 //! confirms the volume is still bound here, not being deleted, the same uid, and not provisioned
 //! anywhere (a cache behind a partition must not make a copy on a machine the volume has left,
 //! and a provisioned volume is never created empty). Before Destroy a fresh read confirms it is
-//! still being deleted, the same uid, still held by the agent's finalizer.
+//! still being deleted, the same uid, still held by the agent's finalizer, and its data still on
+//! this machine.
 
 use std::sync::Arc;
 
@@ -65,7 +66,7 @@ pub enum AgentError {
 enum Confirm {
     /// Still bound here, not deleting, same uid, provisioned nowhere.
     Create,
-    /// Still being deleted, same uid, still held by the finalizer.
+    /// Still being deleted, same uid, still held by the finalizer, its data still on this machine.
     Destroy,
 }
 
@@ -98,8 +99,14 @@ impl VolumeAgent {
                             .is_none()
                 }
                 Confirm::Destroy => {
+                    let holder = fresh
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.machine.as_deref())
+                        .or(fresh.spec.machine.as_deref());
                     fresh.metadata.is_deleting()
                         && fresh.metadata.finalizers.iter().any(|f| f == FINALIZER)
+                        && holder == Some(self.machine.as_str())
                 }
             };
         Ok(ok.then_some(fresh))
@@ -168,7 +175,13 @@ impl Reconciler<Volume> for VolumeAgent {
             return Ok(Action::Done);
         }
         let started = std::time::Instant::now();
-        let seen = self.observe(&volume, &ctx).await?;
+        // Deleting needs nothing from the backend to decide (only the holder acts), so the
+        // agents not holding the data do no I/O for it.
+        let seen = if volume.metadata.is_deleting() {
+            Observed::default()
+        } else {
+            self.observe(&volume, &ctx).await?
+        };
         let plan = plan::plan(&volume, &self.machine, &seen);
         if let Some(source) = &plan.waiting_for_source {
             return Err(AgentError::SourceNotReady(source.clone()));

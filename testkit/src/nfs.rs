@@ -36,10 +36,6 @@ impl NfsClient {
         }
     }
 
-    pub fn here() -> NfsClient {
-        NfsClient { netns: None }
-    }
-
     /// Creates (or truncates) `file` in the export `export` on `server:port` with `data`,
     /// committed to stable storage before it returns.
     pub fn write(
@@ -56,34 +52,6 @@ impl NfsClient {
                 let created = m.create_path(&file, Some(0o644)).await.map_err(err)?;
                 let result = nfs_rs::write_all(m, created.fh.clone(), 0, data).await;
                 let _ = m.close(created.fh).await;
-                result.map(|_| ()).map_err(err)
-            })
-        })
-    }
-
-    /// Appends `data` at the end of `file` (created if missing), committed before it returns.
-    pub fn append(
-        &self,
-        server: &str,
-        port: u16,
-        export: &str,
-        file: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
-        let (file, data) = (file.to_string(), Bytes::copy_from_slice(data));
-        self.with_mount(server, port, export, move |m| {
-            Box::pin(async move {
-                let size = match m.getattr_path(&file).await {
-                    Ok(a) => a.filesize,
-                    Err(_) => {
-                        let created = m.create_path(&file, Some(0o644)).await.map_err(err)?;
-                        let _ = m.close(created.fh).await;
-                        0
-                    }
-                };
-                let opened = m.open_path(&file, nfs_rs::OPEN_WRITE).await.map_err(err)?;
-                let result = nfs_rs::write_all(m, opened.fh.clone(), size, data).await;
-                let _ = m.close(opened.fh).await;
                 result.map(|_| ()).map_err(err)
             })
         })

@@ -118,7 +118,9 @@ impl Reconciler<Volume> for VolumeScheduler {
             }
             return Ok(Action::Done);
         }
-        let grant = self.grant(ctx.cache(), &volume, &machine).await?;
+        // A grow's check holds the placement lock until its grant is written (`placing`), so no
+        // placement can take the same bytes in between.
+        let (grant, mut placing) = self.grant(ctx.cache(), &volume, &machine).await?;
         let (reason, ok, message) = if by_scheduler {
             ("Bound", true, format!("bound to machine {machine}"))
         } else {
@@ -152,9 +154,8 @@ impl Reconciler<Volume> for VolumeScheduler {
                 })
                 .await?;
             ctx.wrote(update.written);
-            if let Some(w) = update.written {
-                let mut last = self.last_write.lock().await;
-                *last = (*last).max(w);
+            if let (Some(last), Some(w)) = (placing.as_mut(), update.written) {
+                **last = (**last).max(w);
             }
         } else {
             // A volume pinned at create: the finalizer and the Scheduled condition in one write.
@@ -212,21 +213,23 @@ impl Grant {
 
 impl VolumeScheduler {
     /// Decides the allocation of a volume bound to `machine`. A grow is checked against the
-    /// ledger under the placement lock, so it cannot race a placement onto the same machine.
+    /// ledger under the placement lock, which is returned held: the caller writes the grant
+    /// before releasing it (and records the write's revision in it), so a grow and a placement
+    /// cannot both take the last bytes of a machine.
     async fn grant(
         &self,
         cache: &Cache<Volume>,
         volume: &Volume,
         machine: &str,
-    ) -> Result<Grant, SchedulerError> {
+    ) -> Result<(Grant, Option<tokio::sync::MutexGuard<'_, i64>>), SchedulerError> {
         let asked = volume.spec.size_bytes();
         let allocated = volume.status.as_ref().and_then(|s| s.allocated_bytes);
         match allocated {
-            Some(a) if a == asked => return Ok(Grant::Unchanged),
+            Some(a) if a == asked => return Ok((Grant::Unchanged, None)),
             // First allocation of a volume bound before allocations existed, or a shrink:
             // neither needs room.
-            None => return Ok(Grant::Size(asked)),
-            Some(a) if asked < a => return Ok(Grant::Size(asked)),
+            None => return Ok((Grant::Size(asked), None)),
+            Some(a) if asked < a => return Ok((Grant::Size(asked), None)),
             Some(_) => {}
         }
         let last_write = self.last_write.lock().await;
@@ -241,9 +244,8 @@ impl VolumeScheduler {
         let volumes = cache.list();
         let views = self.machine_views(&volumes);
         let Some(m) = views.iter().find(|m| m.name == machine) else {
-            return Ok(Grant::Refused(format!(
-                "machine {machine} is not registered"
-            )));
+            let why = format!("machine {machine} is not registered");
+            return Ok((Grant::Refused(why), None));
         };
         let in_force = volume
             .status
@@ -254,12 +256,13 @@ impl VolumeScheduler {
         let more = wanted.saturating_sub(volume.ledger_bytes());
         let free = m.reservable_bytes();
         if more <= free {
-            return Ok(Grant::Size(asked));
+            return Ok((Grant::Size(asked), Some(last_write)));
         }
-        Ok(Grant::Refused(format!(
+        let why = format!(
             "growing to {asked} bytes needs {more} more bytes reserved on machine {machine}, which has {free} reservable; the volume keeps {} bytes",
             volume.granted_size_bytes()
-        )))
+        );
+        Ok((Grant::Refused(why), None))
     }
 
     /// A volume being deleted whose machine is gone and which was never provisioned there has
