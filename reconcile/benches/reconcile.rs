@@ -5,6 +5,9 @@
 //! 2. With those 10,000 in the cache, 200 updates one after another: latency from the etcd write
 //!    returning to the reconciler seeing the new generation (p50/p99).
 //! 3. 2,000 updates written as fast as etcd takes them: reconciles per second.
+//! 4. The same 10,000 objects under a 1 s resync for 100 resyncs: resident memory after the
+//!    10th and after the 100th (it must stay flat: the runner keeps nothing per reconcile).
+//!    `COBALT_BENCH_QUICK=1` resyncs every 200 ms instead.
 //!
 //! Prints a table and writes `target/bench/reconcile.json` (`make bench` collects it).
 
@@ -87,6 +90,29 @@ async fn resize_all(store: &Store, objects: Vec<Volume>, size: &str) {
         .buffer_unordered(64)
         .collect::<Vec<_>>()
         .await;
+}
+
+/// Counts reconciles.
+#[derive(Clone, Default)]
+struct Count(Arc<std::sync::atomic::AtomicU64>);
+
+impl Reconciler<Volume> for Count {
+    type Error = String;
+    async fn reconcile(&self, _v: Arc<Volume>, _ctx: Context<Volume>) -> Result<Action, String> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Action::Done)
+    }
+}
+
+/// This process's resident set, in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -187,6 +213,33 @@ async fn main() {
     assert_eq!(listed.len(), OBJECTS);
     let list_alone = t0.elapsed();
 
+    // 4. Memory under repeated resyncs, over the cache that is still loaded.
+    let quick = std::env::var("COBALT_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let resync = if quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
+    let count = Count::default();
+    let stop = CancellationToken::new();
+    let config = Config {
+        name: "bench-resync".into(),
+        concurrency: 8,
+        resync,
+        ..Config::default()
+    };
+    tokio::spawn(Controller::new(cache.clone(), count.clone(), config).run(stop.clone()));
+    let passes = |n: u64| {
+        let count = count.clone();
+        move || count.0.load(std::sync::atomic::Ordering::Relaxed) >= n * OBJECTS as u64
+    };
+    // The first pass is the start; each later one a resync.
+    wait("10 resyncs", resync * 40 + Duration::from_secs(60), passes(11)).await;
+    let rss_10 = rss_bytes();
+    wait("100 resyncs", resync * 400 + Duration::from_secs(120), passes(101)).await;
+    let rss_100 = rss_bytes();
+    stop.cancel();
+
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     println!("reconcile benchmark ({OBJECTS} objects, real etcd)");
     println!(
@@ -211,7 +264,16 @@ async fn main() {
         rate(BURST, burst),
         rate(BURST, burst_writes)
     );
+    println!(
+        "  resync every {resync:?}: RSS after 10 resyncs {:.1} MiB, after 100 {:.1} MiB ({:+.1} KiB per resync)",
+        rss_10 as f64 / 1048576.0,
+        rss_100 as f64 / 1048576.0,
+        (rss_100 as f64 - rss_10 as f64) / 90.0 / 1024.0
+    );
     let json = serde_json::json!({
+        "resync_period_seconds": resync.as_secs_f64(),
+        "rss_after_10_resyncs_bytes": rss_10,
+        "rss_after_100_resyncs_bytes": rss_100,
         "objects": OBJECTS,
         "initial_seconds": initial.as_secs_f64(),
         "initial_per_second": rate(OBJECTS, initial),
