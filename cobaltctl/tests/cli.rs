@@ -2,13 +2,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use cobalt_api::{set_condition, ConditionStatus, Volume, VolumePhase};
-use cobalt_controller::http::{self, AppState, HttpMetrics};
-use cobalt_reconcile::CancellationToken;
-use cobalt_store::{EtcdConfig, Store};
+use cobalt_controller::http::local::LocalApi;
+use cobalt_store::Store;
 use cobalt_testkit::etcd::Etcd;
 
 struct Env {
@@ -16,47 +14,22 @@ struct Env {
     store: Store,
     server: String,
     dir: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    _api: LocalApi,
 }
 
 impl Env {
     async fn start() -> Env {
         let etcd = Etcd::start();
-        let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
+        let store = etcd.store().await;
+        let api = LocalApi::start(store.clone(), None, Duration::from_secs(1))
             .await
             .unwrap();
-        let mut registry = prometheus_client::registry::Registry::default();
-        let stop = CancellationToken::new();
-        let state = AppState {
-            store: store.clone(),
-            tokens: None,
-            deadline: http::DEFAULT_DEADLINE,
-            bookmark_interval: Duration::from_secs(1),
-            http_metrics: HttpMetrics::new(&mut registry),
-            registry: Arc::new(registry),
-            shutdown: stop.clone(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = format!("http://{}", listener.local_addr().unwrap());
-        let app = http::router(state);
-        let s = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await
-        });
         Env {
             _etcd: etcd,
             store,
-            server,
+            server: api.url.clone(),
             dir: tempfile::tempdir().unwrap(),
-            stop,
+            _api: api,
         }
     }
 

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cobalt_controller::http::{self, AppState, HttpMetrics, Tokens};
-use cobalt_reconcile::CancellationToken;
-use cobalt_store::{EtcdConfig, Store};
+use cobalt_controller::http::local::LocalApi;
+use cobalt_controller::http::Tokens;
+use cobalt_store::Store;
 use cobalt_testkit::etcd::Etcd;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -15,46 +15,22 @@ use serde_json::{json, Value};
 struct Api {
     url: String,
     store: Store,
-    stop: CancellationToken,
+    _server: LocalApi,
     client: reqwest::Client,
     token: Option<String>,
 }
 
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 impl Api {
     async fn start(etcd: &Etcd, tokens: Option<&Path>) -> Api {
-        let store = Store::connect(&EtcdConfig::new(etcd.endpoints()))
+        let store = etcd.store().await;
+        let tokens = tokens.map(|p| Arc::new(Tokens::load(p).unwrap()));
+        let server = LocalApi::start(store.clone(), tokens, Duration::from_millis(300))
             .await
             .unwrap();
-        let mut registry = prometheus_client::registry::Registry::default();
-        let stop = CancellationToken::new();
-        let state = AppState {
-            store: store.clone(),
-            tokens: tokens.map(|p| Arc::new(Tokens::load(p).unwrap())),
-            deadline: http::DEFAULT_DEADLINE,
-            bookmark_interval: Duration::from_millis(300),
-            http_metrics: HttpMetrics::new(&mut registry),
-            registry: Arc::new(registry),
-            shutdown: stop.clone(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = http::router(state);
-        let s = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await
-        });
         Api {
-            url,
+            url: server.url.clone(),
             store,
-            stop,
+            _server: server,
             client: reqwest::Client::new(),
             token: None,
         }

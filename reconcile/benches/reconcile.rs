@@ -234,9 +234,19 @@ async fn main() {
         move || count.0.load(std::sync::atomic::Ordering::Relaxed) >= n * OBJECTS as u64
     };
     // The first pass is the start; each later one a resync.
-    wait("10 resyncs", resync * 40 + Duration::from_secs(60), passes(11)).await;
+    wait(
+        "10 resyncs",
+        resync * 40 + Duration::from_secs(60),
+        passes(11),
+    )
+    .await;
     let rss_10 = rss_bytes();
-    wait("100 resyncs", resync * 400 + Duration::from_secs(120), passes(101)).await;
+    wait(
+        "100 resyncs",
+        resync * 400 + Duration::from_secs(120),
+        passes(101),
+    )
+    .await;
     let rss_100 = rss_bytes();
     stop.cancel();
 

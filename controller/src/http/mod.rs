@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod handlers;
 pub mod kinds;
+pub mod local;
 pub mod metrics;
 pub mod status;
 pub mod tls;
