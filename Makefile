@@ -55,6 +55,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-reconcile -p cobalt-controller
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p cobalt-e2e --bench system
+	$(CARGO) bench -p cobalt-e2e --bench machine_ready
 
 demo: deps
 	bash scripts/demo.sh
