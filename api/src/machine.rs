@@ -104,6 +104,10 @@ pub struct MachineStatus {
     /// `cobalt.io/backend`). Written by the agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<crate::volume::Capability>,
+    /// The agent's HTTP address (`http://HOST:PORT`), where peer agents pull a moving volume's
+    /// data. Written by the agent from its `listen` address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -140,16 +140,25 @@ impl Volume {
             .reserved_bytes_for(self.granted_size_bytes().max(in_force))
     }
 
-    /// The machines whose ledger counts this volume: where it is bound and where its data is
-    /// (both, while they differ: a move holds room on both ends).
+    /// The machines whose ledger counts this volume: where its data is (or, never provisioned,
+    /// where it is bound), and the target of a granted move — both ends for the whole move. A
+    /// `spec.machine` edit alone reserves nothing on the new machine until the scheduler grants
+    /// the move.
     pub fn ledger_machines(&self) -> impl Iterator<Item = &str> {
-        let bound = self.spec.machine.as_deref();
-        let holder = self
-            .status
-            .as_ref()
+        let status = self.status.as_ref();
+        let holder = status
             .and_then(|s| s.machine.as_deref())
-            .filter(|h| Some(*h) != bound);
-        bound.into_iter().chain(holder)
+            .or(self.spec.machine.as_deref());
+        let target = status
+            .and_then(|s| s.move_.as_ref())
+            .map(|m| m.to.as_str())
+            .filter(|t| Some(*t) != holder);
+        holder.into_iter().chain(target)
+    }
+
+    /// The move in progress, if any.
+    pub fn moving(&self) -> Option<&MoveStatus> {
+        self.status.as_ref().and_then(|s| s.move_.as_ref())
     }
 }
 
@@ -275,6 +284,13 @@ pub struct VolumeStatus {
     /// The last `cobalt.io/defragment` token whose defragmentation finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defragmented: Option<String>,
+    /// The move in progress: present from the scheduler's grant (room reserved on the target)
+    /// until the source has destroyed its copy.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "move")]
+    pub move_: Option<MoveStatus>,
+    /// The last move that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_move: Option<LastMove>,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -283,7 +299,7 @@ pub struct VolumeStatus {
 
 /// Where a volume is in its life. Each phase is written by exactly one actor (see
 /// ARCHITECTURE.md): Pending and Scheduled by the scheduler, Lost by the scheduler when the
-/// machine holding the data is gone; Ready, Resizing, Deleting and Failed by the agent holding
+/// machine holding the data is gone; Ready, Moving, Deleting and Failed by the agent holding
 /// (or about to create) the data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum VolumePhase {
@@ -302,6 +318,127 @@ pub enum VolumePhase {
     Failed,
     /// The machine holding the data is not ready; the data stays there until it returns.
     Lost,
+    /// Being moved to another machine (see `status.move`); served from the source until the
+    /// cut-over.
+    Moving,
+}
+
+/// A move of the volume's data from one machine to another. Each field has one writer (see
+/// ARCHITECTURE.md, "Moves"): the scheduler creates it (the grant), the target agent advances
+/// `stage` up to CleaningUp and reports progress, the source agent removes it after destroying
+/// its copy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoveStatus {
+    /// The machine holding the data when the move was granted.
+    pub from: String,
+    /// The machine the data goes to (room is reserved there).
+    pub to: String,
+    pub stage: MoveStage,
+    pub started: DateTime<Utc>,
+    /// Rounds of transfer finished (the first is the full seed, the rest incremental).
+    #[serde(default)]
+    pub rounds: u32,
+    /// Bytes of the current round received by the target.
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// The source's estimate of the current round's bytes (the volume's used bytes for the seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    /// Bytes received over all rounds.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// SHA-256 (hex) of the credential the target presents to the source; only the target
+    /// holds the credential itself, and a new one replaces it each time the target restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_sha256: Option<String>,
+    /// When the source stopped serving (the start of the cut-over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<DateTime<Utc>>,
+    /// How long clients could not write: from the source stopping to the target serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_over_millis: Option<u64>,
+}
+
+/// Where a move is. A move can be cancelled (`spec.machine` set back) until CuttingOver.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum MoveStage {
+    /// Room reserved on the target; the full copy of a read-only snapshot is being sent.
+    Seeding,
+    /// Incremental rounds until what changed since the last round is small.
+    Converging,
+    /// The source has stopped serving; the final increment goes over and the target takes over.
+    CuttingOver,
+    /// The target serves the volume; the source destroys its copy.
+    CleaningUp,
+}
+
+impl MoveStage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MoveStage::Seeding => "Seeding",
+            MoveStage::Converging => "Converging",
+            MoveStage::CuttingOver => "CuttingOver",
+            MoveStage::CleaningUp => "CleaningUp",
+        }
+    }
+
+    /// True once the source may have stopped serving: the move can no longer be cancelled.
+    pub fn is_committed(&self) -> bool {
+        *self >= MoveStage::CuttingOver
+    }
+}
+
+/// The record of a finished move.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LastMove {
+    pub from: String,
+    pub to: String,
+    pub started: DateTime<Utc>,
+    pub finished: DateTime<Utc>,
+    pub bytes_sent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_over_millis: Option<u64>,
+}
+
+impl MoveStatus {
+    /// The `Moving` condition's reason and message for this move (every writer derives the
+    /// condition from the same fields, so they agree).
+    pub fn describe(&self) -> (&'static str, String) {
+        let progress = match self.bytes_total {
+            Some(total) if total > 0 => format!(
+                "{} of ~{} bytes ({}%)",
+                self.bytes_done,
+                total,
+                (self.bytes_done.min(total) * 100 / total)
+            ),
+            _ => format!("{} bytes", self.bytes_done),
+        };
+        let message = match self.stage {
+            MoveStage::Seeding => format!(
+                "moving from machine {} to {}: full copy, {progress}",
+                self.from, self.to
+            ),
+            MoveStage::Converging => format!(
+                "moving from machine {} to {}: incremental round {}, {progress}",
+                self.from,
+                self.to,
+                self.rounds + 1
+            ),
+            MoveStage::CuttingOver => format!(
+                "moving from machine {} to {}: the source has stopped serving; the final increment is going over",
+                self.from, self.to
+            ),
+            MoveStage::CleaningUp => format!(
+                "moved from machine {} to {}; machine {} is destroying its copy",
+                self.from, self.to, self.from
+            ),
+        };
+        (self.stage.as_str(), message)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -358,6 +495,44 @@ mod tests {
         assert_eq!(v.ledger_bytes(), 64 << 20);
         v.spec.dilation = 50;
         assert_eq!(v.ledger_bytes(), 96 << 20);
+    }
+
+    #[test]
+    fn the_ledger_counts_the_holder_and_a_granted_target_only() {
+        let mut v = sized("64Mi");
+        assert_eq!(v.ledger_machines().count(), 0, "unbound");
+        v.spec.machine = Some("m1".into());
+        assert_eq!(v.ledger_machines().collect::<Vec<_>>(), ["m1"]);
+        v.status = Some(VolumeStatus {
+            machine: Some("m1".into()),
+            ..Default::default()
+        });
+        v.spec.machine = Some("m2".into());
+        assert_eq!(
+            v.ledger_machines().collect::<Vec<_>>(),
+            ["m1"],
+            "a move not granted reserves nothing on its target"
+        );
+        v.status.as_mut().unwrap().move_ = Some(MoveStatus {
+            from: "m1".into(),
+            to: "m2".into(),
+            stage: MoveStage::Seeding,
+            started: Utc::now(),
+            rounds: 0,
+            bytes_done: 0,
+            bytes_total: None,
+            bytes_sent: 0,
+            credential_sha256: None,
+            frozen: None,
+            cut_over_millis: None,
+        });
+        assert_eq!(v.ledger_machines().collect::<Vec<_>>(), ["m1", "m2"]);
+        let (reason, message) = v.moving().unwrap().describe();
+        assert_eq!(reason, "Seeding");
+        assert!(
+            message.contains("m1") && message.contains("m2"),
+            "{message}"
+        );
     }
 
     #[test]

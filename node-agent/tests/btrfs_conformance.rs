@@ -4,11 +4,12 @@ use cobalt_agent::backend::btrfs::BtrfsBackend;
 use cobalt_agent::backend::conformance::Harness;
 use cobalt_testkit::btrfs::BtrfsPool;
 
-struct Pool(BtrfsPool);
+/// A pool, and a second one (another machine's) made when a send/receive case asks for it.
+struct Pool(BtrfsPool, std::sync::OnceLock<BtrfsPool>);
 
 impl Pool {
     fn new() -> Pool {
-        Pool(BtrfsPool::new(512))
+        Pool(BtrfsPool::new(512), std::sync::OnceLock::new())
     }
 }
 
@@ -16,6 +17,10 @@ impl Harness for Pool {
     type B = BtrfsBackend;
     fn open(&self) -> BtrfsBackend {
         BtrfsBackend::open(self.0.path()).unwrap()
+    }
+    fn open_peer(&self) -> Option<BtrfsBackend> {
+        let peer = self.1.get_or_init(|| BtrfsPool::new(512));
+        Some(BtrfsBackend::open(peer.path()).unwrap())
     }
 }
 

@@ -7,6 +7,14 @@
 //! Reading qgroup usage and defragmenting use `btrfs` (progs' JSON output for qgroups is broken
 //! in 6.2, so the raw table is parsed).
 //!
+//! Snapshots are read-only subvolumes `POOL/snapshots/<uid>/<name>`. A stream (`btrfs send`) is
+//! received into `POOL/staging/<uid>/`; the received snapshot counts only once the stream was
+//! checked complete and a marker file `.<name>.complete` written beside it — the stream must end
+//! with the send stream's END command, since `btrfs receive` itself accepts a stream cut at a
+//! command boundary as whole. Unmarked subvolumes there are dropped before the next receive. The live volume
+//! of a received snapshot is a writable snapshot of it (a received subvolume is never made
+//! writable: later incrementals would no longer apply on it).
+//!
 //! Crash safety: `create` makes the subvolume, sets limit and compression, and writes the record
 //! *last*; run again after a crash at any point, it finishes the job. `destroy` deletes the
 //! subvolume, commits, then removes its qgroup (a deleted subvolume otherwise leaves one behind).
@@ -20,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use cobalt_api::{Capability, Compression};
 
+use super::stream::SendStream;
 use super::{Backend, BackendError, PoolCapacity, Result, VolumeRecord, VolumeUsage};
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
@@ -36,6 +45,18 @@ const QGROUP_RELEASE_DEADLINE: Duration = Duration::from_secs(20);
 struct VolArgs {
     fd: i64,
     name: [u8; BTRFS_PATH_NAME_MAX + 1],
+}
+
+const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
+const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
 }
 
 #[repr(C)]
@@ -78,6 +99,8 @@ nix::ioctl_write_ptr!(ioc_subvol_create, 0x94, 14, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_destroy, 0x94, 15, VolArgs);
 nix::ioctl_readwrite!(ioc_ino_lookup, 0x94, 18, InoLookupArgs);
 nix::ioctl_readwrite!(ioc_quota_ctl, 0x94, 40, QuotaCtlArgs);
+nix::ioctl_write_ptr!(ioc_snap_create_v2, 0x94, 23, VolArgsV2);
+nix::ioctl_read!(ioc_subvol_getflags, 0x94, 25, u64);
 nix::ioctl_write_ptr!(ioc_qgroup_create, 0x94, 42, QgroupCreateArgs);
 nix::ioctl_read!(ioc_qgroup_limit, 0x94, 43, QgroupLimitArgs);
 nix::ioctl_none!(ioc_quota_rescan_wait, 0x94, 46);
@@ -174,6 +197,147 @@ impl BtrfsBackend {
         Ok(args.treeid)
     }
 
+    /// Deletes the subvolume at `path`, commits, and removes its qgroup (the qgroup of a deleted
+    /// subvolume otherwise stays; the kernel refuses (EBUSY) until the cleaner has dropped the
+    /// subvolume, so this retries within a deadline).
+    fn delete_subvolume(&self, path: &Path) -> Result<()> {
+        let id = self.subvolume_id(path)?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(BackendError::InvalidPool {
+                path: path.into(),
+                reason: "not a subvolume under a directory".into(),
+            });
+        };
+        let dir = File::open(parent).map_err(io("open parent directory", parent))?;
+        let args = vol_args(0, &name.to_string_lossy());
+        // SAFETY: valid btrfs_ioctl_vol_args naming the subvolume to delete under `dir`.
+        unsafe { ioc_snap_destroy(dir.as_raw_fd(), &args) }
+            .map_err(errno("delete subvolume", path))?;
+        self.sync()?;
+        let pool = File::open(&self.pool).map_err(io("open pool", &self.pool))?;
+        let start = Instant::now();
+        loop {
+            let args = QgroupCreateArgs {
+                create: 0,
+                qgroupid: id,
+            };
+            // SAFETY: valid btrfs_ioctl_qgroup_create_args; create = 0 destroys.
+            match unsafe { ioc_qgroup_create(pool.as_raw_fd(), &args) } {
+                Ok(_) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+                Err(nix::errno::Errno::EBUSY) if start.elapsed() < QGROUP_RELEASE_DEADLINE => {
+                    self.sync()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(errno("remove qgroup", path)(e)),
+            }
+        }
+    }
+
+    /// A snapshot of the subvolume `source` at `parent/name`, read-only if asked.
+    fn snapshot_subvolume(
+        &self,
+        source: &Path,
+        parent: &Path,
+        name: &str,
+        read_only: bool,
+    ) -> Result<()> {
+        let dir = File::open(parent).map_err(io("open directory", parent))?;
+        let src = File::open(source).map_err(io("open subvolume", source))?;
+        let mut args = VolArgsV2 {
+            fd: src.as_raw_fd() as i64,
+            transid: 0,
+            flags: if read_only { BTRFS_SUBVOL_RDONLY } else { 0 },
+            unused: [0; 4],
+            name: [0; BTRFS_SUBVOL_NAME_MAX + 1],
+        };
+        let bytes = name.as_bytes();
+        let n = bytes.len().min(BTRFS_SUBVOL_NAME_MAX);
+        args.name[..n].copy_from_slice(&bytes[..n]);
+        // SAFETY: valid btrfs_ioctl_vol_args_v2: fd is the source subvolume, name the snapshot.
+        unsafe { ioc_snap_create_v2(dir.as_raw_fd(), &args) }
+            .map_err(errno("snapshot subvolume", &parent.join(name)))?;
+        Ok(())
+    }
+
+    fn is_read_only(&self, path: &Path) -> bool {
+        let Ok(dir) = File::open(path) else {
+            return false;
+        };
+        let mut flags = 0u64;
+        // SAFETY: the kernel writes one u64 of subvolume flags.
+        unsafe { ioc_subvol_getflags(dir.as_raw_fd(), &mut flags) }.is_ok()
+            && flags & BTRFS_SUBVOL_RDONLY != 0
+    }
+
+    fn snapshots_dir(&self, uid: &str) -> PathBuf {
+        self.pool.join("snapshots").join(uid)
+    }
+
+    fn staging_dir(&self, uid: &str) -> PathBuf {
+        self.pool.join("staging").join(uid)
+    }
+
+    /// Read-only subvolumes directly under `dir`, by name, oldest name first.
+    fn read_only_under(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io("list snapshots", dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io("list snapshots", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && self.is_read_only(&entry.path()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes subvolumes under `dir` that have no completion marker (what an interrupted or
+    /// refused receive leaves).
+    fn drop_incomplete(&self, dir: &Path) -> Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("list directory", dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io("list directory", dir))?.path();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if is_subvolume_root(&path) && !dir.join(complete_marker(&name)).exists() {
+                self.delete_subvolume(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every subvolume under `dir` (one level), then everything else in it and `dir`.
+    fn delete_all_under(&self, dir: &Path) -> Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("list directory", dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io("list directory", dir))?.path();
+            if is_subvolume_root(&path) {
+                self.delete_subvolume(&path)?;
+            } else if path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io("remove directory", &path))?;
+            } else {
+                std::fs::remove_file(&path).map_err(io("remove file", &path))?;
+            }
+        }
+        std::fs::remove_dir(dir).map_err(io("remove directory", dir))
+    }
+
     fn sync(&self) -> Result<()> {
         let dir = File::open(&self.pool).map_err(io("open pool", &self.pool))?;
         // SAFETY: takes no argument.
@@ -253,13 +417,13 @@ impl Backend for BtrfsBackend {
         "btrfs"
     }
 
-    /// Snapshot and send/receive are BTRFS features too; they are declared once the agent uses
-    /// them (moves), so the list never promises more than the agent does.
     fn capabilities(&self) -> Vec<Capability> {
         vec![
             Capability::Compression,
             Capability::Clone,
             Capability::Defragment,
+            Capability::Snapshot,
+            Capability::SendReceive,
         ]
     }
 
@@ -289,35 +453,12 @@ impl Backend for BtrfsBackend {
         self.finish(&path, record)
     }
 
+    /// Destroys the volume with its snapshots and anything received for it.
     fn destroy(&self, uid: &str) -> Result<()> {
         let path = self.existing(uid)?;
-        let id = self.subvolume_id(&path)?;
-        let parent = self.volumes_dir();
-        let dir = File::open(&parent).map_err(io("open volumes directory", &parent))?;
-        let args = vol_args(0, uid);
-        // SAFETY: valid btrfs_ioctl_vol_args naming the subvolume to delete under `dir`.
-        unsafe { ioc_snap_destroy(dir.as_raw_fd(), &args) }
-            .map_err(errno("delete subvolume", &path))?;
-        self.sync()?;
-        // The qgroup of a deleted subvolume stays until removed; the kernel refuses (EBUSY)
-        // until the cleaner has dropped the subvolume, so retry within a deadline.
-        let pool = File::open(&self.pool).map_err(io("open pool", &self.pool))?;
-        let start = Instant::now();
-        loop {
-            let args = QgroupCreateArgs {
-                create: 0,
-                qgroupid: id,
-            };
-            // SAFETY: valid btrfs_ioctl_qgroup_create_args; create = 0 destroys.
-            match unsafe { ioc_qgroup_create(pool.as_raw_fd(), &args) } {
-                Ok(_) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
-                Err(nix::errno::Errno::EBUSY) if start.elapsed() < QGROUP_RELEASE_DEADLINE => {
-                    self.sync()?;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(errno("remove qgroup", &path)(e)),
-            }
-        }
+        self.delete_all_under(&self.snapshots_dir(uid))?;
+        self.delete_all_under(&self.staging_dir(uid))?;
+        self.delete_subvolume(&path)
     }
 
     fn resize(&self, uid: &str, size_bytes: u64) -> Result<()> {
@@ -377,6 +518,154 @@ impl Backend for BtrfsBackend {
             }
         }
         run(cmd.arg(&path)).map(|_| ())
+    }
+
+    fn snapshot(&self, uid: &str, name: &str) -> Result<()> {
+        check_snapshot_name(name)?;
+        let source = self.existing(uid)?;
+        let dir = self.snapshots_dir(uid);
+        if dir.join(name).exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io("create snapshots directory", &dir))?;
+        self.snapshot_subvolume(&source, &dir, name, true)
+    }
+
+    fn snapshots(&self, uid: &str) -> Result<Vec<String>> {
+        self.read_only_under(&self.snapshots_dir(uid))
+    }
+
+    fn delete_snapshot(&self, uid: &str, name: &str) -> Result<()> {
+        check_snapshot_name(name)?;
+        let path = self.snapshots_dir(uid).join(name);
+        if !path.exists() {
+            return Ok(());
+        }
+        self.delete_subvolume(&path)?;
+        let _ = std::fs::remove_dir(self.snapshots_dir(uid));
+        Ok(())
+    }
+
+    fn send(&self, uid: &str, name: &str, parent: Option<&str>) -> Result<SendStream> {
+        self.existing(uid)?;
+        let dir = self.snapshots_dir(uid);
+        let snapshot = dir.join(name);
+        let unknown = |n: &str| BackendError::UnknownSnapshot {
+            uid: uid.into(),
+            name: n.into(),
+        };
+        if !self.is_read_only(&snapshot) {
+            return Err(unknown(name));
+        }
+        let mut cmd = Command::new("btrfs");
+        cmd.args(["send", "-q", "--compressed-data"]);
+        if let Some(p) = parent {
+            if !self.is_read_only(&dir.join(p)) {
+                return Err(unknown(p));
+            }
+            cmd.arg("-p").arg(dir.join(p));
+        }
+        cmd.arg(&snapshot);
+        let estimate = match parent {
+            None => self.referenced_bytes(&snapshot).ok(),
+            Some(_) => None,
+        };
+        let command = format!("btrfs send {}", snapshot.display());
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| BackendError::Command {
+                command: command.clone(),
+                stderr: e.to_string(),
+            })?;
+        Ok(SendStream::from_child(child, command, estimate))
+    }
+
+    fn receive(&self, uid: &str, stream: &mut dyn std::io::Read, max_bytes: u64) -> Result<String> {
+        let staging = self.staging_dir(uid);
+        // Whatever an interrupted receive left (a subvolume without its completion marker) is
+        // dropped first.
+        self.drop_incomplete(&staging)?;
+        std::fs::create_dir_all(&staging).map_err(io("create staging directory", &staging))?;
+        let before = self.read_only_under(&staging)?;
+        let bad = |reason: String| BackendError::BadStream {
+            uid: uid.into(),
+            reason,
+        };
+        let fed = receive_into(&staging, stream, max_bytes).map_err(|e| match e {
+            ReceiveError::Stream(reason) => bad(reason),
+            ReceiveError::Backend(e) => e,
+        });
+        let name = fed.and_then(|()| {
+            let new: Vec<String> = self
+                .read_only_under(&staging)?
+                .into_iter()
+                .filter(|n| !before.contains(n))
+                .collect();
+            match new.as_slice() {
+                [one] => Ok(one.clone()),
+                _ => Err(bad(format!(
+                    "expected one new received snapshot, found {new:?}"
+                ))),
+            }
+        });
+        match name {
+            Ok(name) => {
+                let marker = staging.join(complete_marker(&name));
+                let f = File::create(&marker)
+                    .map_err(io("mark received snapshot complete", &marker))?;
+                f.sync_all()
+                    .map_err(io("mark received snapshot complete", &marker))?;
+                Ok(name)
+            }
+            Err(e) => {
+                self.drop_incomplete(&staging)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn received(&self, uid: &str) -> Result<Vec<String>> {
+        let staging = self.staging_dir(uid);
+        Ok(self
+            .read_only_under(&staging)?
+            .into_iter()
+            .filter(|n| staging.join(complete_marker(n)).exists())
+            .collect())
+    }
+
+    fn discard_received(&self, uid: &str) -> Result<()> {
+        self.delete_all_under(&self.staging_dir(uid))
+    }
+
+    fn promote(&self, name: &str, record: &VolumeRecord) -> Result<()> {
+        check_snapshot_name(name)?;
+        let path = self.subvolume(&record.uid);
+        if let Some(existing) = self.read_record(&path) {
+            if existing.uid != record.uid {
+                return Err(BackendError::Mismatch {
+                    uid: record.uid.clone(),
+                    found: format!("{existing:?}"),
+                });
+            }
+        }
+        if !path.exists() {
+            let received = self.staging_dir(&record.uid).join(name);
+            if !self.is_read_only(&received) {
+                return Err(BackendError::UnknownSnapshot {
+                    uid: record.uid.clone(),
+                    name: name.into(),
+                });
+            }
+            self.snapshot_subvolume(&received, &self.volumes_dir(), &record.uid, false)?;
+        }
+        // Every step below is idempotent, so a promote interrupted anywhere is finished by the
+        // next: the limit and compression of this machine's record, then the record.
+        self.set_limit(&path, record.size_bytes)?;
+        self.apply_compression(&path, record.compression)?;
+        self.write_record(&path, record)
     }
 
     fn list(&self) -> Result<Vec<VolumeRecord>> {
@@ -493,6 +782,176 @@ fn parse_qgroup_referenced(out: &str) -> std::collections::HashMap<u64, u64> {
             Some((id, cols.next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// Snapshot names are one path component of `[A-Za-z0-9._-]`, not starting with a dot.
+fn check_snapshot_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::UnknownSnapshot {
+            uid: String::new(),
+            name: format!("{name:?} (snapshot names are letters, digits, '.', '_' and '-')"),
+        })
+    }
+}
+
+/// The file next to a received snapshot saying its stream was complete.
+fn complete_marker(name: &str) -> String {
+    format!(".{name}.complete")
+}
+
+/// True when `path` is the root directory of a subvolume (inode 256).
+fn is_subvolume_root(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
+}
+
+enum ReceiveError {
+    Stream(String),
+    Backend(BackendError),
+}
+
+/// Feeds `stream` to `btrfs receive` into `dir`, checking it is one complete send stream no
+/// larger than `max_bytes`.
+fn receive_into(
+    dir: &Path,
+    stream: &mut dyn std::io::Read,
+    max_bytes: u64,
+) -> Result<(), ReceiveError> {
+    use std::io::Write;
+    let command = format!("btrfs receive {}", dir.display());
+    let mut child = Command::new("btrfs")
+        .args(["receive", "-e"])
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            ReceiveError::Backend(BackendError::Command {
+                command: command.clone(),
+                stderr: e.to_string(),
+            })
+        })?;
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    let mut check = StreamCheck::default();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    let fed = loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                break Err(format!(
+                    "reading the stream failed after {total} bytes: {e}"
+                ))
+            }
+        };
+        total += n as u64;
+        if total > max_bytes {
+            break Err(format!(
+                "it is larger than the {max_bytes} bytes allowed for this volume"
+            ));
+        }
+        if let Err(why) = check.feed(&buf[..n]) {
+            break Err(why);
+        }
+        if let Err(e) = stdin.write_all(&buf[..n]) {
+            break Err(format!(
+                "btrfs receive stopped reading after {total} bytes: {e}"
+            ));
+        }
+    };
+    let fed = fed.and_then(|()| {
+        if check.complete() {
+            Ok(())
+        } else {
+            Err(format!(
+                "it ended after {total} bytes without the stream's end marker (truncated)"
+            ))
+        }
+    });
+    if let Err(why) = fed {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(ReceiveError::Stream(why));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().map_err(|e| {
+        ReceiveError::Backend(BackendError::Command {
+            command: command.clone(),
+            stderr: e.to_string(),
+        })
+    })?;
+    if !out.status.success() {
+        return Err(ReceiveError::Stream(format!(
+            "btrfs receive refused it: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Follows a btrfs send stream's framing (a 17-byte header, then commands of a 10-byte header —
+/// length, command, crc — and a payload) to tell a complete stream from a cut one.
+#[derive(Default)]
+struct StreamCheck {
+    header_seen: bool,
+    pending: Vec<u8>,
+    skip: u64,
+    ended: bool,
+}
+
+const SEND_STREAM_MAGIC: &[u8] = b"btrfs-stream\0";
+const SEND_C_END: u16 = 21;
+
+impl StreamCheck {
+    fn feed(&mut self, mut buf: &[u8]) -> std::result::Result<(), String> {
+        while !buf.is_empty() {
+            if self.skip > 0 {
+                let n = (self.skip.min(buf.len() as u64)) as usize;
+                self.skip -= n as u64;
+                buf = &buf[n..];
+                continue;
+            }
+            if self.ended {
+                return Err("it has data after its end marker".into());
+            }
+            let need = if self.header_seen { 10 } else { 17 };
+            let n = (need - self.pending.len()).min(buf.len());
+            self.pending.extend_from_slice(&buf[..n]);
+            buf = &buf[n..];
+            if self.pending.len() < need {
+                continue;
+            }
+            if !self.header_seen {
+                if &self.pending[..13] != SEND_STREAM_MAGIC {
+                    return Err("it is not a btrfs send stream (bad magic)".into());
+                }
+                self.header_seen = true;
+            } else {
+                let len = u32::from_le_bytes(self.pending[0..4].try_into().unwrap_or([0; 4]));
+                let cmd = u16::from_le_bytes(self.pending[4..6].try_into().unwrap_or([0; 2]));
+                self.skip = len as u64;
+                self.ended = cmd == SEND_C_END;
+            }
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    fn complete(&self) -> bool {
+        self.ended && self.skip == 0 && self.pending.is_empty()
+    }
 }
 
 fn check_btrfs(path: &Path) -> Result<()> {

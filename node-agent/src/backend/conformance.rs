@@ -10,7 +10,7 @@
 //! cobalt_agent::backend_conformance!(Pool::new());
 //! ```
 //! Each case gets its own harness (fresh storage) and cleans up through it. Cases of a
-//! capability (compression, clone, defragment) run in full where the backend declares it;
+//! capability (compression, clone, defragment, snapshot, send/receive) run in full where the backend declares it;
 //! where it does not, the same case checks instead that the capability's methods refuse with
 //! [`BackendError::Unsupported`] — so no case passes by doing nothing.
 
@@ -27,6 +27,11 @@ pub trait Harness {
     type B: Backend;
     /// A new backend instance on the harness's storage; calling it again simulates a restart.
     fn open(&self) -> Self::B;
+    /// A backend of the same kind on *other* storage (another machine's pool), which send and
+    /// receive cases stream to. Must be provided where `sendReceive` is declared.
+    fn open_peer(&self) -> Option<Self::B> {
+        None
+    }
 }
 
 pub fn record(uid: &str, size_bytes: u64) -> VolumeRecord {
@@ -322,6 +327,260 @@ pub fn capacity_is_reported_and_changes_with_use(h: &impl Harness) {
     assert!(b.usage("u1").unwrap().used_bytes >= 32 * MIB);
 }
 
+/// Snapshot and send/receive cases: declared, or refused as unsupported.
+fn sends<H: Harness>(h: &H) -> Option<(H::B, H::B)> {
+    let b = h.open();
+    let snap = declares(&b, Capability::Snapshot, |b| {
+        b.create(&record("s", 16 * MIB))?;
+        b.snapshot("s", "one")
+    });
+    let send = declares(&b, Capability::SendReceive, |b| {
+        b.receive("s", &mut std::io::empty(), MIB).map(|_| ())
+    });
+    if !(snap && send) {
+        return None;
+    }
+    let peer = h
+        .open_peer()
+        .expect("a backend declaring sendReceive needs Harness::open_peer");
+    Some((b, peer))
+}
+
+fn stream_of(b: &impl Backend, uid: &str, name: &str, parent: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut b.send(uid, name, parent).unwrap(), &mut out).unwrap();
+    out
+}
+
+pub fn a_snapshot_keeps_the_content_of_its_moment(h: &impl Harness) {
+    let b = h.open();
+    if !declares(&b, Capability::Snapshot, |b| {
+        b.create(&record("u1", 16 * MIB))?;
+        b.snapshot("u1", "one")
+    }) {
+        return;
+    }
+    b.create(&record("u1", 16 * MIB)).unwrap();
+    std::fs::write(b.path("u1").join("file"), b"before").unwrap();
+    b.snapshot("u1", "one").unwrap();
+    b.snapshot("u1", "one").unwrap();
+    std::fs::write(b.path("u1").join("file"), b"after").unwrap();
+    assert_eq!(b.snapshots("u1").unwrap(), ["one"]);
+    assert!(matches!(
+        b.snapshot("missing", "x"),
+        Err(BackendError::UnknownVolume(_))
+    ));
+    assert!(
+        b.snapshot("u1", "../escape").is_err(),
+        "names are one path component"
+    );
+    if b.can(Capability::SendReceive) {
+        // What the snapshot holds is what it held at its moment.
+        let peer = h.open_peer().expect("open_peer");
+        let name = peer
+            .receive(
+                "u1",
+                &mut stream_of(&b, "u1", "one", None).as_slice(),
+                64 * MIB,
+            )
+            .unwrap();
+        peer.promote(&name, &record("u1", 16 * MIB)).unwrap();
+        assert_eq!(
+            std::fs::read(peer.path("u1").join("file")).unwrap(),
+            b"before"
+        );
+    }
+    b.delete_snapshot("u1", "one").unwrap();
+    b.delete_snapshot("u1", "one").unwrap();
+    assert!(b.snapshots("u1").unwrap().is_empty());
+    assert_eq!(std::fs::read(b.path("u1").join("file")).unwrap(), b"after");
+}
+
+pub fn a_full_send_and_receive_is_byte_identical(h: &impl Harness) {
+    let Some((b, peer)) = sends(h) else { return };
+    let r = VolumeRecord {
+        compression: Compression::Zstd,
+        ..record("u1", 32 * MIB)
+    };
+    b.create(&r).unwrap();
+    fill(&b, "u1", "random", 5 * MIB).unwrap();
+    std::fs::create_dir(b.path("u1").join("dir")).unwrap();
+    std::fs::write(b.path("u1").join("dir/text"), "cobalt ".repeat(100_000)).unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    let stream = stream_of(&b, "u1", "s1", None);
+    let name = peer
+        .receive("u1", &mut stream.as_slice(), 64 * MIB)
+        .unwrap();
+    assert_eq!(name, "s1");
+    assert_eq!(peer.received("u1").unwrap(), ["s1"]);
+    assert!(peer.list().unwrap().is_empty(), "received is not live yet");
+    peer.promote("s1", &r).unwrap();
+    peer.promote("s1", &r).unwrap();
+    assert_eq!(
+        peer.list().unwrap(),
+        vec![r.clone()],
+        "the record comes along"
+    );
+    for f in ["random", "dir/text"] {
+        assert!(
+            std::fs::read(b.path("u1").join(f)).unwrap()
+                == std::fs::read(peer.path("u1").join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    if peer.can(Capability::Compression) {
+        assert_eq!(peer.compression("u1").unwrap(), Compression::Zstd);
+    }
+    // The live copy is writable, has the record's limit, and the quota holds.
+    assert_eq!(peer.usage("u1").unwrap().limit_bytes, 32 * MIB);
+    assert!(
+        fill(&peer, "u1", "more", 40 * MIB).is_err(),
+        "quota on the received copy"
+    );
+    peer.discard_received("u1").unwrap();
+    assert!(peer.received("u1").unwrap().is_empty());
+    assert!(
+        peer.path("u1").join("random").exists(),
+        "discarding staging keeps the live volume"
+    );
+}
+
+pub fn an_incremental_send_applies_on_the_common_parent(h: &impl Harness) {
+    let Some((b, peer)) = sends(h) else { return };
+    b.create(&record("u1", 32 * MIB)).unwrap();
+    fill(&b, "u1", "big", 4 * MIB).unwrap();
+    std::fs::write(b.path("u1").join("gone"), b"x").unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    let full = stream_of(&b, "u1", "s1", None);
+    peer.receive("u1", &mut full.as_slice(), 64 * MIB).unwrap();
+    std::fs::write(b.path("u1").join("new"), b"appended after s1").unwrap();
+    std::fs::remove_file(b.path("u1").join("gone")).unwrap();
+    b.snapshot("u1", "s2").unwrap();
+    let delta = stream_of(&b, "u1", "s2", Some("s1"));
+    assert!(
+        (delta.len() as u64) < MIB,
+        "the increment carries the change, not the volume ({} bytes)",
+        delta.len()
+    );
+    assert_eq!(
+        peer.receive("u1", &mut delta.as_slice(), 64 * MIB).unwrap(),
+        "s2"
+    );
+    assert_eq!(peer.received("u1").unwrap(), ["s1", "s2"]);
+    peer.promote("s2", &record("u1", 32 * MIB)).unwrap();
+    assert_eq!(
+        std::fs::read(peer.path("u1").join("new")).unwrap(),
+        b"appended after s1"
+    );
+    assert!(!peer.path("u1").join("gone").exists());
+    assert!(
+        std::fs::read(b.path("u1").join("big")).unwrap()
+            == std::fs::read(peer.path("u1").join("big")).unwrap()
+    );
+    assert!(matches!(
+        b.send("u1", "s2", Some("nope")),
+        Err(BackendError::UnknownSnapshot { .. })
+    ));
+}
+
+pub fn a_truncated_corrupt_or_oversized_stream_leaves_nothing_behind(h: &impl Harness) {
+    let Some((b, peer)) = sends(h) else { return };
+    b.create(&record("u1", 32 * MIB)).unwrap();
+    fill(&b, "u1", "data", 2 * MIB).unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    let stream = stream_of(&b, "u1", "s1", None);
+    let nothing = |peer: &dyn Fn() -> Vec<String>| assert!(peer().is_empty());
+    for cut in [stream.len() / 2, stream.len() - 10, 100] {
+        let err = peer
+            .receive("u1", &mut &stream[..cut], 64 * MIB)
+            .unwrap_err();
+        assert!(
+            matches!(err, BackendError::BadStream { .. }),
+            "cut at {cut}: {err}"
+        );
+        nothing(&|| peer.received("u1").unwrap());
+    }
+    let mut corrupt = stream.clone();
+    let mid = corrupt.len() / 2;
+    for byte in &mut corrupt[mid..mid + 64] {
+        *byte ^= 0x5a;
+    }
+    assert!(peer
+        .receive("u1", &mut corrupt.as_slice(), 64 * MIB)
+        .is_err());
+    nothing(&|| peer.received("u1").unwrap());
+    let err = peer.receive("u1", &mut stream.as_slice(), MIB).unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+    nothing(&|| peer.received("u1").unwrap());
+    assert!(peer.list().unwrap().is_empty());
+    // And the whole stream still goes in afterwards.
+    peer.receive("u1", &mut stream.as_slice(), 64 * MIB)
+        .unwrap();
+    assert_eq!(peer.received("u1").unwrap(), ["s1"]);
+}
+
+/// A reader that fails after `left` bytes, like a connection dropped or a process killed.
+struct Interrupted<'a> {
+    data: &'a [u8],
+    left: usize,
+}
+
+impl std::io::Read for Interrupted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "peer died",
+            ));
+        }
+        let n = buf.len().min(self.left).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+pub fn a_receive_interrupted_half_way_can_be_retried(h: &impl Harness) {
+    let Some((b, peer)) = sends(h) else { return };
+    b.create(&record("u1", 32 * MIB)).unwrap();
+    fill(&b, "u1", "data", 3 * MIB).unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    let stream = stream_of(&b, "u1", "s1", None);
+    let mut cut = Interrupted {
+        data: &stream,
+        left: stream.len() / 3,
+    };
+    assert!(peer.receive("u1", &mut cut, 64 * MIB).is_err());
+    // A new instance (the agent restarted) receives the same stream again.
+    let again = h.open_peer().unwrap();
+    assert!(again.received("u1").unwrap().is_empty());
+    assert_eq!(
+        again
+            .receive("u1", &mut stream.as_slice(), 64 * MIB)
+            .unwrap(),
+        "s1"
+    );
+    again.promote("s1", &record("u1", 32 * MIB)).unwrap();
+    assert!(
+        std::fs::read(b.path("u1").join("data")).unwrap()
+            == std::fs::read(again.path("u1").join("data")).unwrap()
+    );
+}
+
+pub fn sending_an_unknown_volume_or_snapshot_is_an_error(h: &impl Harness) {
+    let Some((b, _peer)) = sends(h) else { return };
+    assert!(matches!(
+        b.send("missing", "s1", None),
+        Err(BackendError::UnknownVolume(_))
+    ));
+    b.create(&record("u1", 16 * MIB)).unwrap();
+    assert!(matches!(
+        b.send("u1", "never-taken", None),
+        Err(BackendError::UnknownSnapshot { .. })
+    ));
+}
+
 /// Instantiates every conformance case as a `#[test]` for the harness `$make` builds.
 #[macro_export]
 macro_rules! backend_conformance {
@@ -392,6 +651,30 @@ macro_rules! backend_conformance {
             #[test]
             fn capacity_is_reported_and_changes_with_use() {
                 c::capacity_is_reported_and_changes_with_use(&$make)
+            }
+            #[test]
+            fn a_snapshot_keeps_the_content_of_its_moment() {
+                c::a_snapshot_keeps_the_content_of_its_moment(&$make)
+            }
+            #[test]
+            fn a_full_send_and_receive_is_byte_identical() {
+                c::a_full_send_and_receive_is_byte_identical(&$make)
+            }
+            #[test]
+            fn an_incremental_send_applies_on_the_common_parent() {
+                c::an_incremental_send_applies_on_the_common_parent(&$make)
+            }
+            #[test]
+            fn a_truncated_corrupt_or_oversized_stream_leaves_nothing_behind() {
+                c::a_truncated_corrupt_or_oversized_stream_leaves_nothing_behind(&$make)
+            }
+            #[test]
+            fn a_receive_interrupted_half_way_can_be_retried() {
+                c::a_receive_interrupted_half_way_can_be_retried(&$make)
+            }
+            #[test]
+            fn sending_an_unknown_volume_or_snapshot_is_an_error() {
+                c::sending_an_unknown_volume_or_snapshot_is_an_error(&$make)
             }
         }
     };

@@ -4,8 +4,8 @@
 //!
 //! The trait has a **core** every backend implements (create, destroy, resize, list with
 //! records, usage, capacity, path) and **capabilities** it declares as data
-//! ([`Backend::capabilities`]): compression, clone, defragment (snapshot and send/receive come
-//! with moves). A capability's methods default to [`BackendError::Unsupported`], the agent
+//! ([`Backend::capabilities`]): compression, clone, defragment, snapshot and send/receive (what
+//! moves are made of, see [`stream`]). A capability's methods default to [`BackendError::Unsupported`], the agent
 //! publishes the list on its Machine, the scheduler places volumes only where their spec can be
 //! served, and the conformance suite runs a capability's cases only where it is declared.
 //!
@@ -15,6 +15,7 @@
 
 pub mod btrfs;
 pub mod conformance;
+pub mod stream;
 
 use std::path::PathBuf;
 
@@ -68,6 +69,10 @@ pub enum BackendError {
     Command { command: String, stderr: String },
     #[error("volume {uid} exists with different metadata ({found}); refusing to reuse it")]
     Mismatch { uid: String, found: String },
+    #[error("volume {uid} has no snapshot {name}")]
+    UnknownSnapshot { uid: String, name: String },
+    #[error("the stream for volume {uid} is not a complete stream: {reason}; nothing was kept")]
+    BadStream { uid: String, reason: String },
 }
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
@@ -111,6 +116,67 @@ pub trait Backend: Send + Sync + 'static {
     fn defragment(&self, _uid: &str) -> Result<()> {
         Err(BackendError::Unsupported {
             capability: Capability::Defragment,
+        })
+    }
+
+    /// Capability `snapshot`: a read-only, atomic point-in-time copy of the volume, named `name`
+    /// (`[A-Za-z0-9._-]`, unique per volume). Idempotent.
+    fn snapshot(&self, _uid: &str, _name: &str) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Snapshot,
+        })
+    }
+    /// Capability `snapshot`: the volume's snapshots, oldest first.
+    fn snapshots(&self, _uid: &str) -> Result<Vec<String>> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Snapshot,
+        })
+    }
+    /// Capability `snapshot`: deletes one snapshot (the volume is untouched). Unknown → Ok.
+    fn delete_snapshot(&self, _uid: &str, _name: &str) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Snapshot,
+        })
+    }
+    /// Capability `sendReceive`: a stream of snapshot `name` of the volume — incremental on
+    /// `parent` (an older snapshot of the same volume the receiver already holds) or full.
+    fn send(&self, _uid: &str, _name: &str, _parent: Option<&str>) -> Result<stream::SendStream> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
+        })
+    }
+    /// Capability `sendReceive`: receives a stream made by [`Backend::send`] of volume `uid`
+    /// into this backend's private staging area and returns the snapshot's name. The stream is
+    /// kept only if it is complete (a truncated, corrupt or larger than `max_bytes` stream is an
+    /// error and leaves nothing behind); a receive interrupted by a crash is simply run again.
+    fn receive(
+        &self,
+        _uid: &str,
+        _stream: &mut dyn std::io::Read,
+        _max_bytes: u64,
+    ) -> Result<String> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
+        })
+    }
+    /// Capability `sendReceive`: the complete snapshots received for `uid`, oldest first.
+    fn received(&self, _uid: &str) -> Result<Vec<String>> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
+        })
+    }
+    /// Capability `sendReceive`: drops everything received for `uid` (never the live volume).
+    fn discard_received(&self, _uid: &str) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
+        })
+    }
+    /// Capability `sendReceive`: makes the live volume `record.uid` a writable copy of the
+    /// received snapshot `name`, with `record`'s limit and compression. Idempotent: an existing
+    /// live volume with the same uid is kept as it is.
+    fn promote(&self, _name: &str, _record: &VolumeRecord) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
         })
     }
 
