@@ -352,12 +352,16 @@ pub struct MoveStatus {
     /// holds the credential itself, and a new one replaces it each time the target restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_sha256: Option<String>,
-    /// When the source stopped serving (the start of the cut-over).
+    /// When the cut-over began (the target wrote stage CuttingOver; the source serves no write
+    /// after it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen: Option<DateTime<Utc>>,
     /// How long clients could not write: from the source stopping to the target serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut_over_millis: Option<u64>,
+    /// Why the move is not progressing right now (it is retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
 }
 
 /// Where a move is. A move can be cancelled (`spec.machine` set back) until CuttingOver.
@@ -437,7 +441,13 @@ impl MoveStatus {
                 self.from, self.to, self.from
             ),
         };
-        (self.stage.as_str(), message)
+        match &self.stalled {
+            Some(why) => (
+                self.stage.as_str(),
+                format!("{message} — stalled: {why}; retrying"),
+            ),
+            None => (self.stage.as_str(), message),
+        }
     }
 }
 
@@ -525,6 +535,7 @@ mod tests {
             credential_sha256: None,
             frozen: None,
             cut_over_millis: None,
+            stalled: None,
         });
         assert_eq!(v.ledger_machines().collect::<Vec<_>>(), ["m1", "m2"]);
         let (reason, message) = v.moving().unwrap().describe();

@@ -8,10 +8,16 @@
 //! stateDir: /var/lib/cobalt       # lock file; one agent per state directory
 //! backend: {kind: btrfs, pool: /srv/cobalt}
 //! exporter: {kind: ganesha, port: 2049}   # ganesha | kernel | none
-//! listen: 127.0.0.1:7421          # health and metrics
+//! listen: 127.0.0.1:7421          # health, metrics, and move streams to peer agents
 //! leaseTTL: 10s
 //! usageRefresh: 30s               # how often volume usage is re-read and reported
+//! moves: {maxIncoming: 1, maxOutgoing: 1, rateLimit: 0, convergedBytes: 16777216,
+//!         maxRounds: 6, idleTimeout: 30s}
 //! ```
+//!
+//! Peer agents pull moving volumes from `listen`, so for moves between machines it must be an
+//! address they reach: the machine's own address (`10.0.0.12:7421`) or `0.0.0.0:7421` (then the
+//! published agent URL uses `address`). The default, 127.0.0.1, serves only this machine.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -98,6 +104,28 @@ pub struct AgentConfig {
         with = "cobalt_api::duration::serde_duration"
     )]
     pub usage_refresh: Duration,
+    /// Moves to and from this machine.
+    #[serde(default)]
+    pub moves: crate::moves::MoveConfig,
+}
+
+impl AgentConfig {
+    /// The URL peers reach this agent at (published on the Machine as `status.agentUrl`):
+    /// `listen`, or, when it listens on every address, `address` with `listen`'s port.
+    pub fn agent_url(&self) -> Option<String> {
+        let ip = self.listen.ip();
+        if !ip.is_unspecified() {
+            return Some(format!("http://{}", self.listen));
+        }
+        if self.address.is_empty() {
+            return None;
+        }
+        let host = match self.address.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+            _ => self.address.clone(),
+        };
+        Some(format!("http://{host}:{}", self.listen.port()))
+    }
 }
 
 fn usage_refresh() -> Duration {
@@ -145,7 +173,8 @@ pub struct Flags {
     /// NFS port of the exporter.
     #[arg(long)]
     pub export_port: Option<u16>,
-    /// Health and metrics address (default 127.0.0.1:7421).
+    /// Health, metrics and move-stream address (default 127.0.0.1:7421); peers must reach it
+    /// for moves: use the machine's address or 0.0.0.0.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Liveness lease, e.g. 10s.
@@ -154,6 +183,9 @@ pub struct Flags {
     /// How often volume usage is refreshed, e.g. 30s.
     #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
     pub usage_refresh: Option<Duration>,
+    /// Bytes per second this machine sends to move volumes away, e.g. 100Mi (0: unlimited).
+    #[arg(long)]
+    pub move_rate_limit: Option<cobalt_api::Quantity>,
 }
 
 #[derive(Parser)]
@@ -240,6 +272,7 @@ impl AgentConfig {
                 listen: listen(),
                 lease_ttl: lease_ttl(),
                 usage_refresh: usage_refresh(),
+                moves: Default::default(),
             },
         };
         flags.etcd.apply(&mut c.etcd);
@@ -277,6 +310,9 @@ impl AgentConfig {
         }
         if let Some(t) = flags.usage_refresh {
             c.usage_refresh = t;
+        }
+        if let Some(r) = &flags.move_rate_limit {
+            c.moves.rate_limit = r.bytes();
         }
         if c.machine.is_empty() {
             c.machine = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -11,6 +11,7 @@ pub mod exporter;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod moves;
 pub mod plan;
 pub mod pool;
 pub mod registration;

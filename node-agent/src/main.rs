@@ -17,6 +17,7 @@ use cobalt_agent::exporter::kernel::KernelExporter;
 use cobalt_agent::exporter::{ExportSet, Exporter, NoExporter};
 use cobalt_agent::http::Readiness;
 use cobalt_agent::lock::StateLock;
+use cobalt_agent::moves::Moves;
 use cobalt_agent::plan::{role, Role};
 use cobalt_agent::registration::{self, Identity};
 use cobalt_agent::volumes::{export_spec, VolumeAgent};
@@ -65,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         name: name.clone(),
         address: config.address.clone(),
         labels: config.labels.clone(),
+        agent_url: config.agent_url(),
     };
     let volumes = Cache::<Volume>::new();
     let mut tasks = vec![
@@ -98,13 +100,22 @@ async fn main() -> anyhow::Result<()> {
         ExporterKind::None => Arc::new(NoExporter),
     };
     let exports = Arc::new(Exports::new(exporter.clone()));
+    let moves = Moves::new(
+        name.clone(),
+        config.address.clone(),
+        store.clone(),
+        backend.clone(),
+        exports.clone(),
+        config.moves.clone(),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tasks.push(tokio::spawn({
         let (app, stop) = (
-            cobalt_agent::http::router(readiness.clone(), registry),
+            cobalt_agent::http::router(readiness.clone(), registry)
+                .merge(cobalt_agent::moves::source::router(moves.clone())),
             shutdown.clone(),
         );
         async move {
@@ -123,7 +134,12 @@ async fn main() -> anyhow::Result<()> {
     let mut set = ExportSet::new();
     for v in volumes.list() {
         let serving = matches!(role(&v, &name), Role::Serving | Role::MoveRequested { .. });
+        // A move from here whose cut-over has begun is never served here again.
+        let cut_over = v
+            .moving()
+            .is_some_and(|m| m.from == name && m.stage.is_committed());
         if serving
+            && !cut_over
             && !v.metadata.is_deleting()
             && backend.get(&v.metadata.uid).ok().flatten().is_some()
         {
@@ -151,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
         store: store.clone(),
         backend,
         exports,
+        moves,
     };
     let controller_config = Config {
         name: "volume-agent".into(),

@@ -6,9 +6,12 @@
 //! **Whose volume is it?** Two fields say: `spec.machine` is where it should be, `status.machine`
 //! where its data is. From one machine's view ([`role`]):
 //! - data here, or bound here and never provisioned anywhere → [`Role::Serving`];
-//! - data here but bound elsewhere → [`Role::MoveRequested`]: the data stays and is served here
-//!   until a move carries it over (moves are not implemented yet; a condition says so);
-//! - bound here but the data is elsewhere → [`Role::AwaitingData`]: nothing is created;
+//! - data here but bound elsewhere → [`Role::MoveRequested`]: this machine is the source of a
+//!   move; it serves the data until the move's cut-over (see `moves`), then stops serving;
+//! - bound here but the data is elsewhere → [`Role::AwaitingData`]: nothing is created here; once
+//!   the scheduler grants the move, this machine pulls the data (`moves::target`);
+//! - the data has moved from here to another machine (`status.move.from` is this machine, stage
+//!   CleaningUp) → [`Role::MovedAway`]: the local copy is destroyed after a fresh read;
 //! - otherwise → [`Role::NotHere`].
 //!
 //! **Safety invariant:** a volume that has been provisioned (`status.machine` set) is never
@@ -18,8 +21,8 @@
 
 use chrono::{DateTime, Utc};
 use cobalt_api::{
-    set_condition, Capability, Compression, ConditionStatus, Endpoint, Usage, Volume, VolumePhase,
-    VolumeStatus, AGENT_FINALIZER,
+    set_condition, Capability, Compression, ConditionStatus, Endpoint, MoveStage, Usage, Volume,
+    VolumePhase, VolumeStatus, AGENT_FINALIZER,
 };
 
 use crate::backend::VolumeRecord;
@@ -40,11 +43,21 @@ pub enum Role {
     AwaitingData {
         on: String,
     },
+    /// The data moved from here to `to`; the local copy is left to destroy.
+    MovedAway {
+        to: String,
+    },
 }
 
 pub fn role(v: &Volume, machine: &str) -> Role {
     let bound_here = v.spec.machine.as_deref() == Some(machine);
-    match v.status.as_ref().and_then(|s| s.machine.as_deref()) {
+    let holder = v.status.as_ref().and_then(|s| s.machine.as_deref());
+    if let (Some(m), Some(h)) = (v.moving(), holder) {
+        if m.from == machine && h != machine && m.stage == MoveStage::CleaningUp {
+            return Role::MovedAway { to: h.to_string() };
+        }
+    }
+    match holder {
         Some(h) if h == machine && bound_here => Role::Serving,
         Some(h) if h == machine => Role::MoveRequested {
             to: v.spec.machine.clone().unwrap_or_else(|| "(unbound)".into()),
@@ -65,6 +78,8 @@ pub struct Observed {
     pub capabilities: Vec<Capability>,
     /// For a clone: the source volume's uid, when the source's data is on this machine.
     pub clone_source_uid: Option<String>,
+    /// Snapshots this machine took to send the volume away (`move-*`).
+    pub move_snapshots: Vec<String>,
 }
 
 /// One thing the executor does, in order.
@@ -88,6 +103,11 @@ pub enum Step {
     },
     Export,
     Unexport,
+    /// Drops the snapshots of a move from here that is no longer under way (cancelled).
+    DropMoveSnapshots(Vec<String>),
+    /// Destroys the copy left here after a move (after a fresh read confirms the data is
+    /// served by the target), then clears `status.move`.
+    CleanUpMovedAway,
     /// Status phase Deleting before the data goes, so watchers see it.
     MarkDeleting,
     /// Destroys the data (after a fresh read confirms the deletion).
@@ -110,7 +130,7 @@ pub struct Plan {
     pub problem: Option<Problem>,
     /// Parts of the spec this machine's backend cannot serve (reported, not fatal).
     pub unsupported: Vec<String>,
-    /// `spec.machine` asks for this machine; the data stays here.
+    /// `spec.machine` asks for this machine; the data stays here until a move carries it over.
     pub move_requested: Option<String>,
     /// A clone whose source is not on this machine yet: the executor retries with backoff.
     pub waiting_for_source: Option<String>,
@@ -139,6 +159,10 @@ pub fn record(v: &Volume) -> VolumeRecord {
 /// Decides what to do for `v` on `machine`.
 pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
     let has_finalizer = v.metadata.finalizers.iter().any(|f| f == AGENT_FINALIZER);
+    if let Role::MovedAway { .. } = role(v, machine) {
+        // Also when deleted: the target destroys its copy, this machine its own.
+        return Plan::of(vec![Step::Unexport, Step::CleanUpMovedAway]);
+    }
     if v.metadata.is_deleting() {
         // The machine holding the data (or bound and never provisioned) destroys it.
         let holder = v
@@ -153,11 +177,17 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
         if v.status.as_ref().map(|s| s.phase) != Some(VolumePhase::Deleting) {
             steps.push(Step::MarkDeleting);
         }
-        steps.extend([Step::Unexport, Step::Destroy, Step::RemoveFinalizer]);
+        steps.extend([Step::Unexport, Step::Destroy]);
+        // A finished move's source still has a copy to destroy: the Volume stays until it has.
+        if v.moving().is_none_or(|m| m.from == machine) {
+            steps.push(Step::RemoveFinalizer);
+        }
         return Plan::of(steps);
     }
     let mut plan = match role(v, machine) {
-        Role::NotHere | Role::AwaitingData { .. } => return Plan::default(),
+        Role::NotHere | Role::AwaitingData { .. } | Role::MovedAway { .. } => {
+            return Plan::default()
+        }
         Role::MoveRequested { to } => Plan {
             move_requested: Some(to),
             ..Plan::default()
@@ -234,6 +264,19 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
                     .into(),
             );
         }
+    }
+    let committed = v
+        .moving()
+        .is_some_and(|m| m.from == machine && m.stage.is_committed());
+    if committed {
+        // The cut-over has begun: this machine must not take another write.
+        plan.steps.extend([Step::Unexport, Step::WriteStatus]);
+        return plan;
+    }
+    let moving_from_here = v.moving().is_some_and(|m| m.from == machine);
+    if !seen.move_snapshots.is_empty() && !moving_from_here {
+        plan.steps
+            .push(Step::DropMoveSnapshots(seen.move_snapshots.clone()));
     }
     plan.steps.extend([Step::Export, Step::WriteStatus]);
     plan
@@ -350,20 +393,37 @@ pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
         let message = report.plan.unsupported.join("; ");
         set(&mut s, "Unsupported", true, "BackendCapability", &message);
     }
-    match &report.plan.move_requested {
-        Some(to) => set(
+    let ready = match v.moving() {
+        Some(m) => {
+            let (reason, message) = m.describe();
+            set(&mut s, "Moving", true, reason, &message);
+            if m.stage < MoveStage::CleaningUp {
+                s.phase = VolumePhase::Moving;
+            } else {
+                s.phase = VolumePhase::Ready;
+            }
+            !m.stage.is_committed() || m.stage == MoveStage::CleaningUp
+        }
+        None => {
+            // While no move is granted, the scheduler's Moving condition says why.
+            if report.plan.move_requested.is_none() {
+                s.conditions.retain(|c| c.type_ != "Moving");
+            }
+            s.phase = VolumePhase::Ready;
+            true
+        }
+    };
+    if ready {
+        set(&mut s, "Ready", true, "Provisioned", "the volume is ready");
+    } else {
+        set(
             &mut s,
-            "Moving",
+            "Ready",
             false,
-            "MoveNotSupported",
-            &format!(
-                "spec.machine asks for machine {to}, but moving a provisioned volume's data is not supported yet; the data stays on machine {machine} and is served from there"
-            ),
-        ),
-        None => s.conditions.retain(|c| c.type_ != "Moving"),
+            "CuttingOver",
+            "the volume is cutting over to its new machine; it is served again there in a moment",
+        );
     }
-    set(&mut s, "Ready", true, "Provisioned", "the volume is ready");
-    s.phase = VolumePhase::Ready;
     s
 }
 
@@ -426,6 +486,7 @@ mod tests {
             on_disk,
             capabilities: ALL.to_vec(),
             clone_source_uid: None,
+            move_snapshots: vec![],
         }
     }
 
@@ -574,9 +635,18 @@ mod tests {
     fn a_volume_bound_elsewhere_stays_where_its_data_is_and_is_never_created_empty() {
         let mut v = provisioned_on(volume(), "m1");
         v.spec.machine = Some("m2".into());
-        // The target has no data and must not make any.
+        // The target has no data and must not make any (it pulls once the move is granted).
         assert_eq!(plan(&v, "m2", &seen(None)), Plan::default());
-        // The source keeps serving and says why the volume did not move.
+        // The source keeps serving; while no move is granted the scheduler's condition stays.
+        set_condition(
+            &mut v.status.as_mut().unwrap().conditions,
+            "Moving",
+            ConditionStatus::False,
+            "InsufficientCapacity",
+            "machine m2 lacks room",
+            3,
+            Utc::now(),
+        );
         let p = plan(&v, "m1", &seen(on_disk(&v)));
         assert_eq!(p.steps, [Step::Export, Step::WriteStatus]);
         assert_eq!(p.move_requested.as_deref(), Some("m2"));
@@ -584,8 +654,102 @@ mod tests {
         assert_eq!(s.phase, VolumePhase::Ready);
         assert_eq!(s.machine.as_deref(), Some("m1"));
         let moving = find_condition(&s.conditions, "Moving").unwrap();
-        assert_eq!(moving.reason, "MoveNotSupported");
-        assert!(moving.message.contains("m2"), "{}", moving.message);
+        assert_eq!(moving.reason, "InsufficientCapacity");
+    }
+
+    fn moving(mut v: Volume, stage: MoveStage) -> Volume {
+        v.spec.machine = Some("m2".into());
+        v.status.as_mut().unwrap().move_ = Some(cobalt_api::MoveStatus {
+            from: "m1".into(),
+            to: "m2".into(),
+            stage,
+            started: Utc::now(),
+            rounds: 1,
+            bytes_done: 0,
+            bytes_total: None,
+            bytes_sent: 0,
+            credential_sha256: None,
+            frozen: None,
+            cut_over_millis: None,
+            stalled: None,
+        });
+        v
+    }
+
+    #[test]
+    fn the_source_serves_until_the_cut_over_and_never_after() {
+        let v = moving(provisioned_on(volume(), "m1"), MoveStage::Converging);
+        let p = plan(&v, "m1", &seen(on_disk(&v)));
+        assert_eq!(p.steps, [Step::Export, Step::WriteStatus]);
+        let s = status(&v, &report(&v, p), Utc::now());
+        assert_eq!(s.phase, VolumePhase::Moving);
+        assert!(find_condition(&s.conditions, "Ready").unwrap().is_true());
+        assert_eq!(
+            find_condition(&s.conditions, "Moving").unwrap().reason,
+            "Converging"
+        );
+        let v = moving(provisioned_on(volume(), "m1"), MoveStage::CuttingOver);
+        let p = plan(&v, "m1", &seen(on_disk(&v)));
+        assert_eq!(p.steps, [Step::Unexport, Step::WriteStatus]);
+        let mut r = report(&v, p);
+        r.export = ExportState::Unexported;
+        let s = status(&v, &r, Utc::now());
+        assert_eq!(s.phase, VolumePhase::Moving);
+        assert_eq!(s.endpoint, None);
+        let ready = find_condition(&s.conditions, "Ready").unwrap();
+        assert_eq!(
+            (ready.is_true(), ready.reason.as_str()),
+            (false, "CuttingOver")
+        );
+        // Snapshots of an ongoing move are kept; those of a cancelled one go.
+        let mut with_snaps = seen(on_disk(&v));
+        with_snaps.move_snapshots = vec!["move-1".into()];
+        let v = moving(provisioned_on(volume(), "m1"), MoveStage::Seeding);
+        assert!(!plan(&v, "m1", &with_snaps)
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::DropMoveSnapshots(_))));
+        let v = provisioned_on(volume(), "m1");
+        assert_eq!(
+            plan(&v, "m1", &with_snaps).steps[0],
+            Step::DropMoveSnapshots(vec!["move-1".into()])
+        );
+    }
+
+    #[test]
+    fn after_the_flip_the_target_serves_and_the_source_cleans_up_even_when_deleted() {
+        let mut v = moving(provisioned_on(volume(), "m1"), MoveStage::CleaningUp);
+        v.status.as_mut().unwrap().machine = Some("m2".into());
+        assert_eq!(role(&v, "m1"), Role::MovedAway { to: "m2".into() });
+        assert_eq!(role(&v, "m2"), Role::Serving);
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [Step::Unexport, Step::CleanUpMovedAway]
+        );
+        let p = plan(&v, "m2", &seen(on_disk(&v)));
+        assert_eq!(p.steps, [Step::Export, Step::WriteStatus]);
+        let s = status(&v, &report(&v, p), Utc::now());
+        assert_eq!(s.phase, VolumePhase::Ready);
+        assert_eq!(
+            find_condition(&s.conditions, "Moving").unwrap().reason,
+            "CleaningUp"
+        );
+        // Deleted before the source cleaned up: the source still destroys its copy, and the
+        // target keeps the finalizer until it has.
+        v.metadata.deletion_timestamp = Some(Utc::now());
+        assert_eq!(
+            plan(&v, "m1", &seen(on_disk(&v))).steps,
+            [Step::Unexport, Step::CleanUpMovedAway]
+        );
+        assert_eq!(
+            plan(&v, "m2", &seen(on_disk(&v))).steps,
+            [Step::MarkDeleting, Step::Unexport, Step::Destroy]
+        );
+        v.status.as_mut().unwrap().move_ = None;
+        assert_eq!(
+            plan(&v, "m2", &seen(on_disk(&v))).steps.last(),
+            Some(&Step::RemoveFinalizer)
+        );
     }
 
     #[test]

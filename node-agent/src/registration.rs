@@ -47,6 +47,8 @@ pub struct Identity {
     pub address: String,
     /// Labels for a newly registered Machine.
     pub labels: BTreeMap<String, String>,
+    /// Where peer agents reach this one (published as `status.agentUrl`).
+    pub agent_url: Option<String>,
 }
 
 /// Creates the Machine if it does not exist; an existing one (declared by a user, or by an
@@ -136,7 +138,7 @@ pub async fn run(
         _ = volumes.ready() => {}
     }
     loop {
-        let wait = match write_status(&store, &me.name, &backend, &volumes).await {
+        let wait = match write_status(&store, &me.name, &me.agent_url, &backend, &volumes).await {
             Ok(()) => STATUS_PERIOD,
             Err(e) => {
                 tracing::debug!(error = %e, "machine status not written; retrying");
@@ -153,6 +155,7 @@ pub async fn run(
 async fn write_status(
     store: &Store,
     name: &str,
+    agent_url: &Option<String>,
     backend: &Arc<dyn Backend>,
     volumes: &Cache<Volume>,
 ) -> Result<(), RegistrationError> {
@@ -189,6 +192,7 @@ async fn write_status(
             };
             s.volumes = count;
             s.capabilities = capabilities.clone();
+            s.agent_url = agent_url.clone();
             if orphans.is_empty() {
                 s.conditions.retain(|c| c.type_ != "OrphanVolumes");
             } else {

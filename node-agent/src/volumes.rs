@@ -13,13 +13,14 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use cobalt_api::{Endpoint, Volume, VolumeStatus};
+use cobalt_api::{Capability, Endpoint, LastMove, Volume, VolumeStatus};
 use cobalt_reconcile::{Action, Context, Reconciler};
 use cobalt_store::Store;
 
 use crate::backend::{Backend, BackendError};
 use crate::exporter::batch::{BatchError, Exports};
 use crate::exporter::{describe_rules, ExportSpec};
+use crate::moves::{Moves, SNAPSHOT_PREFIX};
 use crate::plan::{self, ExportState, Observed, Report, Step};
 
 pub const FINALIZER: &str = cobalt_api::AGENT_FINALIZER;
@@ -31,6 +32,18 @@ pub struct VolumeAgent {
     pub store: Store,
     pub backend: Arc<dyn Backend>,
     pub exports: Arc<Exports>,
+    /// Moves to and from this machine.
+    pub moves: Arc<Moves>,
+}
+
+/// Where clients mount volume `name` exported from `address` on NFS port `port`.
+pub fn endpoint(address: &str, port: u16, name: &str) -> Endpoint {
+    Endpoint {
+        server: address.to_string(),
+        port,
+        path: format!("/{name}"),
+        mount: format!("mount -t nfs4 -o port={port} {address}:/{name} /mnt/{name}"),
+    }
 }
 
 /// The export a provisioned volume should have.
@@ -68,6 +81,9 @@ enum Confirm {
     Create,
     /// Still being deleted, same uid, still held by the finalizer, its data still on this machine.
     Destroy,
+    /// Moved away: same uid, `status.machine` names another machine, and the move from here is
+    /// in its CleaningUp stage (the target serves the data).
+    CleanUp,
 }
 
 impl VolumeAgent {
@@ -108,36 +124,32 @@ impl VolumeAgent {
                         && fresh.metadata.finalizers.iter().any(|f| f == FINALIZER)
                         && holder == Some(self.machine.as_str())
                 }
+                Confirm::CleanUp => matches!(
+                    plan::role(&fresh, &self.machine),
+                    plan::Role::MovedAway { .. }
+                ),
             };
         Ok(ok.then_some(fresh))
     }
 
-    /// Writes the status `f` makes of `seen`'s (or, if `seen` is stale, of the stored one).
+    /// Writes the status `f` makes of `seen`'s (or, if `seen` is stale, of the stored one;
+    /// `f` returns None to write nothing).
     async fn write_status(
         &self,
         ctx: &Context<Volume>,
         seen: &Volume,
-        f: impl Fn(&Volume) -> VolumeStatus,
+        f: impl Fn(&Volume) -> Option<VolumeStatus>,
     ) -> Result<(), AgentError> {
         let update = self
             .store
-            .update_status_from(seen, |v: &Volume| Some(f(v)))
+            .update_status_from(seen, |v: &Volume| f(v))
             .await?;
         ctx.wrote(update.written);
         Ok(())
     }
 
     fn endpoint(&self, name: &str) -> Endpoint {
-        let port = self.exports.exporter.port();
-        Endpoint {
-            server: self.address.clone(),
-            port,
-            path: format!("/{name}"),
-            mount: format!(
-                "mount -t nfs4 -o port={port} {}:/{name} /mnt/{name}",
-                self.address
-            ),
-        }
+        endpoint(&self.address, self.exports.exporter.port(), name)
     }
 
     /// What this machine holds for `v`.
@@ -153,10 +165,21 @@ impl VolumeAgent {
                 })
                 .map(|src| src.metadata.uid.clone())
         });
+        let move_snapshots = if self.backend.can(Capability::Snapshot) {
+            let uid = v.metadata.uid.clone();
+            self.blocking(move |b| b.snapshots(&uid))
+                .await?
+                .into_iter()
+                .filter(|n| n.starts_with(SNAPSHOT_PREFIX))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Observed {
             on_disk,
             capabilities: self.backend.capabilities(),
             clone_source_uid,
+            move_snapshots,
         })
     }
 }
@@ -169,11 +192,12 @@ impl Reconciler<Volume> for VolumeAgent {
         volume: Arc<Volume>,
         ctx: Context<Volume>,
     ) -> Result<Action, AgentError> {
-        if plan::role(&volume, &self.machine) == plan::Role::NotHere
-            && !volume.metadata.is_deleting()
-        {
+        self.moves.sync(&volume);
+        let role = plan::role(&volume, &self.machine);
+        if role == plan::Role::NotHere && !volume.metadata.is_deleting() {
             return Ok(Action::Done);
         }
+        let planned_stage = volume.moving().map(|m| m.stage);
         let started = std::time::Instant::now();
         // Deleting needs nothing from the backend to decide (only the holder acts), so the
         // agents not holding the data do no I/O for it.
@@ -250,6 +274,10 @@ impl Reconciler<Volume> for VolumeAgent {
                     self.blocking(move |b| b.defragment(&u)).await?;
                     report.defragmented = Some(token.clone());
                 }
+                Step::Export if self.moves.is_frozen(&uid) => {
+                    // The cut-over began here: never serve a write the final snapshot misses.
+                    self.exports.set(&name, None).await?;
+                }
                 Step::Export => {
                     let spec = export_spec(&volume, self.backend.as_ref());
                     report.export = match (self.exports.exporter.port(), spec.clients.is_empty()) {
@@ -263,9 +291,48 @@ impl Reconciler<Volume> for VolumeAgent {
                     self.exports.set(&name, Some(spec)).await?;
                 }
                 Step::Unexport => self.exports.set(&name, None).await?,
-                Step::MarkDeleting => {
-                    self.write_status(&ctx, &volume, |v| plan::deleting_status(v, Utc::now()))
+                Step::DropMoveSnapshots(names) => {
+                    let (u, names) = (uid.clone(), names.clone());
+                    self.blocking(move |b| names.iter().try_for_each(|n| b.delete_snapshot(&u, n)))
                         .await?;
+                    tracing::info!(volume = %name, "dropped the snapshots of a move that did not happen");
+                }
+                Step::CleanUpMovedAway => {
+                    let Some(fresh) = self.confirm(&volume, Confirm::CleanUp).await? else {
+                        return Ok(Action::Done);
+                    };
+                    let u = uid.clone();
+                    match self.blocking(move |b| b.destroy(&u)).await {
+                        Ok(()) | Err(AgentError::Backend(BackendError::UnknownVolume(_))) => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.moves.thaw(&uid);
+                    let me = self.machine.clone();
+                    let update = self
+                        .store
+                        .update_status_from(&fresh, |v: &Volume| {
+                            let mut s = v.status.clone()?;
+                            let m = s.move_.take().filter(|m| m.from == me)?;
+                            s.last_move = Some(LastMove {
+                                from: m.from,
+                                to: m.to,
+                                started: m.started,
+                                finished: Utc::now(),
+                                bytes_sent: m.bytes_sent,
+                                cut_over_millis: m.cut_over_millis,
+                            });
+                            s.conditions.retain(|c| c.type_ != "Moving");
+                            Some(s)
+                        })
+                        .await?;
+                    ctx.wrote(update.written);
+                    tracing::info!(volume = %name, "moved away: the copy here is destroyed");
+                }
+                Step::MarkDeleting => {
+                    self.write_status(&ctx, &volume, |v| {
+                        Some(plan::deleting_status(v, Utc::now()))
+                    })
+                    .await?;
                 }
                 Step::Destroy => {
                     let Some(fresh) = self.confirm(&volume, Confirm::Destroy).await? else {
@@ -284,8 +351,15 @@ impl Reconciler<Volume> for VolumeAgent {
                     tracing::info!(volume = %name, "deleted");
                 }
                 Step::WriteStatus => {
-                    self.write_status(&ctx, &volume, |v| plan::status(v, &report, Utc::now()))
-                        .await?;
+                    // Only onto the state the plan was made for: a move's stage or a flip of
+                    // status.machine in between makes this report stale (the change's event
+                    // brings a fresh reconcile).
+                    self.write_status(&ctx, &volume, |v| {
+                        (plan::role(v, &self.machine) == role
+                            && v.moving().map(|m| m.stage) == planned_stage)
+                            .then(|| plan::status(v, &report, Utc::now()))
+                    })
+                    .await?;
                 }
             }
         }

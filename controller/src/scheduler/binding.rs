@@ -19,13 +19,20 @@
 //! keeps its size, stays Ready, and the condition `CapacityReserved` (False, reason
 //! InsufficientCapacity) names the bytes missing. The agent never grows past the grant.
 //!
+//! **Moves**: a provisioned volume whose `spec.machine` names another machine than the one
+//! holding its data asks for a move. [`moves::admit`] decides under the placement lock: the
+//! grant (`status.move`, the only thing that reserves the target's bytes), a `Moving=False`
+//! condition saying why it waits, or a revocation when `spec.machine` changed again before the
+//! cut-over. The agents move the data; a volume whose holder is gone is Lost, move or not.
+//!
 //! **Pinned volumes** (`spec.machine` set by the user) are respected; if the machine lacks
 //! capacity the Scheduled condition says so (reason PinnedOvercommitted) but the binding stays —
 //! the user asked for it, and the quota still bounds the volume.
 //!
 //! Status ownership: the scheduler writes the Scheduled and CapacityReserved conditions,
 //! `allocatedBytes`, phase Pending/Scheduled (only while the agent has not moved it further)
-//! and phase Lost; the agent writes the rest.
+//! and phase Lost, `status.move` when granting or revoking it (and the Moving condition while no
+//! move is granted); the agents write the rest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -42,6 +49,7 @@ use futures::StreamExt;
 use tokio::sync::Mutex;
 
 use super::metrics::SchedulerMetrics;
+use super::moves::{self, MoveDecision};
 use super::placement::{place_batch, Decision, MachineView, Request};
 use crate::config::PlacementStrategy;
 
@@ -91,6 +99,12 @@ impl Reconciler<Volume> for VolumeScheduler {
             self.schedule_pending(ctx.cache()).await?;
             return Ok(Action::Done);
         };
+        let holder = volume.status.as_ref().and_then(|s| s.machine.clone());
+        if let Some(holder) = holder {
+            if holder != machine || volume.moving().is_some() {
+                return self.reconcile_move(&volume, &ctx, &holder).await;
+            }
+        }
         let by_scheduler = volume.metadata.annotations.contains_key(SCHEDULED_BY);
         let provisioned = volume
             .status
@@ -263,6 +277,120 @@ impl VolumeScheduler {
             volume.granted_size_bytes()
         );
         Ok((Grant::Refused(why), None))
+    }
+
+    /// A provisioned volume whose binding names another machine, or whose move is under way:
+    /// grants, holds back or revokes the move ([`moves::admit`]) under the placement lock, since
+    /// a grant reserves bytes on the target.
+    async fn reconcile_move(
+        &self,
+        volume: &Volume,
+        ctx: &Context<Volume>,
+        holder: &str,
+    ) -> Result<Action, SchedulerError> {
+        if !is_alive(&self.alive, holder) {
+            let update = self
+                .store
+                .update_status_from(volume, |v: &Volume| Some(lost_status(v, holder)))
+                .await?;
+            ctx.wrote(update.written);
+            return Ok(Action::Done);
+        }
+        let mut last_write = self.last_write.lock().await;
+        if !ctx
+            .cache()
+            .wait_for_revision(*last_write, OWN_WRITE_WAIT)
+            .await
+        {
+            return Err(cobalt_store::Error::Unavailable {
+                endpoints: "cache".into(),
+                deadline: OWN_WRITE_WAIT,
+                cause: "cache behind the scheduler's own writes".into(),
+            }
+            .into());
+        }
+        let volumes = ctx.cache().list();
+        let views = self.machine_views(&volumes);
+        let decision = moves::admit(volume, &views, Utc::now());
+        let name = &volume.metadata.name;
+        let update = match &decision {
+            MoveDecision::Nothing => return Ok(Action::Done),
+            MoveDecision::Grant(grant) => {
+                tracing::info!(volume = %name, from = %grant.from, to = %grant.to, "move granted");
+                self.metrics.decision("move-granted");
+                self.store
+                    .update_status_from(volume, |v: &Volume| {
+                        let s = v.status.as_ref()?;
+                        if s.move_.is_some()
+                            || s.machine.as_deref() != Some(grant.from.as_str())
+                            || v.spec.machine.as_deref() != Some(grant.to.as_str())
+                        {
+                            return None;
+                        }
+                        let mut s = s.clone();
+                        s.move_ = Some(grant.clone());
+                        s.phase = VolumePhase::Moving;
+                        let (reason, message) = grant.describe();
+                        set_condition(
+                            &mut s.conditions,
+                            "Moving",
+                            ConditionStatus::True,
+                            reason,
+                            &message,
+                            v.metadata.generation,
+                            Utc::now(),
+                        );
+                        Some(s)
+                    })
+                    .await?
+            }
+            MoveDecision::Wait { reason, message } => {
+                self.store
+                    .update_status_from(volume, |v: &Volume| {
+                        let mut s = v.status.clone()?;
+                        if s.move_.is_some() {
+                            return None;
+                        }
+                        set_condition(
+                            &mut s.conditions,
+                            "Moving",
+                            ConditionStatus::False,
+                            reason,
+                            message,
+                            v.metadata.generation,
+                            Utc::now(),
+                        );
+                        Some(s)
+                    })
+                    .await?
+            }
+            MoveDecision::Revoke => {
+                tracing::info!(volume = %name, "move cancelled: spec.machine changed before the cut-over");
+                self.metrics.decision("move-revoked");
+                self.store
+                    .update_status_from(volume, |v: &Volume| {
+                        let mut s = v.status.clone()?;
+                        let m = s.move_.as_ref()?;
+                        if m.stage.is_committed()
+                            || v.spec.machine.as_deref() == Some(m.to.as_str())
+                        {
+                            return None;
+                        }
+                        s.move_ = None;
+                        s.conditions.retain(|c| c.type_ != "Moving");
+                        if s.phase == VolumePhase::Moving {
+                            s.phase = VolumePhase::Ready;
+                        }
+                        Some(s)
+                    })
+                    .await?
+            }
+        };
+        ctx.wrote(update.written);
+        if let Some(w) = update.written {
+            *last_write = (*last_write).max(w);
+        }
+        Ok(Action::Done)
     }
 
     /// A volume being deleted whose machine is gone and which was never provisioned there has

@@ -9,6 +9,7 @@
 pub mod binding;
 pub mod lifecycle;
 pub mod metrics;
+pub mod moves;
 pub mod placement;
 
 use std::sync::{Arc, RwLock};

@@ -1,0 +1,619 @@
+//! The target side of a move: one task per granted move to this machine, started and stopped by
+//! [`Moves::sync`] from the volume reconciler. It pulls rounds from the source, advances the
+//! stage in etcd, and at the cut-over makes the volume live here and flips `status.machine` and
+//! `status.endpoint` in one write. Every decision re-reads the volume from etcd first, so a
+//! cancelled or redirected move is noticed before the next byte and its partial copy discarded.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use cobalt_api::{
+    set_condition, ConditionStatus, Machine, MoveStage, MoveStatus, Usage, Volume, VolumePhase,
+};
+use cobalt_reconcile::CancellationToken;
+
+use super::{credential_hash, new_credential, Moves, Pull, FINAL_SUFFIX, SNAPSHOT_PREFIX};
+use crate::backend::BackendError;
+use crate::exporter::describe_rules;
+use crate::volumes::{endpoint, export_spec};
+
+/// How a pull attempt ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The volume is served here now.
+    Done,
+    /// The move no longer targets this machine (cancelled, redirected, deleted).
+    NotWanted,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    #[error(transparent)]
+    Store(#[from] cobalt_store::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Stalled(String),
+}
+
+/// Longest pause between attempts of a stalled move.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often progress is written during a round.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+impl Moves {
+    /// Starts the pull of a move granted to this machine, stops one no longer wanted. Cheap:
+    /// called by the reconciler for every volume event.
+    pub fn sync(self: &Arc<Self>, v: &Volume) {
+        let uid = &v.metadata.uid;
+        let wanted = v
+            .moving()
+            .filter(|m| {
+                m.to == self.machine && m.stage < MoveStage::CleaningUp && !v.metadata.is_deleting()
+            })
+            .map(|m| m.started);
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pulls.get(uid) {
+            if Some(p.started) == wanted {
+                return;
+            }
+            p.cancel.cancel();
+            pulls.remove(uid);
+        }
+        if let Some(started) = wanted {
+            let cancel = CancellationToken::new();
+            pulls.insert(
+                uid.clone(),
+                Pull {
+                    started,
+                    cancel: cancel.clone(),
+                },
+            );
+            let me = self.clone();
+            let (name, uid) = (v.metadata.name.clone(), uid.clone());
+            tokio::spawn(async move { me.pull(name, uid, started, cancel).await });
+        }
+    }
+
+    async fn pull(
+        self: Arc<Self>,
+        name: String,
+        uid: String,
+        started: DateTime<Utc>,
+        cancel: CancellationToken,
+    ) {
+        let permit = tokio::select! {
+            p = self.incoming.clone().acquire_owned() => p,
+            _ = cancel.cancelled() => {
+                self.discard_if_unwanted(&name, &uid).await;
+                return;
+            }
+        };
+        let credential = match new_credential() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a move credential");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let attempt = tokio::select! {
+                r = self.pull_once(&name, &uid, started, &credential) => Some(r),
+                _ = cancel.cancelled() => None,
+            };
+            match attempt {
+                Some(Ok(Outcome::Done)) => break,
+                Some(Ok(Outcome::NotWanted)) | None => {
+                    self.discard_if_unwanted(&name, &uid).await;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(volume = %name, error = %e, "move stalled; retrying");
+                    let why = e.to_string();
+                    let _ = self
+                        .update_move(&name, started, |m, _| {
+                            m.stalled = Some(why.clone());
+                            true
+                        })
+                        .await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        drop(permit);
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if pulls.get(&uid).is_some_and(|p| p.started == started) {
+            pulls.remove(&uid);
+        }
+    }
+
+    /// True when `v` still asks this machine to carry out the grant of `started`.
+    fn wanted(&self, v: &Volume, uid: &str, started: DateTime<Utc>) -> bool {
+        v.metadata.uid == uid
+            && !v.metadata.is_deleting()
+            && v.spec.machine.as_deref() == Some(self.machine.as_str())
+            && v.moving()
+                .is_some_and(|m| m.to == self.machine && m.started == started)
+    }
+
+    async fn pull_once(
+        &self,
+        name: &str,
+        uid: &str,
+        started: DateTime<Utc>,
+        credential: &str,
+    ) -> Result<Outcome, PullError> {
+        let Some(v) = self.store.get::<Volume>(name).await? else {
+            return Ok(Outcome::NotWanted);
+        };
+        let here = v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&self.machine);
+        if here {
+            return Ok(Outcome::Done);
+        }
+        if !self.wanted(&v, uid, started) {
+            // A committed move finishes even if spec.machine changed meanwhile.
+            let committed = v.moving().is_some_and(|m| {
+                m.to == self.machine && m.started == started && m.stage.is_committed()
+            });
+            if !committed {
+                return Ok(Outcome::NotWanted);
+            }
+        }
+        let m = v
+            .moving()
+            .cloned()
+            .ok_or(PullError::Stalled("the move is gone".into()))?;
+        let hash = credential_hash(credential);
+        if m.credential_sha256.as_deref() != Some(hash.as_str()) {
+            self.update_move(name, started, |m, _| {
+                m.credential_sha256 = Some(hash.clone());
+                true
+            })
+            .await?;
+        }
+        let peer = self
+            .store
+            .get::<Machine>(&m.from)
+            .await?
+            .and_then(|s| s.status.and_then(|s| s.agent_url))
+            .ok_or_else(|| {
+                PullError::Stalled(format!("machine {} publishes no agent address", m.from))
+            })?;
+        match m.stage {
+            MoveStage::Seeding | MoveStage::Converging => {
+                if !self.converge(&v, &m, &peer, credential).await? {
+                    return Ok(Outcome::NotWanted);
+                }
+                let Some(v) = self.store.get::<Volume>(name).await? else {
+                    return Ok(Outcome::NotWanted);
+                };
+                self.cut_over(&v, &peer, credential, started).await
+            }
+            MoveStage::CuttingOver => self.cut_over(&v, &peer, credential, started).await,
+            MoveStage::CleaningUp => Ok(Outcome::Done),
+        }
+    }
+
+    /// Rounds until one sends little, then the stage CuttingOver. False when the move was
+    /// cancelled meanwhile.
+    async fn converge(
+        &self,
+        v: &Volume,
+        m: &MoveStatus,
+        peer: &str,
+        credential: &str,
+    ) -> Result<bool, PullError> {
+        let name = &v.metadata.name;
+        let mut rounds = m.rounds;
+        loop {
+            let parent = self.latest_received(&v.metadata.uid).await?;
+            let incremental = parent.is_some();
+            let (_, bytes) = self
+                .round(v, m.started, peer, credential, parent, false)
+                .await?;
+            rounds += 1;
+            let converged = (incremental && bytes < self.config.converged_bytes)
+                || rounds >= self.config.max_rounds;
+            let spec_here = Some(self.machine.clone());
+            let advanced = self
+                .update_move(name, m.started, |mv, vol| {
+                    if mv.stage.is_committed() || vol.spec.machine != spec_here {
+                        return false;
+                    }
+                    mv.rounds = rounds;
+                    mv.bytes_sent += bytes;
+                    mv.bytes_done = 0;
+                    mv.bytes_total = None;
+                    mv.stalled = None;
+                    if converged {
+                        mv.stage = MoveStage::CuttingOver;
+                        mv.frozen = Some(Utc::now());
+                    } else {
+                        mv.stage = MoveStage::Converging;
+                    }
+                    true
+                })
+                .await?;
+            if !advanced {
+                return Ok(false);
+            }
+            tracing::info!(volume = %name, round = rounds, bytes, converged, "move round done");
+            if converged {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The final increment, the live volume, the export, and the one write that flips
+    /// `status.machine` and `status.endpoint`.
+    async fn cut_over(
+        &self,
+        v: &Volume,
+        peer: &str,
+        credential: &str,
+        started: DateTime<Utc>,
+    ) -> Result<Outcome, PullError> {
+        let uid = v.metadata.uid.clone();
+        let name = v.metadata.name.clone();
+        let record = crate::plan::record(v);
+        let began = v.moving().and_then(|m| m.frozen).unwrap_or_else(Utc::now);
+        let b = self.backend.clone();
+        let u = uid.clone();
+        let live = tokio::task::spawn_blocking(move || b.get(&u))
+            .await
+            .map_err(|e| PullError::Stalled(e.to_string()))??;
+        // A live copy here was promoted from the final snapshot by an earlier attempt (and may
+        // have taken writes since): it is kept as it is.
+        if live.is_none() {
+            let b = self.backend.clone();
+            let u = uid.clone();
+            let received = tokio::task::spawn_blocking(move || b.received(&u))
+                .await
+                .map_err(|e| PullError::Stalled(e.to_string()))??;
+            let final_snapshot = match received.iter().rev().find(|n| n.ends_with(FINAL_SUFFIX)) {
+                Some(f) => f.clone(),
+                None => {
+                    let parent = self.latest_received(&uid).await?;
+                    self.round(v, started, peer, credential, parent, true)
+                        .await?
+                        .0
+                }
+            };
+            let b = self.backend.clone();
+            let r = record.clone();
+            tokio::task::spawn_blocking(move || b.promote(&final_snapshot, &r))
+                .await
+                .map_err(|e| PullError::Stalled(e.to_string()))??;
+        }
+        let spec = export_spec(v, self.backend.as_ref());
+        let port = self.exports.exporter.port();
+        let exported = port != 0 && !spec.clients.is_empty();
+        let rules = describe_rules(&spec.clients);
+        self.exports
+            .set(&name, Some(spec))
+            .await
+            .map_err(|e| PullError::Stalled(format!("cannot export the volume here: {e}")))?;
+        let me = self.machine.clone();
+        let address = self.address.clone();
+        let update = self
+            .store
+            .update_status::<Volume, _>(&name, |vol| {
+                let mut s = vol.status.clone()?;
+                let m = s.move_.as_mut()?;
+                if vol.metadata.uid != uid
+                    || m.to != me
+                    || m.started != started
+                    || m.stage != MoveStage::CuttingOver
+                    || s.machine.as_deref() != Some(m.from.as_str())
+                {
+                    return None;
+                }
+                let now = Utc::now();
+                m.stage = MoveStage::CleaningUp;
+                m.stalled = None;
+                m.cut_over_millis = Some((now - began).num_milliseconds().max(0) as u64);
+                let from = m.from.clone();
+                let (reason, message) = m.describe();
+                s.machine = Some(me.clone());
+                s.endpoint = exported.then(|| endpoint(&address, port, &name));
+                s.phase = VolumePhase::Ready;
+                s.usage = Some(Usage {
+                    used_bytes: s.usage.as_ref().map_or(0, |u| u.used_bytes),
+                    limit_bytes: record.size_bytes,
+                    updated: None,
+                });
+                let g = vol.metadata.generation;
+                let mut set = |t: &str, ok: bool, r: &str, msg: &str| {
+                    let c = if ok {
+                        ConditionStatus::True
+                    } else {
+                        ConditionStatus::False
+                    };
+                    set_condition(&mut s.conditions, t, c, r, msg, g, now);
+                };
+                set("Moving", true, reason, &message);
+                set(
+                    "Ready",
+                    true,
+                    "Moved",
+                    &format!("moved from machine {from}; served by machine {me}"),
+                );
+                if exported {
+                    set("Exported", true, "Applied", &rules);
+                }
+                Some(s)
+            })
+            .await?;
+        if update.written.is_none() {
+            let now_here = update
+                .object
+                .status
+                .as_ref()
+                .and_then(|s| s.machine.as_deref())
+                == Some(self.machine.as_str());
+            if !now_here {
+                return Err(PullError::Stalled(
+                    "the cut-over write did not apply (the volume changed); retrying".into(),
+                ));
+            }
+        } else {
+            tracing::info!(volume = %name, took_ms = (Utc::now() - began).num_milliseconds(), "cut over: served here now");
+        }
+        let b = self.backend.clone();
+        let _ = tokio::task::spawn_blocking(move || b.discard_received(&uid)).await;
+        Ok(Outcome::Done)
+    }
+
+    /// The newest complete snapshot received for `uid` (the parent of the next round).
+    async fn latest_received(&self, uid: &str) -> Result<Option<String>, PullError> {
+        let b = self.backend.clone();
+        let u = uid.to_string();
+        let received = tokio::task::spawn_blocking(move || b.received(&u))
+            .await
+            .map_err(|e| PullError::Stalled(e.to_string()))??;
+        Ok(received
+            .into_iter()
+            .filter(|n| n.starts_with(SNAPSHOT_PREFIX))
+            .next_back())
+    }
+
+    /// One stream from the source, received into staging. Returns the snapshot's name and the
+    /// bytes it took.
+    async fn round(
+        &self,
+        v: &Volume,
+        started: DateTime<Utc>,
+        peer: &str,
+        credential: &str,
+        parent: Option<String>,
+        final_: bool,
+    ) -> Result<(String, u64), PullError> {
+        let name = v.metadata.name.clone();
+        let uid = v.metadata.uid.clone();
+        let from = v.moving().map(|m| m.from.clone()).unwrap_or_default();
+        let mut query = vec![("uid", uid.clone())];
+        if let Some(p) = &parent {
+            query.push(("parent", p.clone()));
+        }
+        if final_ {
+            query.push(("final", "true".into()));
+        }
+        let url = format!("{}/v1/moves/{name}/stream", peer.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(credential)
+            .query(&query)
+            .send()
+            .await
+            .map_err(|e| {
+                PullError::Stalled(format!("cannot reach machine {from} at {url}: {e}"))
+            })?;
+        let code = resp.status();
+        if code == reqwest::StatusCode::CONFLICT && parent.is_some() {
+            // The source lost the common parent: start over with a full copy.
+            let b = self.backend.clone();
+            let u = uid.clone();
+            let _ = tokio::task::spawn_blocking(move || b.discard_received(&u)).await;
+        }
+        if !code.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(PullError::Stalled(format!(
+                "machine {from} answered {code}: {}",
+                body.trim()
+            )));
+        }
+        let estimate = resp
+            .headers()
+            .get("x-cobalt-estimate")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<u64>().ok());
+        let limit = v.granted_size_bytes().max(
+            v.status
+                .as_ref()
+                .and_then(|s| s.usage.as_ref())
+                .map_or(0, |u| u.limit_bytes),
+        );
+        let max_bytes = limit.saturating_mul(2).saturating_add(64 << 20);
+        let received = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+        let idle = self.config.idle_timeout;
+        let counter = received.clone();
+        let feeder = tokio::spawn(async move {
+            let mut resp = resp;
+            loop {
+                let item = match tokio::time::timeout(idle, resp.chunk()).await {
+                    Ok(Ok(Some(chunk))) => {
+                        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        Ok(chunk)
+                    }
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => Err(std::io::Error::other(e)),
+                    Err(_) => Err(std::io::Error::other(format!(
+                        "nothing arrived for {idle:?}"
+                    ))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let progress = {
+            let (name, counter) = (name.clone(), received.clone());
+            let store = self.store.clone();
+            let me = self.machine.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PROGRESS_EVERY).await;
+                    let done = counter.load(Ordering::Relaxed);
+                    let _ = store
+                        .update_status::<Volume, _>(&name, |vol| {
+                            let mut s = vol.status.clone()?;
+                            let m = s.move_.as_mut()?;
+                            if m.to != me
+                                || m.started != started
+                                || m.stage == MoveStage::CleaningUp
+                            {
+                                return None;
+                            }
+                            m.bytes_done = done;
+                            m.bytes_total = estimate;
+                            m.stalled = None;
+                            let (reason, message) = m.describe();
+                            set_condition(
+                                &mut s.conditions,
+                                "Moving",
+                                ConditionStatus::True,
+                                reason,
+                                &message,
+                                vol.metadata.generation,
+                                Utc::now(),
+                            );
+                            Some(s)
+                        })
+                        .await;
+                }
+            })
+        };
+        let b = self.backend.clone();
+        let u = uid.clone();
+        let t0 = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            b.receive(&u, &mut reader, max_bytes)
+        })
+        .await;
+        progress.abort();
+        feeder.abort();
+        let snapshot = result.map_err(|e| PullError::Stalled(e.to_string()))??;
+        let bytes = received.load(Ordering::Relaxed);
+        tracing::debug!(volume = %name, %snapshot, bytes, took = ?t0.elapsed(), "received");
+        Ok((snapshot, bytes))
+    }
+
+    /// Writes a change to this grant's `status.move` (and the Moving condition and phase that
+    /// follow from it); `change` returns false to write nothing. True when written.
+    async fn update_move(
+        &self,
+        name: &str,
+        started: DateTime<Utc>,
+        change: impl Fn(&mut MoveStatus, &Volume) -> bool,
+    ) -> Result<bool, PullError> {
+        let me = self.machine.clone();
+        let update = self
+            .store
+            .update_status::<Volume, _>(name, |vol| {
+                let mut s = vol.status.clone()?;
+                let m = s.move_.as_mut()?;
+                if m.to != me || m.started != started || !change(m, vol) {
+                    return None;
+                }
+                let (reason, message) = m.describe();
+                if m.stage < MoveStage::CleaningUp {
+                    s.phase = VolumePhase::Moving;
+                }
+                set_condition(
+                    &mut s.conditions,
+                    "Moving",
+                    ConditionStatus::True,
+                    reason,
+                    &message,
+                    vol.metadata.generation,
+                    Utc::now(),
+                );
+                Some(s)
+            })
+            .await?;
+        Ok(update.written.is_some()
+            || update
+                .object
+                .moving()
+                .is_some_and(|m| m.to == self.machine && m.started == started))
+    }
+
+    /// Drops what was received for a move that no longer targets this machine — after a fresh
+    /// read confirms it (staging only; a live volume is never touched here).
+    async fn discard_if_unwanted(&self, name: &str, uid: &str) {
+        let still = match self.store.get::<Volume>(name).await {
+            Ok(Some(v)) => {
+                v.metadata.uid == uid
+                    && v.moving()
+                        .is_some_and(|m| m.to == self.machine && !v.metadata.is_deleting())
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %e, "cannot confirm the move was dropped; keeping what was received");
+                return;
+            }
+        };
+        if still {
+            return;
+        }
+        let b = self.backend.clone();
+        let u = uid.to_string();
+        match tokio::task::spawn_blocking(move || b.discard_received(&u)).await {
+            Ok(Ok(())) => {
+                tracing::info!(volume = %name, "move dropped: discarded what was received")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %name, error = %e, "discarding a dropped move's data")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A blocking `Read` over chunks sent from an async task.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}
