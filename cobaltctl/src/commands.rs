@@ -541,3 +541,133 @@ pub fn explain(path: &str) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+/// `move volume/NAME --to MACHINE`: sets `spec.machine` (what a manifest edit would do) and, with
+/// `--wait`, follows the move until the source's copy is gone, showing the stage, the bytes sent,
+/// the rate and an ETA (one redrawn line on a terminal, plain lines otherwise).
+pub async fn move_volume(
+    c: &Client,
+    name: &str,
+    to: &str,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let mut attempts = 0;
+    let from = loop {
+        let mut v = c
+            .get(Kind::Volume, name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("volume {name:?} not found"))?;
+        let holder = v
+            .pointer("/status/machine")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if v.pointer("/spec/machine").and_then(Value::as_str) == Some(to) {
+            break holder;
+        }
+        v["spec"]["machine"] = Value::String(to.to_string());
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+        match c.replace(Kind::Volume, name, &v, false).await {
+            Ok(_) => break holder,
+            // Someone else changed it meanwhile: read again (a bounded number of times).
+            Err(CtlError::Api(f)) if f.reason == "Conflict" && attempts < 5 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match from.as_deref() {
+        Some(f) if f == to => println!("volume/{name} is on machine {to}"),
+        Some(f) => println!("volume/{name} moving from machine {f} to {to}"),
+        None => {
+            println!("volume/{name} bound to machine {to} (not provisioned yet: nothing to move)")
+        }
+    }
+    if !wait {
+        return Ok(0);
+    }
+    follow_move(c, name, to, timeout).await?;
+    Ok(0)
+}
+
+/// True when the volume's data is on `to` and no move is left to finish.
+fn moved(v: &Value, to: &str) -> bool {
+    v.pointer("/status/machine").and_then(Value::as_str) == Some(to)
+        && v.pointer("/status/move").is_none()
+}
+
+async fn follow_move(c: &Client, name: &str, to: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let deadline = Instant::now() + timeout;
+    let mut rate = output::Rate::default();
+    let mut last_line = String::new();
+    let mut last: Option<Value> = None;
+    let mut show = |v: &Value, rate: &mut output::Rate| {
+        let line = output::move_progress(v, rate.observe(v));
+        if line == last_line {
+            return;
+        }
+        if terminal {
+            print!("\r\x1b[2K{line}");
+        } else {
+            println!("{line}");
+        }
+        let _ = std::io::stdout().flush();
+        last_line = line;
+    };
+    'outer: while Instant::now() < deadline {
+        let Some(v) = c.get(Kind::Volume, name).await? else {
+            anyhow::bail!("volume {name:?} was deleted during the move");
+        };
+        let rv = v
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        show(&v, &mut rate);
+        if moved(&v, to) {
+            last = Some(v);
+            break;
+        }
+        last = Some(v);
+        let mut stream = c.watch(Kind::Volume, rv.as_deref(), None).await?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = match tokio::time::timeout(left, stream.next()).await {
+                Err(_) => break 'outer,
+                Ok(Ok(Some(e))) => e,
+                Ok(_) => continue 'outer,
+            };
+            if event["object"]["metadata"]["name"] != name {
+                continue;
+            }
+            if event["type"] == "DELETED" {
+                anyhow::bail!("volume {name:?} was deleted during the move");
+            }
+            let v = event["object"].clone();
+            show(&v, &mut rate);
+            let done = moved(&v, to);
+            last = Some(v);
+            if done {
+                break 'outer;
+            }
+        }
+    }
+    if terminal {
+        println!();
+    }
+    match last {
+        Some(v) if moved(&v, to) => {
+            println!("{}", output::move_summary(&v));
+            Ok(())
+        }
+        v => {
+            let why = v
+                .as_ref()
+                .and_then(|v| output::condition(v, "Moving"))
+                .and_then(|c| c["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "no Moving condition reported".into());
+            anyhow::bail!("timed out after {timeout:?} waiting for volume/{name} to move to machine {to}: {why}")
+        }
+    }
+}

@@ -99,6 +99,22 @@ enum Verb {
         #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
         timeout: Duration,
     },
+    /// Move a volume's data to another machine (sets spec.machine; the agents do the rest).
+    #[command(
+        after_help = "Examples:\n  cobaltctl move volume/media --to node-2 --wait\n  cobaltctl move volume/media --to node-1 --wait --timeout 30m"
+    )]
+    Move {
+        /// volume/NAME
+        target: String,
+        /// The machine to move it to.
+        #[arg(long)]
+        to: String,
+        /// Follow the move until it is done (progress on the terminal).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "10m", value_parser = cobalt_api::duration::parse_duration)]
+        timeout: Duration,
+    },
     /// Show what apply would change. Exit 0: same, 1: different, 2+: error.
     #[command(after_help = "Example:\n  cobaltctl diff -f examples/volume.yaml")]
     Diff {
@@ -183,6 +199,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             commands::wait_for(&client()?, kind, &name, &want, timeout).await?;
             println!("{}/{name} condition met", kind.singular());
             Ok(0)
+        }
+        Verb::Move {
+            target,
+            to,
+            wait,
+            timeout,
+        } => {
+            let (kind, name) = Kind::parse_ref(&target).map_err(anyhow::Error::msg)?;
+            let name = match (kind, name) {
+                (Kind::Volume, Some(n)) => n,
+                _ => anyhow::bail!("move needs volume/NAME, e.g. volume/media"),
+            };
+            commands::move_volume(&client()?, &name, &to, wait, timeout).await
         }
         Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
         Verb::Explain { path } => commands::explain(&path),

@@ -264,6 +264,24 @@ pub fn describe(kind: Kind, v: &Value) -> String {
     for line in yaml(v.get("spec").unwrap_or(&Value::Null)).lines() {
         out.push_str(&format!("  {line}\n"));
     }
+    if kind == Kind::Volume {
+        if v.pointer("/status/move").is_some() {
+            let since = v
+                .pointer("/status/move/started")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+                .map(|t| format!(", for {}s", (Utc::now() - t).num_seconds()))
+                .unwrap_or_default();
+            push(
+                &mut out,
+                "Move",
+                format!("{}{since}", move_progress(v, None)),
+            );
+        }
+        if v.pointer("/status/lastMove").is_some() {
+            push(&mut out, "Last move", move_summary(v));
+        }
+    }
     if let Some(status) = v.get("status") {
         out.push_str("Status:\n");
         let mut st = status.clone();
@@ -302,4 +320,156 @@ pub fn describe(kind: Kind, v: &Value) -> String {
         );
     }
     out
+}
+
+/// Bytes per second of a move, from successive observations of its status.
+#[derive(Default)]
+pub struct Rate {
+    first: Option<(std::time::Instant, u64)>,
+}
+
+impl Rate {
+    /// Records the bytes moved so far in `v`; returns the mean rate since the first sample.
+    pub fn observe(&mut self, v: &Value) -> Option<f64> {
+        let m = v.pointer("/status/move")?;
+        let done = m["bytesSent"].as_u64().unwrap_or(0) + m["bytesDone"].as_u64().unwrap_or(0);
+        let now = std::time::Instant::now();
+        let (t0, b0) = *self.first.get_or_insert((now, done));
+        let secs = now.duration_since(t0).as_secs_f64();
+        (secs >= 0.5 && done > b0).then(|| (done - b0) as f64 / secs)
+    }
+}
+
+/// Bytes for people: 1.5 GiB, 320 MiB, 12 KiB, 17 B.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// One line of a move's progress: the stage, bytes of this round against the source's
+/// estimate, the rate and the ETA; or, before the move is granted, why it waits.
+pub fn move_progress(v: &Value, rate: Option<f64>) -> String {
+    let Some(m) = v.pointer("/status/move") else {
+        return match condition(v, "Moving") {
+            Some(c) if c["status"] == "False" => format!(
+                "waiting: {} — {}",
+                c["reason"].as_str().unwrap_or(""),
+                c["message"].as_str().unwrap_or("")
+            ),
+            _ => format!(
+                "phase {}, on machine {}",
+                s(v, "/status/phase"),
+                s(v, "/status/machine")
+            ),
+        };
+    };
+    let stage = m["stage"].as_str().unwrap_or("?");
+    let done = m["bytesDone"].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "{stage:<12} {} → {}",
+        m["from"].as_str().unwrap_or("?"),
+        m["to"].as_str().unwrap_or("?")
+    );
+    if stage == "Seeding" || stage == "Converging" {
+        match m["bytesTotal"].as_u64().filter(|t| *t > 0) {
+            Some(total) => line.push_str(&format!(
+                "  {} of {} ({}%)",
+                human_bytes(done),
+                human_bytes(total),
+                done.min(total) * 100 / total
+            )),
+            None => line.push_str(&format!("  {}", human_bytes(done))),
+        }
+        if let Some(r) = rate.filter(|r| *r > 0.0) {
+            line.push_str(&format!("  {}/s", human_bytes(r as u64)));
+            if let Some(total) = m["bytesTotal"].as_u64().filter(|t| *t > done) {
+                line.push_str(&format!("  ETA {:.0}s", (total - done) as f64 / r));
+            }
+        }
+    }
+    if let Some(round) = m["rounds"].as_u64().filter(|r| *r > 0) {
+        line.push_str(&format!("  round {}", round + 1));
+    }
+    if let Some(why) = m["stalled"].as_str() {
+        line.push_str(&format!("  (stalled: {why})"));
+    }
+    line
+}
+
+/// What `move --wait` prints when the move is done, from `status.lastMove`.
+pub fn move_summary(v: &Value) -> String {
+    let Some(m) = v.pointer("/status/lastMove") else {
+        return format!(
+            "volume/{} is on machine {}",
+            s(v, "/metadata/name"),
+            s(v, "/status/machine")
+        );
+    };
+    let took = match (
+        m["started"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok()),
+        m["finished"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok()),
+    ) {
+        (Some(a), Some(b)) => format!(" in {:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
+        _ => String::new(),
+    };
+    let cut = m["cutOverMillis"]
+        .as_u64()
+        .map(|ms| format!(", cut-over {ms} ms"))
+        .unwrap_or_default();
+    format!(
+        "volume/{} moved from machine {} to {}{took} ({} sent{cut})",
+        s(v, "/metadata/name"),
+        m["from"].as_str().unwrap_or("?"),
+        m["to"].as_str().unwrap_or("?"),
+        human_bytes(m["bytesSent"].as_u64().unwrap_or(0))
+    )
+}
+
+#[cfg(test)]
+mod move_tests {
+    use super::*;
+
+    #[test]
+    fn move_progress_shows_stage_bytes_rate_and_eta_or_why_it_waits() {
+        let v: Value = serde_json::json!({"status": {"move": {
+            "from": "m1", "to": "m2", "stage": "Seeding", "started": "2026-12-01T00:00:00Z",
+            "bytesDone": 512u64 << 20, "bytesTotal": 1u64 << 30, "rounds": 0}}});
+        let line = move_progress(&v, Some((128u64 << 20) as f64));
+        assert!(line.starts_with("Seeding"), "{line}");
+        for part in [
+            "m1 → m2",
+            "512.0 MiB of 1.0 GiB (50%)",
+            "128.0 MiB/s",
+            "ETA 4s",
+        ] {
+            assert!(line.contains(part), "{part:?} in {line}");
+        }
+        let waiting: Value = serde_json::json!({"status": {"conditions": [{"type": "Moving",
+            "status": "False", "reason": "InsufficientCapacity", "message": "m2 lacks 5 bytes"}]}});
+        assert_eq!(
+            move_progress(&waiting, None),
+            "waiting: InsufficientCapacity — m2 lacks 5 bytes"
+        );
+        let done: Value = serde_json::json!({"metadata": {"name": "db"}, "status": {"lastMove": {
+            "from": "m1", "to": "m2", "started": "2026-12-01T00:00:00Z",
+            "finished": "2026-12-01T00:00:08.500Z", "bytesSent": 3u64 << 20, "cutOverMillis": 310}}});
+        assert_eq!(
+            move_summary(&done),
+            "volume/db moved from machine m1 to m2 in 8.5s (3.0 MiB sent, cut-over 310 ms)"
+        );
+    }
 }

@@ -240,76 +240,264 @@ async fn when_the_scheduler_leader_dies_the_other_controller_schedules_within_tt
     ready(&mut c, "after-failover").await;
 }
 
-/// Moving a provisioned volume's data is not built yet; asking for it must never produce an
-/// empty copy elsewhere. The data stays served where it is and a condition says why.
+/// An appending writer on the client host, following the volume's endpoint: every append the
+/// server acknowledged is recorded (seq → line), failures are retried at the endpoint the test
+/// last saw.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: std::sync::Arc<std::sync::Mutex<String>>,
+    thread: Option<std::thread::JoinHandle<WriterLog>>,
+}
+
+#[derive(Debug, Default)]
+struct WriterLog {
+    acked: Vec<u64>,
+    /// The server each acknowledged append went to.
+    servers: Vec<String>,
+    failures: usize,
+    /// The longest time between two acknowledged appends.
+    longest_gap: Duration,
+}
+
+fn record_line(seq: u64) -> String {
+    format!("append {seq:08}\n")
+}
+
+impl Writer {
+    fn start(nfs: cobalt_testkit::nfs::NfsClient, server: &str, volume: &str) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = std::sync::Arc::new(std::sync::Mutex::new(server.to_string()));
+        let (s, srv, export) = (stop.clone(), server.clone(), format!("/{volume}"));
+        let thread = std::thread::spawn(move || {
+            let mut log = WriterLog::default();
+            let mut seq = 0;
+            let mut last_ack = Instant::now();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = srv.lock().unwrap().clone();
+                match nfs.append(
+                    &at,
+                    cobalt_e2e::NFS_PORT,
+                    &export,
+                    "log.txt",
+                    record_line(seq).as_bytes(),
+                ) {
+                    Ok(_) => {
+                        log.acked.push(seq);
+                        log.servers.push(at);
+                        log.longest_gap = log.longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                    }
+                    Err(_) => log.failures += 1,
+                }
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            log
+        });
+        Writer {
+            stop,
+            server,
+            thread: Some(thread),
+        }
+    }
+
+    fn follow(&self, server: &str) {
+        *self.server.lock().unwrap() = server.to_string();
+    }
+
+    fn finish(mut self) -> WriterLog {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moves the volume with `cobaltctl move --wait` while `writer` appends, pointing the writer at
+/// the new endpoint as soon as etcd shows it. Returns the volume after the move.
+async fn move_while_writing(c: &mut Cluster, name: &str, to: &str, writer: &Writer) -> Volume {
+    let api = c.api();
+    let mut mover = tokio::process::Command::new(cobalt_e2e::binary("cobaltctl"))
+        .args([
+            "--server",
+            &api,
+            "move",
+            &format!("volume/{name}"),
+            "--to",
+            to,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        if let Ok(Some(v)) = c.store.get::<Volume>(name).await {
+            if let Some(e) = v.status.as_ref().and_then(|s| s.endpoint.as_ref()) {
+                writer.follow(&e.server);
+            }
+        }
+        if let Ok(Some(status)) = mover.try_wait() {
+            let o = mover.wait_with_output().await.unwrap();
+            assert!(status.success(), "cobaltctl move: {}", out(&o));
+            assert!(out(&o).contains("moved from machine"), "{}", out(&o));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = c.store.get::<Volume>(name).await.unwrap().unwrap();
+    writer.follow(&server(&v));
+    v
+}
+
+/// The seeds' "volume moved to another machine": a client appends every 50 ms while the volume
+/// moves m1 → m2 (or m2 → m1) and back; every acknowledged append is at the new endpoint, the
+/// old machine keeps no copy, and a watcher sees the endpoint change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provisioned_volume_bound_to_another_machine_stays_with_its_data_and_says_why() {
+async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
     let mut c = Cluster::start("binpack").await;
     machines_ready(&c, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let client = c.client.addr.to_string();
-    let manifest = volume_yaml("kept", "32Mi", "disk: ssd", &client, "rw");
+    let manifest = volume_yaml("moved", "64Mi", "disk: ssd", &client, "rw");
     apply(&mut c, &dir, "v.yaml", &manifest).await;
-    let v = ready(&mut c, "kept").await;
+    let v = ready(&mut c, "moved").await;
     let (from, srv) = (machine_of(&v), server(&v));
-    let data = cobalt_testkit::nfs::pattern(5, 3 << 20);
-    c.nfs_write(&srv, "kept/data.bin", &data)
-        .expect("3 MiB over NFS");
     let to = if from == "m1" { "m2" } else { "m1" };
+    let data = cobalt_testkit::nfs::pattern(7, 6 << 20);
+    c.nfs_write(&srv, "moved/data.bin", &data)
+        .expect("6 MiB over NFS");
 
-    // The user edits spec.machine, as a GitOps pipeline would.
-    let pinned = manifest.replace("  placement:", &format!("  machine: {to}\n  placement:"));
-    apply(&mut c, &dir, "v.yaml", &pinned).await;
-    let v = until("the Moving condition", Duration::from_secs(30), || async {
-        let v: Volume = c.store.get("kept").await.ok()??;
-        let s = v.status.as_ref()?;
-        let moving = cobalt_api::find_condition(&s.conditions, "Moving")?;
-        (moving.reason == "MoveNotSupported" && s.observed_generation == v.metadata.generation)
-            .then_some(v)
+    // A watcher, as a user would run one.
+    let api = c.api();
+    let watcher = cobalt_testkit::process::Daemon::spawn(
+        std::process::Command::new(cobalt_e2e::binary("cobaltctl"))
+            .args(["--server", &api, "get", "volumes", "-w"]),
+        "watch",
+    );
+
+    let writer = Writer::start(c.client.nfs(), &srv, "moved");
+    until("a few appends", Duration::from_secs(20), || async {
+        let log = c.nfs_read(&srv, "moved/log.txt").ok()?;
+        (log.len() >= 3 * record_line(0).len()).then_some(())
     })
     .await;
+    let v = move_while_writing(&mut c, "moved", to, &writer).await;
+    let new_srv = server(&v);
+    assert_ne!(new_srv, srv, "the endpoint changed");
+    assert_eq!(machine_of(&v), to);
     let s = v.status.as_ref().unwrap();
-    assert_eq!(s.phase, cobalt_api::VolumePhase::Ready, "still served");
-    assert_eq!(s.machine.as_deref(), Some(from.as_str()), "the data stays");
-    assert_eq!(server(&v), srv, "the endpoint stays");
-    let message = &cobalt_api::find_condition(&s.conditions, "Moving")
-        .unwrap()
-        .message;
-    assert!(message.contains(to) && message.contains(&from), "{message}");
+    assert_eq!(s.phase, cobalt_api::VolumePhase::Ready);
+    assert!(s.move_.is_none(), "the move finished: {:?}", s.move_);
+    let last = s.last_move.as_ref().expect("lastMove");
+    assert_eq!((last.from.as_str(), last.to.as_str()), (from.as_str(), to));
+    // A few more appends at the new endpoint, then every acknowledged one must be there.
+    let at_cut_over = String::from_utf8_lossy(&c.nfs_read(&new_srv, "moved/log.txt").unwrap())
+        .lines()
+        .count();
+    until(
+        "appends at the new endpoint",
+        Duration::from_secs(20),
+        || async {
+            let log = c.nfs_read(&new_srv, "moved/log.txt").ok()?;
+            let n = String::from_utf8_lossy(&log).lines().count();
+            (n >= at_cut_over + 5).then_some(())
+        },
+    )
+    .await;
+    let log = writer.finish();
+    let content = String::from_utf8(c.nfs_read(&new_srv, "moved/log.txt").unwrap()).unwrap();
+    let present: std::collections::HashSet<&str> = content.lines().collect();
+    let missing: Vec<u64> = log
+        .acked
+        .iter()
+        .copied()
+        .filter(|seq| !present.contains(record_line(*seq).trim_end()))
+        .collect();
     assert!(
-        c.nfs_read(&srv, "kept/data.bin").unwrap() == data,
-        "the data is still served, byte for byte, from {from}"
+        missing.is_empty(),
+        "acknowledged appends missing after the move: {missing:?} ({} acknowledged, {} failed)",
+        log.acked.len(),
+        log.failures
     );
+    let old = log.servers.iter().filter(|s| **s == srv).count();
+    assert!(
+        old >= 3 && log.servers.len() - old >= 5,
+        "appends on both sides of the cut-over: {log:?}"
+    );
+    eprintln!(
+        "move {from} → {to}: {} appends acknowledged, {} failed, longest gap {:?}, cut-over {:?} ms",
+        log.acked.len(),
+        log.failures,
+        log.longest_gap,
+        last.cut_over_millis
+    );
+    assert!(
+        c.nfs_read(&new_srv, "moved/data.bin").unwrap() == data,
+        "the 6 MiB file is byte-identical on {to}"
+    );
+    assert!(
+        c.machine(&from).volumes_on_disk().is_empty(),
+        "{from} keeps no copy"
+    );
+    let pool = c.machine(&from).pool.path().to_path_buf();
+    for leftover in ["snapshots", "staging"] {
+        let entries = std::fs::read_dir(pool.join(leftover))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(entries, 0, "{from} has {leftover} left over");
+    }
+    until(
+        "the watcher saw the new machine",
+        Duration::from_secs(10),
+        || async {
+            watcher
+                .log()
+                .lines()
+                .any(|l| {
+                    l.starts_with("moved ")
+                        && l.contains(&format!(" {to} "))
+                        && l.contains(&new_srv)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    drop(watcher);
+
+    // And back, the same way.
+    let writer = Writer::start(c.client.nfs(), &new_srv, "moved");
+    let back = move_while_writing(&mut c, "moved", &from, &writer).await;
+    assert_eq!(machine_of(&back), from);
+    let log = writer.finish();
+    let content = String::from_utf8(c.nfs_read(&server(&back), "moved/log.txt").unwrap()).unwrap();
+    let present: std::collections::HashSet<&str> = content.lines().collect();
+    assert!(
+        log.acked
+            .iter()
+            .all(|seq| present.contains(record_line(*seq).trim_end())),
+        "every append acknowledged on the way back is there"
+    );
+    assert!(c.nfs_read(&server(&back), "moved/data.bin").unwrap() == data);
     assert!(
         c.machine(to).volumes_on_disk().is_empty(),
-        "no empty copy on {to}"
+        "{to} keeps no copy"
     );
-    // The source's agent restarting changes nothing: still no copy, still served.
-    c.machine(&from).kill_agent();
-    let etcd = c.etcd.endpoints()[0].clone();
-    c.machine(&from).start_agent(&etcd);
-    c.machine(to).kill_agent();
-    c.machine(to).start_agent(&etcd);
-    machines_ready(&c, 3).await;
-    // A spec change both restarted agents see; once the source has reported it, the target
-    // has had the same event.
-    let edited = pinned.replace("size: 32Mi", "size: 48Mi");
-    apply(&mut c, &dir, "v.yaml", &edited).await;
-    let again = until("the resize reported", Duration::from_secs(30), || async {
-        let v: Volume = c.store.get("kept").await.ok()??;
-        let s = v.status.as_ref()?;
-        (s.observed_generation == v.metadata.generation
-            && s.usage.as_ref()?.limit_bytes == 48 * MIB)
-            .then_some(v)
-    })
-    .await;
-    assert_eq!(machine_of(&again), from);
-    assert!(c.machine(to).volumes_on_disk().is_empty());
-    assert!(c.nfs_read(&srv, "kept/data.bin").unwrap() == data);
 
-    // Deleting it deletes the data where it is.
     let o = c
-        .ctl(&["delete", "volume", "kept", "--wait", "--timeout=60s"])
+        .ctl(&["delete", "volume", "moved", "--wait", "--timeout=60s"])
         .await;
     assert!(o.status.success(), "{}", out(&o));
     assert!(c.machine(&from).volumes_on_disk().is_empty());

@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nfs_rs::{Mount, OPEN_READ};
+use nfs_rs::{Mount, OPEN_READ, OPEN_WRITE};
 
 /// The most any one NFS call here may take.
 pub const NFS_DEADLINE: Duration = Duration::from_secs(60);
@@ -53,6 +53,33 @@ impl NfsClient {
                 let result = nfs_rs::write_all(m, created.fh.clone(), 0, data).await;
                 let _ = m.close(created.fh).await;
                 result.map(|_| ()).map_err(err)
+            })
+        })
+    }
+
+    /// Appends `data` to `file` (created if missing) and returns the offset it was written at,
+    /// committed to stable storage before it returns.
+    pub fn append(
+        &self,
+        server: &str,
+        port: u16,
+        export: &str,
+        file: &str,
+        data: &[u8],
+    ) -> Result<u64, String> {
+        let (file, data) = (file.to_string(), Bytes::copy_from_slice(data));
+        self.with_mount(server, port, export, move |m| {
+            Box::pin(async move {
+                let (fh, offset) = match m.getattr_path(&file).await {
+                    Ok(attr) => (
+                        m.open_path(&file, OPEN_WRITE).await.map_err(err)?.fh,
+                        attr.filesize,
+                    ),
+                    Err(_) => (m.create_path(&file, Some(0o644)).await.map_err(err)?.fh, 0),
+                };
+                let result = nfs_rs::write_all(m, fh.clone(), offset, data).await;
+                let _ = m.close(fh).await;
+                result.map(|_| offset).map_err(err)
             })
         })
     }

@@ -380,10 +380,7 @@ impl Moves {
         let received = tokio::task::spawn_blocking(move || b.received(&u))
             .await
             .map_err(|e| PullError::Stalled(e.to_string()))??;
-        Ok(received
-            .into_iter()
-            .filter(|n| n.starts_with(SNAPSHOT_PREFIX))
-            .next_back())
+        Ok(received.into_iter().rfind(|n| n.starts_with(SNAPSHOT_PREFIX)))
     }
 
     /// One stream from the source, received into staging. Returns the snapshot's name and the
