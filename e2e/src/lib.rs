@@ -43,6 +43,8 @@ pub struct Machine {
     pub state: tempfile::TempDir,
     labels: String,
     agent: Option<Daemon>,
+    /// Extra flags for the agent, kept across restarts (e.g. `--move-rate-limit 8Mi`).
+    pub agent_args: Vec<String>,
 }
 
 impl Machine {
@@ -75,7 +77,8 @@ impl Machine {
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--listen")
-            .arg(format!("{}:7421", self.host.addr));
+            .arg(format!("{}:7421", self.host.addr))
+            .args(&self.agent_args);
         self.agent = Some(Daemon::spawn(&mut cmd, &format!("agent-{}", self.name)));
     }
 
@@ -143,21 +146,31 @@ impl Cluster {
     /// etcd, two controllers (`placement`), three machines m1 (disk=ssd), m2 (disk=ssd),
     /// m3 (disk=hdd), and a client host.
     pub async fn start(placement: &str) -> Cluster {
-        Self::launch(placement, false, 1024).await
+        Self::launch(placement, false, 1024, &[]).await
+    }
+
+    /// Like [`Cluster::start`] with extra flags for every agent.
+    pub async fn start_with_agent_args(placement: &str, args: &[&str]) -> Cluster {
+        Self::launch(placement, false, 1024, args).await
     }
 
     /// Like [`Cluster::start`] with `pool_mib` MiB pools (sparse images), for benchmarks.
     pub async fn start_with_pools(placement: &str, pool_mib: u64) -> Cluster {
-        Self::launch(placement, false, pool_mib).await
+        Self::launch(placement, false, pool_mib, &[]).await
     }
 
     /// Like [`Cluster::start`] but etcd is down while the daemons start
     /// (`etcd.start_again()` brings it up).
     pub async fn start_with_etcd_down(placement: &str) -> Cluster {
-        Self::launch(placement, true, 1024).await
+        Self::launch(placement, true, 1024, &[]).await
     }
 
-    async fn launch(placement: &str, etcd_down: bool, pool_mib: u64) -> Cluster {
+    async fn launch(
+        placement: &str,
+        etcd_down: bool,
+        pool_mib: u64,
+        agent_args: &[&str],
+    ) -> Cluster {
         cobalt_testkit::require("nsenter");
         cobalt_testkit::require("ganesha.nfsd");
         reap_orphans();
@@ -184,10 +197,12 @@ impl Cluster {
                 state: tempfile::tempdir().unwrap(),
                 labels: labels.to_string(),
                 agent: None,
+                agent_args: Vec::new(),
             };
             machines.push(m);
         }
         for m in machines.iter_mut() {
+            m.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
             m.start_agent(&endpoint);
         }
         let mut cluster = Cluster {

@@ -380,7 +380,9 @@ impl Moves {
         let received = tokio::task::spawn_blocking(move || b.received(&u))
             .await
             .map_err(|e| PullError::Stalled(e.to_string()))??;
-        Ok(received.into_iter().rfind(|n| n.starts_with(SNAPSHOT_PREFIX)))
+        Ok(received
+            .into_iter()
+            .rfind(|n| n.starts_with(SNAPSHOT_PREFIX)))
     }
 
     /// One stream from the source, received into staging. Returns the snapshot's name and the
@@ -515,7 +517,15 @@ impl Moves {
         .await;
         progress.abort();
         feeder.abort();
-        let snapshot = result.map_err(|e| PullError::Stalled(e.to_string()))??;
+        let snapshot = match result {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(e)) => {
+                return Err(PullError::Stalled(format!(
+                    "the stream from machine {from} did not complete: {e}"
+                )))
+            }
+            Err(e) => return Err(PullError::Stalled(e.to_string())),
+        };
         let bytes = received.load(Ordering::Relaxed);
         tracing::debug!(volume = %name, %snapshot, bytes, took = ?t0.elapsed(), "received");
         Ok((snapshot, bytes))

@@ -1,0 +1,303 @@
+//! Moves under failure, on the real three-machine cluster: kill -9 of either agent at each
+//! stage, the scheduler leader dying, etcd going away, a target without room, and a move
+//! cancelled half-way. After each, exactly one machine holds the volume, serves it, and the
+//! data is byte-identical.
+//!
+//! Agents run with `--move-rate-limit 8Mi` so the 16 MiB seed takes about two seconds: long
+//! enough to kill a process while a stream is in flight.
+
+use std::time::{Duration, Instant};
+
+use cobalt_api::{MoveStage, MoveStatus, Volume, VolumePhase};
+use cobalt_e2e::{out, Cluster};
+use cobalt_testkit::wait::until;
+
+const DATA_BYTES: usize = 16 << 20;
+
+async fn machines_ready(c: &Cluster, n: usize) {
+    until("machines Ready", Duration::from_secs(30), || async {
+        let (ms, _) = c
+            .store
+            .list::<cobalt_api::Machine>(&Default::default())
+            .await
+            .ok()?;
+        let ready = ms
+            .iter()
+            .filter(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.phase == cobalt_api::MachinePhase::Ready && s.capacity.total_bytes > 0
+                })
+            })
+            .count();
+        (ready >= n).then_some(())
+    })
+    .await;
+}
+
+fn yaml(name: &str, size: &str, machine: &str, client: &str) -> String {
+    format!(
+        "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}}}\nspec:\n  size: {size}\n  machine: {machine}\n  export:\n    clients: [{{host: {client}, access: rw, rootSquash: false}}]\n"
+    )
+}
+
+async fn apply(c: &mut Cluster, text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.yaml");
+    std::fs::write(&path, text).unwrap();
+    let o = c.ctl(&["apply", "-f", &path.display().to_string()]).await;
+    assert!(o.status.success(), "{}", out(&o));
+}
+
+/// A Ready volume "data" with 16 MiB of random bytes, on `machine`.
+async fn volume_with_data(c: &mut Cluster, machine: &str) -> Vec<u8> {
+    let client = c.client.addr.to_string();
+    apply(c, &yaml("data", "128Mi", machine, &client)).await;
+    let o = c
+        .ctl(&[
+            "wait",
+            "volume/data",
+            "--for=condition=Ready",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", out(&o));
+    let v: Volume = c.store.get("data").await.unwrap().unwrap();
+    let data = cobalt_testkit::nfs::pattern(11, DATA_BYTES);
+    c.nfs_write(&server(&v), "data/data.bin", &data)
+        .expect("16 MiB over NFS");
+    data
+}
+
+fn server(v: &Volume) -> String {
+    v.status
+        .as_ref()
+        .and_then(|s| s.endpoint.as_ref())
+        .map(|e| e.server.clone())
+        .expect("an endpoint")
+}
+
+async fn request_move(c: &mut Cluster, to: &str) {
+    let o = c.ctl(&["move", "volume/data", "--to", to]).await;
+    assert!(o.status.success(), "{}", out(&o));
+}
+
+/// Polls etcd every few ms (the stages can be short) until the move satisfies `pred`.
+async fn move_reaches(
+    c: &Cluster,
+    what: &str,
+    deadline: Duration,
+    pred: impl Fn(&MoveStatus) -> bool,
+) -> MoveStatus {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Ok(Some(v)) = c.store.get::<Volume>("data").await {
+            if let Some(m) = v.moving().filter(|m| pred(m)) {
+                return m.clone();
+            }
+        }
+        assert!(Instant::now() < end, "the move never reached: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the move to `to` is finished, then checks there is exactly one copy, on `to`,
+/// served byte for byte.
+async fn settled_on(c: &mut Cluster, to: &str, other: &str, data: &[u8]) -> Volume {
+    let v = until(
+        &format!("the volume settled on {to}"),
+        Duration::from_secs(90),
+        || async {
+            let v: Volume = c.store.get("data").await.ok()??;
+            let s = v.status.as_ref()?;
+            (s.machine.as_deref() == Some(to)
+                && s.move_.is_none()
+                && s.phase == VolumePhase::Ready
+                && s.endpoint.is_some()
+                && s.observed_generation == v.metadata.generation)
+                .then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        c.nfs_read(&server(&v), "data/data.bin").unwrap() == data,
+        "the data on {to} is byte-identical"
+    );
+    assert_eq!(c.machine(to).volumes_on_disk(), [v.metadata.uid.clone()]);
+    assert!(
+        c.machine(other).volumes_on_disk().is_empty(),
+        "{other} keeps no copy"
+    );
+    // Staging and move snapshots go right after the flip (asynchronously).
+    for m in [to, other] {
+        let pool = c.machine(m).pool.path().to_path_buf();
+        let left = || {
+            ["snapshots", "staging"]
+                .iter()
+                .flat_map(|d| std::fs::read_dir(pool.join(d)).into_iter().flatten())
+                .filter_map(|e| e.ok().map(|e| e.path().display().to_string()))
+                .collect::<Vec<_>>()
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !left().is_empty() {
+            assert!(Instant::now() < end, "{m} has left over: {:?}", left());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    v
+}
+
+fn restart(c: &mut Cluster, machine: &str) {
+    let etcd = c.etcd.endpoints()[0].clone();
+    c.machine(machine).start_agent(&etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_survives_kill_9_of_either_agent_at_each_stage() {
+    let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
+    machines_ready(&c, 3).await;
+    let data = volume_with_data(&mut c, "m1").await;
+    // (kill the source or the target, at which point of the move)
+    let plan: [(&str, &str); 5] = [
+        ("source", "Seeding"),
+        ("target", "Seeding"),
+        ("target", "CuttingOver"),
+        ("source", "CuttingOver"),
+        ("source", "CleaningUp"),
+    ];
+    let (mut from, mut to) = ("m1", "m2");
+    for (who, stage) in plan {
+        request_move(&mut c, to).await;
+        let wanted = match stage {
+            "Seeding" => MoveStage::Seeding,
+            "CuttingOver" => MoveStage::CuttingOver,
+            _ => MoveStage::CleaningUp,
+        };
+        move_reaches(&c, stage, Duration::from_secs(60), |m| {
+            m.stage == wanted && (wanted != MoveStage::Seeding || m.bytes_done > 0)
+        })
+        .await;
+        let victim = if who == "source" { from } else { to };
+        c.machine(victim).kill_agent();
+        let at = c
+            .store
+            .get::<Volume>("data")
+            .await
+            .unwrap()
+            .and_then(|v| v.moving().map(|m| m.stage));
+        eprintln!("{from} → {to}: killed the {who} ({victim}) at {stage}; the move was at {at:?}");
+        if who == "source" && stage == "Seeding" {
+            // The target cannot reach it: the move says so and waits.
+            let m = move_reaches(&c, "a stall reported", Duration::from_secs(60), |m| {
+                m.stalled.is_some()
+            })
+            .await;
+            assert!(
+                m.stalled.unwrap().contains(victim),
+                "the stall names the source"
+            );
+            assert_eq!(
+                c.machine(from).volumes_on_disk().len(),
+                1,
+                "the source's copy is kept while it is away"
+            );
+        }
+        restart(&mut c, victim);
+        settled_on(&mut c, to, from, &data).await;
+        (from, to) = (to, from);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd() {
+    let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
+    machines_ready(&c, 3).await;
+    let data = volume_with_data(&mut c, "m1").await;
+    let client = c.client.addr.to_string();
+
+    // No room on m3: the move waits, the volume stays Ready on m1, nothing is made on m3.
+    apply(&mut c, &yaml("filler", "900Mi", "m3", &client)).await;
+    until("the filler bound", Duration::from_secs(30), || async {
+        let v: Volume = c.store.get("filler").await.ok()??;
+        (v.status?.phase == VolumePhase::Ready).then_some(())
+    })
+    .await;
+    request_move(&mut c, "m3").await;
+    let waiting = until("the move held back", Duration::from_secs(30), || async {
+        let v: Volume = c.store.get("data").await.ok()??;
+        let s = v.status.as_ref()?;
+        let m = cobalt_api::find_condition(&s.conditions, "Moving")?;
+        (m.reason == "InsufficientCapacity").then(|| (s.clone(), m.message.clone()))
+    })
+    .await;
+    assert_eq!(waiting.0.machine.as_deref(), Some("m1"));
+    assert_eq!(
+        waiting.0.phase,
+        VolumePhase::Ready,
+        "still served where it is"
+    );
+    assert!(waiting.0.move_.is_none());
+    assert!(
+        waiting.1.contains("m3") && waiting.1.contains("missing"),
+        "{}",
+        waiting.1
+    );
+    assert_eq!(
+        c.machine("m3").volumes_on_disk().len(),
+        1,
+        "only the filler on m3"
+    );
+    // Room appears: the move starts by itself.
+    let o = c
+        .ctl(&["delete", "volume", "filler", "--wait", "--timeout=60s"])
+        .await;
+    assert!(o.status.success(), "{}", out(&o));
+    settled_on(&mut c, "m3", "m1", &data).await;
+
+    // Cancelled half-way: spec.machine back to m3 while seeding to m1.
+    request_move(&mut c, "m1").await;
+    move_reaches(&c, "seeding to m1", Duration::from_secs(60), |m| {
+        m.to == "m1" && m.bytes_done > 0 && m.stage == MoveStage::Seeding
+    })
+    .await;
+    request_move(&mut c, "m3").await;
+    let v = settled_on(&mut c, "m3", "m1", &data).await;
+    assert!(v.status.as_ref().unwrap().last_move.as_ref().unwrap().to == "m3");
+
+    // The scheduler leader dies mid-move: the agents carry on.
+    request_move(&mut c, "m2").await;
+    move_reaches(&c, "seeding to m2", Duration::from_secs(60), |m| {
+        m.bytes_done > 0
+    })
+    .await;
+    let leader = c
+        .store
+        .leader("scheduler")
+        .await
+        .unwrap()
+        .expect("a leader");
+    let index: usize = leader.trim_start_matches("controller-").parse().unwrap();
+    c.controllers[index].0.kill();
+    settled_on(&mut c, "m2", "m3", &data).await;
+
+    // etcd goes away mid-move: the move pauses, nothing is deleted; it finishes when etcd is back.
+    request_move(&mut c, "m1").await;
+    move_reaches(&c, "seeding to m1", Duration::from_secs(60), |m| {
+        m.to == "m1" && m.bytes_done > 0
+    })
+    .await;
+    c.etcd.stop();
+    let target_log = || c.machines[0].agent_log();
+    until(
+        "the target notices etcd is gone",
+        Duration::from_secs(60),
+        || async { target_log().contains("move stalled").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        c.machine("m2").volumes_on_disk().len(),
+        1,
+        "the source keeps its copy"
+    );
+    c.etcd.start_again();
+    settled_on(&mut c, "m1", "m2", &data).await;
+}
