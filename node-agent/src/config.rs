@@ -340,3 +340,58 @@ impl AgentConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Flags {
+        Flags {
+            config: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/agent.yaml").into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_example_config_loads_with_the_default_move_limits() {
+        let c = AgentConfig::load(&example()).unwrap();
+        assert_eq!(c.moves, crate::moves::MoveConfig::default());
+        assert_eq!(c.agent_url().as_deref(), Some("http://127.0.0.1:7421"));
+    }
+
+    #[test]
+    fn peers_reach_the_agent_at_its_listen_address_or_its_address_when_it_listens_everywhere() {
+        let mut c = AgentConfig::load(&example()).unwrap();
+        c.listen = "10.0.0.12:7421".parse().unwrap();
+        assert_eq!(c.agent_url().as_deref(), Some("http://10.0.0.12:7421"));
+        c.listen = "0.0.0.0:7500".parse().unwrap();
+        c.address = "10.0.0.13".into();
+        assert_eq!(c.agent_url().as_deref(), Some("http://10.0.0.13:7500"));
+        c.address.clear();
+        assert_eq!(c.agent_url(), None, "nothing reachable to publish");
+    }
+
+    #[test]
+    fn a_rate_limit_flag_overrides_the_file_and_a_bad_moves_key_is_named() {
+        let mut flags = example();
+        flags.move_rate_limit = Some("100Mi".parse().unwrap());
+        assert_eq!(
+            AgentConfig::load(&flags).unwrap().moves.rate_limit,
+            100 << 20
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &path,
+            "etcd: {endpoints: [http://127.0.0.1:2379]}\nbackend: {pool: /srv/cobalt}\nmoves: {maxIncomming: 2}\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load(&Flags {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("maxIncomming"), "{err}");
+    }
+}
