@@ -56,6 +56,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p cobalt-e2e --bench system
 	$(CARGO) bench -p cobalt-e2e --bench machine_ready
+	$(CARGO) bench -p cobalt-e2e --bench moves
 
 demo: deps
 	bash scripts/demo.sh

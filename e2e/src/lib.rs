@@ -304,6 +304,92 @@ impl Cluster {
     }
 }
 
+/// An appending writer on the client host, following the volume's endpoint: every append the
+/// server acknowledged is recorded (seq → line), failures are retried at the endpoint the test
+/// last saw.
+pub struct AppendWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: std::sync::Arc<std::sync::Mutex<String>>,
+    pub thread: Option<std::thread::JoinHandle<WriterLog>>,
+}
+
+#[derive(Debug, Default)]
+pub struct WriterLog {
+    pub acked: Vec<u64>,
+    /// The server each acknowledged append went to.
+    pub servers: Vec<String>,
+    pub failures: usize,
+    /// The longest time between two acknowledged appends.
+    pub longest_gap: Duration,
+}
+
+pub fn record_line(seq: u64) -> String {
+    format!("append {seq:08}\n")
+}
+
+impl AppendWriter {
+    /// Appends a line to `volume`'s `log.txt` on `server` every `every`, until finished.
+    pub fn start(
+        nfs: cobalt_testkit::nfs::NfsClient,
+        server: &str,
+        volume: &str,
+        every: Duration,
+    ) -> AppendWriter {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = std::sync::Arc::new(std::sync::Mutex::new(server.to_string()));
+        let (s, srv, export) = (stop.clone(), server.clone(), format!("/{volume}"));
+        let thread = std::thread::spawn(move || {
+            let mut log = WriterLog::default();
+            let mut seq = 0;
+            let mut last_ack = std::time::Instant::now();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = srv.lock().unwrap().clone();
+                match nfs.append(
+                    &at,
+                    NFS_PORT,
+                    &export,
+                    "log.txt",
+                    record_line(seq).as_bytes(),
+                ) {
+                    Ok(_) => {
+                        log.acked.push(seq);
+                        log.servers.push(at);
+                        log.longest_gap = log.longest_gap.max(last_ack.elapsed());
+                        last_ack = std::time::Instant::now();
+                    }
+                    Err(_) => log.failures += 1,
+                }
+                seq += 1;
+                std::thread::sleep(every);
+            }
+            log
+        });
+        AppendWriter {
+            stop,
+            server,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn follow(&self, server: &str) {
+        *self.server.lock().unwrap() = server.to_string();
+    }
+
+    pub fn finish(mut self) -> WriterLog {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for AppendWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn out(o: &Output) -> String {
     format!(
         "{}{}",

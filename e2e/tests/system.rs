@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use cobalt_api::{MachinePhase, Volume};
-use cobalt_e2e::{out, Cluster, TTL};
+use cobalt_e2e::{out, AppendWriter, Cluster, TTL};
 use cobalt_testkit::wait::until;
 
 const MIB: u64 = 1 << 20;
@@ -240,89 +240,14 @@ async fn when_the_scheduler_leader_dies_the_other_controller_schedules_within_tt
     ready(&mut c, "after-failover").await;
 }
 
-/// An appending writer on the client host, following the volume's endpoint: every append the
-/// server acknowledged is recorded (seq → line), failures are retried at the endpoint the test
-/// last saw.
-struct Writer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    server: std::sync::Arc<std::sync::Mutex<String>>,
-    thread: Option<std::thread::JoinHandle<WriterLog>>,
-}
-
-#[derive(Debug, Default)]
-struct WriterLog {
-    acked: Vec<u64>,
-    /// The server each acknowledged append went to.
-    servers: Vec<String>,
-    failures: usize,
-    /// The longest time between two acknowledged appends.
-    longest_gap: Duration,
-}
-
-fn record_line(seq: u64) -> String {
-    format!("append {seq:08}\n")
-}
-
-impl Writer {
-    fn start(nfs: cobalt_testkit::nfs::NfsClient, server: &str, volume: &str) -> Writer {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let server = std::sync::Arc::new(std::sync::Mutex::new(server.to_string()));
-        let (s, srv, export) = (stop.clone(), server.clone(), format!("/{volume}"));
-        let thread = std::thread::spawn(move || {
-            let mut log = WriterLog::default();
-            let mut seq = 0;
-            let mut last_ack = Instant::now();
-            while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                let at = srv.lock().unwrap().clone();
-                match nfs.append(
-                    &at,
-                    cobalt_e2e::NFS_PORT,
-                    &export,
-                    "log.txt",
-                    record_line(seq).as_bytes(),
-                ) {
-                    Ok(_) => {
-                        log.acked.push(seq);
-                        log.servers.push(at);
-                        log.longest_gap = log.longest_gap.max(last_ack.elapsed());
-                        last_ack = Instant::now();
-                    }
-                    Err(_) => log.failures += 1,
-                }
-                seq += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            log
-        });
-        Writer {
-            stop,
-            server,
-            thread: Some(thread),
-        }
-    }
-
-    fn follow(&self, server: &str) {
-        *self.server.lock().unwrap() = server.to_string();
-    }
-
-    fn finish(mut self) -> WriterLog {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Moves the volume with `cobaltctl move --wait` while `writer` appends, pointing the writer at
 /// the new endpoint as soon as etcd shows it. Returns the volume after the move.
-async fn move_while_writing(c: &mut Cluster, name: &str, to: &str, writer: &Writer) -> Volume {
+async fn move_while_writing(
+    c: &mut Cluster,
+    name: &str,
+    to: &str,
+    writer: &AppendWriter,
+) -> Volume {
     let api = c.api();
     let mut mover = tokio::process::Command::new(cobalt_e2e::binary("cobaltctl"))
         .args([
@@ -388,10 +313,10 @@ async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
         "watch",
     );
 
-    let writer = Writer::start(c.client.nfs(), &srv, "moved");
+    let writer = AppendWriter::start(c.client.nfs(), &srv, "moved", Duration::from_millis(50));
     until("a few appends", Duration::from_secs(20), || async {
         let log = c.nfs_read(&srv, "moved/log.txt").ok()?;
-        (log.len() >= 3 * record_line(0).len()).then_some(())
+        (log.len() >= 3 * cobalt_e2e::record_line(0).len()).then_some(())
     })
     .await;
     let v = move_while_writing(&mut c, "moved", to, &writer).await;
@@ -424,7 +349,7 @@ async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
         .acked
         .iter()
         .copied()
-        .filter(|seq| !present.contains(record_line(*seq).trim_end()))
+        .filter(|seq| !present.contains(cobalt_e2e::record_line(*seq).trim_end()))
         .collect();
     assert!(
         missing.is_empty(),
@@ -478,7 +403,7 @@ async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
     drop(watcher);
 
     // And back, the same way.
-    let writer = Writer::start(c.client.nfs(), &new_srv, "moved");
+    let writer = AppendWriter::start(c.client.nfs(), &new_srv, "moved", Duration::from_millis(50));
     let back = move_while_writing(&mut c, "moved", &from, &writer).await;
     assert_eq!(machine_of(&back), from);
     let log = writer.finish();
@@ -487,7 +412,7 @@ async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
     assert!(
         log.acked
             .iter()
-            .all(|seq| present.contains(record_line(*seq).trim_end())),
+            .all(|seq| present.contains(cobalt_e2e::record_line(*seq).trim_end())),
         "every append acknowledged on the way back is there"
     );
     assert!(c.nfs_read(&server(&back), "moved/data.bin").unwrap() == data);

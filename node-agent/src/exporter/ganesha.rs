@@ -3,8 +3,11 @@
 //! included from a main config, and reloads it with SIGHUP (≈0.2 s) when exports change.
 //!
 //! Ganesha cannot export a BTRFS subvolume under its parent (it would cross a subvolume
-//! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>` and that is
-//! exported, at pseudo path `/<name>`. NFSv4 shows numeric owners (no idmapping) and starts
+//! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>.<dev>` and
+//! that is exported, at pseudo path `/<name>`. `<dev>` is the subvolume's device number, so a
+//! volume that comes back to this machine after a move (a new subvolume under the same name)
+//! gets a new mount point and export id: ganesha keeps state of a removed export's filesystem
+//! for a while, and reusing its path answered lookups with "stale file handle". NFSv4 shows numeric owners (no idmapping) and starts
 //! without a grace period.
 //!
 //! Supervision: [`GaneshaExporter::ensure_running`] restarts a crashed ganesha. The process runs
@@ -83,13 +86,19 @@ impl OnDisk {
     }
 }
 
+/// Which subvolume `e.source` is now (its device number; 0 if it cannot be read).
+fn incarnation(e: &ExportSpec) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&e.source).map(|m| m.dev()).unwrap_or(0)
+}
+
 /// One volume's export block (pure).
 pub fn render_export(e: &ExportSpec, mountpoint: &Path) -> String {
     let mut out = format!(
         "# {name} (uid {uid}); written by cobalt-agent\nEXPORT {{\n  Export_Id = {id};\n  Path = \"{path}\";\n  Pseudo = \"/{name}\";\n  Protocols = 4;\n  SecType = sys;\n  Access_Type = None;\n  Squash = Root_Squash;\n  FSAL {{ Name = VFS; }}\n",
         name = e.name,
         uid = e.uid,
-        id = stable_id(&e.uid),
+        id = stable_id(&format!("{}/{}", e.uid, mountpoint.display())),
         path = mountpoint.display()
     );
     for c in &e.clients {
@@ -183,7 +192,6 @@ impl GaneshaExporter {
             .filter(|p| p.starts_with(&exports_d) && !wanted.contains(*p))
             .cloned()
             .collect();
-        let mut stale_mounts = Vec::new();
         for path in stale {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -193,17 +201,14 @@ impl GaneshaExporter {
             disk.files.remove(&path);
             // A leftover `<name>.tmp` from an interrupted write is only a file.
             if path.extension().is_some_and(|x| x == "conf") {
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                stale_mounts.push(self.mountpoint(&name));
                 changed = true;
             }
         }
         let mut includes = Vec::new();
+        let mut wanted_mounts = BTreeSet::new();
         for e in set.values().filter(|e| !e.clients.is_empty()) {
-            let mp = self.mountpoint(&e.name);
+            let mp = self.mountpoint(e);
+            wanted_mounts.insert(mp.clone());
             if !disk.mounts.contains(&mp) {
                 std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
                 bind_mount(&e.source, &mp)?;
@@ -224,11 +229,19 @@ impl GaneshaExporter {
         } else {
             self.start()?;
         }
+        // Mounts of exports gone (or of an earlier subvolume of the same name), after the
+        // reload has let go of them.
+        let exports = self.dir.join("exports");
+        let stale_mounts: Vec<PathBuf> = disk
+            .mounts
+            .iter()
+            .filter(|m| m.parent() == Some(exports.as_path()) && !wanted_mounts.contains(*m))
+            .cloned()
+            .collect();
         for mp in stale_mounts {
-            if disk.mounts.remove(&mp) {
-                // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
-                detach(&mp)?;
-            }
+            disk.mounts.remove(&mp);
+            // Ganesha may hold it a moment after the reload; lazy unmount does not wait.
+            detach(&mp)?;
             let _ = std::fs::remove_dir(&mp);
         }
         Ok(())
@@ -256,8 +269,10 @@ impl GaneshaExporter {
     fn exports_d(&self) -> PathBuf {
         self.dir.join("exports.d")
     }
-    fn mountpoint(&self, name: &str) -> PathBuf {
-        self.dir.join("exports").join(name)
+    fn mountpoint(&self, e: &ExportSpec) -> PathBuf {
+        self.dir
+            .join("exports")
+            .join(format!("{}.{}", e.name, incarnation(e)))
     }
 
     fn pid(&self) -> Option<u32> {
@@ -472,7 +487,10 @@ mod tests {
             .contains("CLIENT { Clients = 10.0.0.0/24; Access_Type = RW; Squash = Root_Squash; }"));
         assert!(text
             .contains("CLIENT { Clients = 10.0.1.7; Access_Type = RO; Squash = No_Root_Squash; }"));
-        assert!(text.contains(&format!("Export_Id = {};", stable_id("u-1"))));
+        assert!(text.contains(&format!(
+            "Export_Id = {};",
+            stable_id("u-1//state/ganesha/exports/media")
+        )));
         let main = render_main(12049, Path::new("/r"), &[PathBuf::from("/x/media.conf")]);
         assert!(
             main.contains("NFS_Port = 12049;")

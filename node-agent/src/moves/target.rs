@@ -50,15 +50,17 @@ impl Moves {
     /// called by the reconciler for every volume event.
     pub fn sync(self: &Arc<Self>, v: &Volume) {
         let uid = &v.metadata.uid;
-        let wanted = v
+        let ours = v
             .moving()
-            .filter(|m| {
-                m.to == self.machine && m.stage < MoveStage::CleaningUp && !v.metadata.is_deleting()
-            })
-            .map(|m| m.started);
+            .filter(|m| m.to == self.machine && !v.metadata.is_deleting());
+        // A pull that has flipped the volume (CleaningUp) finishes by itself: cancelling it
+        // would drop its last steps.
+        let finishing = ours.is_some_and(|m| m.stage == MoveStage::CleaningUp);
+        let wanted = ours.filter(|_| !finishing).map(|m| m.started);
         let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = pulls.get(uid) {
-            if Some(p.started) == wanted {
+            let same = ours.map(|m| m.started) == Some(p.started);
+            if same && (finishing || wanted.is_some()) {
                 return;
             }
             p.cancel.cancel();
@@ -107,7 +109,10 @@ impl Moves {
                 _ = cancel.cancelled() => None,
             };
             match attempt {
-                Some(Ok(Outcome::Done)) => break,
+                Some(Ok(Outcome::Done)) => {
+                    self.discard_if_unwanted(&name, &uid).await;
+                    break;
+                }
                 Some(Ok(Outcome::NotWanted)) | None => {
                     self.discard_if_unwanted(&name, &uid).await;
                     break;
@@ -571,12 +576,16 @@ impl Moves {
                 .is_some_and(|m| m.to == self.machine && m.started == started))
     }
 
-    /// Drops what was received for a move that no longer targets this machine — after a fresh
-    /// read confirms it (staging only; a live volume is never touched here).
+    /// Drops what was received for a move that no longer targets this machine, or that has
+    /// finished here — after a fresh read confirms it (staging only; a live volume is never
+    /// touched here).
     async fn discard_if_unwanted(&self, name: &str, uid: &str) {
         let still = match self.store.get::<Volume>(name).await {
             Ok(Some(v)) => {
+                let served_here =
+                    v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&self.machine);
                 v.metadata.uid == uid
+                    && !served_here
                     && v.moving()
                         .is_some_and(|m| m.to == self.machine && !v.metadata.is_deleting())
             }
