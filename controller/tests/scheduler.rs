@@ -381,12 +381,26 @@ async fn a_lost_machine_goes_not_ready_its_unprovisioned_volume_moves_and_its_pr
         find_condition(&lost.conditions, "Ready").unwrap().reason,
         "MachineLost"
     );
-    let still: Volume = store.get("provisioned").await.unwrap().unwrap();
+    let mut still: Volume = store.get("provisioned").await.unwrap().unwrap();
     assert_eq!(
         still.spec.machine.as_deref(),
         Some("m1"),
         "a provisioned volume is never moved away from its data"
     );
+    // Asking to move it while its machine is lost: it stays Lost, no move is granted, and a
+    // condition says why.
+    still.spec.machine = Some("m2".into());
+    store.replace(&still).await.unwrap();
+    let why = until("the move held back", Duration::from_secs(10), || async {
+        let v: Volume = store.get("provisioned").await.ok()??;
+        let s = v.status?;
+        let c = find_condition(&s.conditions, "Moving")?.clone();
+        (c.reason == "SourceNotReady").then_some((s.phase, s.move_, c.message))
+    })
+    .await;
+    assert_eq!(why.0, VolumePhase::Lost);
+    assert!(why.1.is_none(), "no move granted from a lost machine");
+    assert!(why.2.contains("m1"), "{}", why.2);
     // Deleting the never-provisioned pinned volume does not wait for the dead agent.
     store.delete::<Volume>("pinned", None).await.unwrap();
     until(

@@ -122,7 +122,10 @@ async fn settled_on(c: &mut Cluster, to: &str, other: &str, data: &[u8]) -> Volu
         c.nfs_read(&server(&v), "data/data.bin").unwrap() == data,
         "the data on {to} is byte-identical"
     );
-    assert_eq!(c.machine(to).volumes_on_disk(), [v.metadata.uid.clone()]);
+    assert_eq!(
+        c.machine(to).volumes_on_disk(),
+        std::slice::from_ref(&v.metadata.uid)
+    );
     assert!(
         c.machine(other).volumes_on_disk().is_empty(),
         "{other} keeps no copy"
@@ -259,6 +262,27 @@ async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd
         m.to == "m1" && m.bytes_done > 0 && m.stage == MoveStage::Seeding
     })
     .await;
+    // While it streams, nobody without this move's credential gets a byte from the source.
+    let v: Volume = c.store.get("data").await.unwrap().unwrap();
+    let url = format!(
+        "http://{}:7421/v1/moves/data/stream?uid={}",
+        c.machine("m3").host.addr,
+        v.metadata.uid
+    );
+    let http = reqwest::Client::new();
+    for (auth, code) in [(None, 401), (Some("Bearer not-the-credential"), 403)] {
+        let mut r = http.get(&url);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code, "{auth:?}");
+        let body = resp.bytes().await.unwrap();
+        assert!(
+            !body.starts_with(b"btrfs-stream"),
+            "no volume data without the credential"
+        );
+    }
     request_move(&mut c, "m3").await;
     let v = settled_on(&mut c, "m3", "m1", &data).await;
     assert!(v.status.as_ref().unwrap().last_move.as_ref().unwrap().to == "m3");

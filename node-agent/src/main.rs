@@ -153,6 +153,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     tasks.push(tokio::spawn(supervise(exporter.clone(), shutdown.clone())));
+    if backend.can(cobalt_api::Capability::SendReceive) {
+        let m = moves.clone();
+        tasks.push(tokio::spawn(async move { m.sweep_staging().await }));
+    }
     tasks.push(tokio::spawn(usage::report_usage(
         store.clone(),
         name.clone(),

@@ -291,7 +291,21 @@ impl VolumeScheduler {
         if !is_alive(&self.alive, holder) {
             let update = self
                 .store
-                .update_status_from(volume, |v: &Volume| Some(lost_status(v, holder)))
+                .update_status_from(volume, |v: &Volume| {
+                    let mut s = lost_status(v, holder);
+                    if s.move_.is_none() && v.spec.machine.as_deref() != Some(holder) {
+                        set_condition(
+                            &mut s.conditions,
+                            "Moving",
+                            ConditionStatus::False,
+                            "SourceNotReady",
+                            &format!("machine {holder}, which holds the data, is not ready; the volume cannot move until it returns"),
+                            v.metadata.generation,
+                            Utc::now(),
+                        );
+                    }
+                    Some(s)
+                })
                 .await?;
             ctx.wrote(update.written);
             return Ok(Action::Done);

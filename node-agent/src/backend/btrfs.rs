@@ -636,6 +636,23 @@ impl Backend for BtrfsBackend {
             .collect())
     }
 
+    fn staged(&self) -> Result<Vec<String>> {
+        let dir = self.pool.join("staging");
+        let mut out = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e.map_err(io("list staging", &dir))?;
+                    out.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("list staging", &dir)(e)),
+        }
+        out.sort();
+        Ok(out)
+    }
+
     fn discard_received(&self, uid: &str) -> Result<()> {
         self.delete_all_under(&self.staging_dir(uid))
     }

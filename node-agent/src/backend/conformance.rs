@@ -413,6 +413,7 @@ pub fn a_full_send_and_receive_is_byte_identical(h: &impl Harness) {
         .unwrap();
     assert_eq!(name, "s1");
     assert_eq!(peer.received("u1").unwrap(), ["s1"]);
+    assert_eq!(peer.staged().unwrap(), ["u1"]);
     assert!(peer.list().unwrap().is_empty(), "received is not live yet");
     peer.promote("s1", &r).unwrap();
     peer.promote("s1", &r).unwrap();
@@ -439,6 +440,7 @@ pub fn a_full_send_and_receive_is_byte_identical(h: &impl Harness) {
     );
     peer.discard_received("u1").unwrap();
     assert!(peer.received("u1").unwrap().is_empty());
+    assert!(peer.staged().unwrap().is_empty());
     assert!(
         peer.path("u1").join("random").exists(),
         "discarding staging keeps the live volume"

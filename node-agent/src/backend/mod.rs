@@ -165,6 +165,12 @@ pub trait Backend: Send + Sync + 'static {
             capability: Capability::SendReceive,
         })
     }
+    /// Capability `sendReceive`: the uids with anything received (complete or not).
+    fn staged(&self) -> Result<Vec<String>> {
+        Err(BackendError::Unsupported {
+            capability: Capability::SendReceive,
+        })
+    }
     /// Capability `sendReceive`: drops everything received for `uid` (never the live volume).
     fn discard_received(&self, _uid: &str) -> Result<()> {
         Err(BackendError::Unsupported {

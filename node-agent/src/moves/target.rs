@@ -576,6 +576,39 @@ impl Moves {
                 .is_some_and(|m| m.to == self.machine && m.started == started))
     }
 
+    /// At start-up: drops what was received for moves that no longer target this machine (a
+    /// move cancelled while this agent was down), after one fresh list of the volumes.
+    pub async fn sweep_staging(&self) {
+        let b = self.backend.clone();
+        let staged = match tokio::task::spawn_blocking(move || b.staged()).await {
+            Ok(Ok(s)) => s,
+            _ => return,
+        };
+        if staged.is_empty() {
+            return;
+        }
+        let Ok((all, _)) = self.store.list::<Volume>(&Default::default()).await else {
+            return;
+        };
+        for uid in staged {
+            let wanted = all.iter().any(|v| {
+                v.metadata.uid == uid
+                    && !v.metadata.is_deleting()
+                    && v.status.as_ref().and_then(|s| s.machine.as_deref()) != Some(&self.machine)
+                    && v.moving().is_some_and(|m| m.to == self.machine)
+            });
+            if !wanted {
+                let b = self.backend.clone();
+                let u = uid.clone();
+                if let Ok(Ok(())) =
+                    tokio::task::spawn_blocking(move || b.discard_received(&u)).await
+                {
+                    tracing::info!(%uid, "discarded what was received for a move no longer here");
+                }
+            }
+        }
+    }
+
     /// Drops what was received for a move that no longer targets this machine, or that has
     /// finished here — after a fresh read confirms it (staging only; a live volume is never
     /// touched here).
