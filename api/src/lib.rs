@@ -34,7 +34,7 @@ pub use meta::{ObjectMeta, Resource, API_VERSION};
 pub use quantity::{Quantity, QuantityError};
 pub use validate::{FieldError, ValidationErrors};
 pub use volume::{
-    Access, Capability, Compression, Endpoint, Export, ExportClient, LastMove, MoveStage,
-    MoveStatus, Placement, Usage, Volume, VolumePhase, VolumeSource, VolumeSpec, VolumeStatus,
-    AGENT_FINALIZER,
+    Access, Capability, CloneSeed, Compression, Endpoint, Export, ExportClient, LastMove,
+    MoveStage, MoveStatus, Placement, Usage, Volume, VolumePhase, VolumeSource, VolumeSpec,
+    VolumeStatus, AGENT_FINALIZER,
 };

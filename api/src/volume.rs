@@ -291,6 +291,10 @@ pub struct VolumeStatus {
     /// The last move that finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_move: Option<LastMove>,
+    /// A clone being seeded from a snapshot of its source on another machine (written by the
+    /// clone's agent until the clone is provisioned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_seed: Option<CloneSeed>,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -393,6 +397,15 @@ impl MoveStage {
     pub fn is_committed(&self) -> bool {
         *self >= MoveStage::CuttingOver
     }
+}
+
+/// A clone's seed in flight: the machine holding the source, and the SHA-256 of the credential
+/// the clone's agent presents to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloneSeed {
+    pub from: String,
+    pub credential_sha256: String,
 }
 
 /// The record of a finished move.

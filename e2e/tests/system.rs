@@ -427,3 +427,65 @@ async fn a_volume_moved_to_another_machine_keeps_every_acknowledged_write() {
     assert!(o.status.success(), "{}", out(&o));
     assert!(c.machine(&from).volumes_on_disk().is_empty());
 }
+
+/// A clone whose selector excludes its source's machine is seeded on another machine from a
+/// snapshot of the source, streamed between the agents; the source keeps serving throughout and
+/// the two are independent afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_excluded_from_its_sources_machine_is_seeded_on_another() {
+    let mut c = Cluster::start("binpack").await;
+    machines_ready(&c, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = c.client.addr.to_string();
+    apply(
+        &mut c,
+        &dir,
+        "base.yaml",
+        &volume_yaml("base", "64Mi", "disk: ssd, zone: a", &client, "rw"),
+    )
+    .await;
+    let base = ready(&mut c, "base").await;
+    assert_eq!(machine_of(&base), "m1");
+    let data = cobalt_testkit::nfs::pattern(21, 5 << 20);
+    c.nfs_write(&server(&base), "base/data.bin", &data).unwrap();
+    let clone = volume_yaml("copy", "64Mi", "zone: b", &client, "rw")
+        .replace("spec:\n", "spec:\n  source: {volume: base}\n");
+    apply(&mut c, &dir, "copy.yaml", &clone).await;
+    let copy = ready(&mut c, "copy").await;
+    assert_eq!(
+        machine_of(&copy),
+        "m2",
+        "placed by its own selector, away from the source"
+    );
+    assert!(
+        c.nfs_read(&server(&copy), "copy/data.bin").unwrap() == data,
+        "the clone has the source's content"
+    );
+    // Independent afterwards, and the source still serves.
+    c.nfs_put(&server(&copy), "copy/only-in-copy", "x").unwrap();
+    c.nfs_put(&server(&base), "base/only-in-base", "y").unwrap();
+    assert!(c.nfs_cat(&server(&base), "base/only-in-copy").is_err());
+    assert!(c.nfs_cat(&server(&copy), "copy/only-in-base").is_err());
+    assert_eq!(
+        c.machine("m2").volumes_on_disk(),
+        std::slice::from_ref(&copy.metadata.uid)
+    );
+    let snapshots = c
+        .machine("m1")
+        .pool
+        .path()
+        .join("snapshots")
+        .join(&base.metadata.uid);
+    until(
+        "the seed snapshot deleted",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_dir(&snapshots)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(copy.status.as_ref().unwrap().clone_seed.is_none());
+}

@@ -80,6 +80,9 @@ pub struct Observed {
     pub clone_source_uid: Option<String>,
     /// Snapshots this machine took to send the volume away (`move-*`).
     pub move_snapshots: Vec<String>,
+    /// For a clone whose source's data is on another machine: that machine and the source's
+    /// uid (the clone is seeded from a snapshot of it, streamed from there).
+    pub clone_source_remote: Option<(String, String)>,
 }
 
 /// One thing the executor does, in order.
@@ -91,6 +94,12 @@ pub enum Step {
     /// Creates data as a copy of the source (after a fresh read confirms the binding).
     Clone {
         source_uid: String,
+        record: VolumeRecord,
+    },
+    /// Creates data as a copy of the source held by machine `from`, streamed from a snapshot of
+    /// it (after a fresh read confirms the binding).
+    SeedClone {
+        from: String,
         record: VolumeRecord,
     },
     Resize {
@@ -211,25 +220,33 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
             return plan;
         }
         None => match &v.spec.source {
-            Some(source) if !seen.capabilities.contains(&Capability::Clone) => {
-                plan.steps.push(Step::WriteStatus);
-                plan.problem = Some(Problem {
-                    reason: "CloneUnsupported",
-                    message: format!(
-                        "machine {machine}'s backend cannot clone volumes, so it cannot make a copy of {}",
-                        source.volume
-                    ),
-                });
-                return plan;
-            }
-            Some(source) => match &seen.clone_source_uid {
-                Some(uid) => plan.steps.push(Step::Clone {
-                    source_uid: uid.clone(),
-                    record: wanted.clone(),
-                }),
-                None => {
+            Some(source) => match (&seen.clone_source_uid, &seen.clone_source_remote) {
+                (Some(uid), _) if seen.capabilities.contains(&Capability::Clone) => {
+                    plan.steps.push(Step::Clone {
+                        source_uid: uid.clone(),
+                        record: wanted.clone(),
+                    })
+                }
+                (None, Some((from, _))) if seen.capabilities.contains(&Capability::SendReceive) => {
+                    plan.steps.push(Step::SeedClone {
+                        from: from.clone(),
+                        record: wanted.clone(),
+                    })
+                }
+                (None, None) if seen.capabilities.contains(&Capability::Clone) => {
                     plan.steps.clear();
                     plan.waiting_for_source = Some(source.volume.clone());
+                    return plan;
+                }
+                _ => {
+                    plan.steps.push(Step::WriteStatus);
+                    plan.problem = Some(Problem {
+                        reason: "CloneUnsupported",
+                        message: format!(
+                            "machine {machine}'s backend cannot make a copy of {} where it is",
+                            source.volume
+                        ),
+                    });
                     return plan;
                 }
             },
@@ -335,6 +352,7 @@ pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
         );
     };
     s.observed_generation = generation;
+    s.clone_seed = None;
     if let Some(problem) = &report.plan.problem {
         s.phase = VolumePhase::Failed;
         s.endpoint = None;
@@ -450,10 +468,12 @@ mod tests {
     use cobalt_api::{find_condition, VolumeSource, VolumeSpec};
 
     const MIB: u64 = 1 << 20;
-    const ALL: [Capability; 3] = [
+    const ALL: [Capability; 5] = [
         Capability::Compression,
         Capability::Clone,
         Capability::Defragment,
+        Capability::Snapshot,
+        Capability::SendReceive,
     ];
 
     fn volume() -> Volume {
@@ -487,6 +507,7 @@ mod tests {
             capabilities: ALL.to_vec(),
             clone_source_uid: None,
             move_snapshots: vec![],
+            clone_source_remote: None,
         }
     }
 
@@ -603,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_is_made_from_the_local_source_or_waits_for_it() {
+    fn a_clone_is_made_from_the_local_source_seeded_from_a_remote_one_or_waits() {
         let mut v = volume();
         v.spec.source = Some(VolumeSource {
             volume: "base".into(),
@@ -621,6 +642,26 @@ mod tests {
                 source_uid: "uid-base".into(),
                 record: record(&v)
             }
+        );
+        // The source is on another machine: seeded from there where this backend can receive.
+        let remote = Observed {
+            clone_source_remote: Some(("m2".into(), "uid-base".into())),
+            ..seen(None)
+        };
+        assert_eq!(
+            plan(&v, "m1", &remote).steps[0],
+            Step::SeedClone {
+                from: "m2".into(),
+                record: record(&v)
+            }
+        );
+        let cannot_receive = Observed {
+            capabilities: vec![Capability::Clone],
+            ..remote
+        };
+        assert_eq!(
+            plan(&v, "m1", &cannot_receive).problem.unwrap().reason,
+            "CloneUnsupported"
         );
         let no_clones = Observed {
             capabilities: vec![],

@@ -73,6 +73,8 @@ pub enum AgentError {
     Join(String),
     #[error(transparent)]
     Export(#[from] BatchError),
+    #[error("seeding the clone: {0}")]
+    Seed(String),
 }
 
 /// What a fresh read must show before the agent touches data.
@@ -175,11 +177,17 @@ impl VolumeAgent {
         } else {
             Vec::new()
         };
+        let clone_source_remote = v.spec.source.as_ref().and_then(|s| {
+            let src = ctx.cache().get(&s.volume)?;
+            let holder = src.status.as_ref()?.machine.clone()?;
+            (holder != self.machine).then(|| (holder, src.metadata.uid.clone()))
+        });
         Ok(Observed {
             on_disk,
             capabilities: self.backend.capabilities(),
             clone_source_uid,
             move_snapshots,
+            clone_source_remote,
         })
     }
 }
@@ -243,6 +251,16 @@ impl Reconciler<Volume> for VolumeAgent {
                     }
                     report.limit_bytes = record.size_bytes;
                     tracing::info!(volume = %name, %uid, size = record.size_bytes, took = ?started.elapsed(), "provisioned");
+                }
+                Step::SeedClone { from, record } => {
+                    if self.confirm(&volume, Confirm::Create).await?.is_none() {
+                        return Ok(Action::Done);
+                    }
+                    self.moves
+                        .seed_clone(&volume, from, record)
+                        .await
+                        .map_err(AgentError::Seed)?;
+                    report.limit_bytes = record.size_bytes;
                 }
                 Step::Resize {
                     from_bytes,

@@ -31,7 +31,7 @@ pub enum MoveDecision {
 }
 
 /// The capabilities both ends of a move need.
-pub const MOVE_NEEDS: [Capability; 2] = [Capability::Snapshot, Capability::SendReceive];
+pub use super::placement::STREAM_NEEDS as MOVE_NEEDS;
 
 /// Decides about `v`'s move. `machines` counts reservations by `Volume::ledger_machines`, so
 /// the target's reservable bytes do not include `v` until it is granted.

@@ -114,7 +114,47 @@ impl Rejections {
 }
 
 /// Places one volume. Does not change `machines`.
+///
+/// A clone goes to its source's machine when that machine can take it. When it cannot (no
+/// room, or the clone's selector excludes it), the clone goes to another machine that can take
+/// it and receive streams, provided the source's machine can send them: that machine's agent
+/// seeds the clone from a snapshot of the source, which keeps serving.
 pub fn place(strategy: PlacementStrategy, request: &Request, machines: &[MachineView]) -> Decision {
+    let here = place_one(strategy, request, machines);
+    let Some(source) = &request.required_machine else {
+        return here;
+    };
+    let Decision::Unschedulable(why_here) = &here else {
+        return here;
+    };
+    let streams = |m: &MachineView| STREAM_NEEDS.iter().all(|c| m.capabilities.contains(c));
+    if !machines
+        .iter()
+        .any(|m| m.name == *source && m.ready && streams(m))
+    {
+        return here;
+    }
+    let mut elsewhere = request.clone();
+    elsewhere.required_machine = None;
+    elsewhere.needs.retain(|c| *c != Capability::Clone);
+    elsewhere.needs.extend(STREAM_NEEDS);
+    let others: Vec<MachineView> = machines
+        .iter()
+        .filter(|m| m.name != *source)
+        .cloned()
+        .collect();
+    match place_one(strategy, &elsewhere, &others) {
+        Decision::Bind(m) => Decision::Bind(m),
+        Decision::Unschedulable(why) => Decision::Unschedulable(format!(
+            "on the source's machine: {why_here}; elsewhere (seeded from a snapshot of the source): {why}"
+        )),
+    }
+}
+
+/// What a machine needs to send or receive a volume's content.
+pub const STREAM_NEEDS: [Capability; 2] = [Capability::Snapshot, Capability::SendReceive];
+
+fn place_one(strategy: PlacementStrategy, request: &Request, machines: &[MachineView]) -> Decision {
     let mut why = Rejections::default();
     let mut best: Option<(&MachineView, u64)> = None;
     for m in machines {
@@ -389,6 +429,37 @@ mod tests {
         assert_eq!(
             place(PlacementStrategy::Binpack, &request("v", 90), &[m]),
             Decision::Bind("a".into())
+        );
+    }
+
+    #[test]
+    fn a_clone_that_does_not_fit_its_sources_machine_is_seeded_elsewhere_if_both_can_stream() {
+        let streams = vec![Capability::Clone, Capability::Snapshot, Capability::SendReceive];
+        let mut a = machine("a", 100, 0);
+        let mut b = machine("b", 100, 99);
+        a.capabilities = streams.clone();
+        b.capabilities = streams.clone();
+        let mut r = request("clone", 5);
+        r.required_machine = Some("b".into());
+        r.needs = vec![Capability::Clone];
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &[a.clone(), b.clone()]),
+            Decision::Bind("a".into()),
+            "no room beside the source: seeded on a"
+        );
+        // A target that cannot receive is no use.
+        let mut plain = a.clone();
+        plain.capabilities.clear();
+        let d = place(PlacementStrategy::Spread, &r, &[plain, b.clone()]);
+        assert!(
+            matches!(&d, Decision::Unschedulable(m) if m.contains("elsewhere") && m.contains("snapshot")),
+            "{d:?}"
+        );
+        // The source's machine with room still gets it.
+        b.reserved_bytes = 0;
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &[a, b]),
+            Decision::Bind("b".into())
         );
     }
 

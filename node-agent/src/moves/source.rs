@@ -4,6 +4,10 @@
 //! volume. With `final=true` (only once the move's stage is CuttingOver) the volume is unexported
 //! first and never exported again here, so the final snapshot holds every acknowledged write.
 //!
+//! `GET /v1/clones/{clone}/stream?uid=…` serves a clone bound to another machine a full stream
+//! of a fresh snapshot of its source (which this machine holds), checked the same way against
+//! the clone's `status.cloneSeed`; the snapshot is deleted once sent.
+//!
 //! Answers: 200 with the stream (`X-Cobalt-Snapshot` names it, `X-Cobalt-Estimate` gives the
 //! bytes expected when known); 401 without a credential; 403 with a wrong one or when the volume
 //! is not moving away from this machine; 404 for an unknown volume or uid; 409 when `parent` is
@@ -36,7 +40,124 @@ pub struct StreamQuery {
 pub fn router(moves: Arc<Moves>) -> axum::Router {
     axum::Router::new()
         .route("/v1/moves/{volume}/stream", axum::routing::get(stream))
+        .route(
+            "/v1/clones/{clone}/stream",
+            axum::routing::get(clone_stream),
+        )
         .with_state(moves)
+}
+
+/// The bearer credential of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CloneQuery {
+    /// The clone's uid.
+    pub uid: String,
+}
+
+/// `GET /v1/clones/{clone}/stream?uid=…`: a full stream of a fresh snapshot of the clone's
+/// source, which this machine holds, for the machine the clone is bound to. The credential must
+/// hash to the clone's `status.cloneSeed.credentialSha256`; the snapshot is deleted once sent.
+async fn clone_stream(
+    State(moves): State<Arc<Moves>>,
+    Path(name): Path<String>,
+    Query(q): Query<CloneQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(credential) = bearer(&headers) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a clone-seed credential is required",
+        );
+    };
+    let here = moves.machine.as_str();
+    let clone = match moves.store.get::<Volume>(&name).await {
+        Ok(Some(v)) if v.metadata.uid == q.uid => v,
+        Ok(_) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("no volume {name} with that uid"),
+            )
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot confirm the clone: {e}"),
+            )
+        }
+    };
+    let status = clone.status.as_ref();
+    let authorized = status
+        .and_then(|s| s.clone_seed.as_ref())
+        .is_some_and(|seed| {
+            seed.from == here && same_digest(&seed.credential_sha256, &credential_hash(credential))
+        });
+    if !authorized || status.and_then(|s| s.machine.as_ref()).is_some() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("volume {name} is not being seeded from machine {here}"),
+        );
+    }
+    let Some(source) = clone.spec.source.as_ref().map(|s| s.volume.clone()) else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("volume {name} is not a clone"),
+        );
+    };
+    let src = match moves.store.get::<Volume>(&source).await {
+        Ok(Some(v)) if v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(here) => v,
+        Ok(_) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                format!("the source {source} is not on machine {here}"),
+            )
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot confirm the source: {e}"),
+            )
+        }
+    };
+    let Ok(permit) = moves.outgoing.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "machine {here} is already sending {} streams",
+                moves.config.max_outgoing
+            ),
+        );
+    };
+    let snapshot = format!(
+        "clone-{}-{}",
+        clone.metadata.uid,
+        chrono::Utc::now().timestamp_millis()
+    );
+    let backend = moves.backend.clone();
+    let (u, s) = (src.metadata.uid.clone(), snapshot.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        backend.snapshot(&u, &s)?;
+        backend.send(&u, &s, None)
+    })
+    .await;
+    match prepared {
+        Ok(Ok(send)) => {
+            let cleanup = (
+                moves.backend.clone(),
+                src.metadata.uid.clone(),
+                snapshot.clone(),
+            );
+            respond(moves, send, permit, &snapshot, Some(cleanup))
+        }
+        Ok(Err(e)) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
@@ -49,11 +170,7 @@ async fn stream(
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(credential) = headers
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-    else {
+    let Some(credential) = bearer(&headers) else {
         return refuse(StatusCode::UNAUTHORIZED, "a move credential is required");
     };
     // A fresh read: the cache could be behind a cancellation or a new credential.
@@ -150,9 +267,20 @@ async fn stream(
         Ok(Err(e)) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    respond(moves, send, permit, &snapshot, None)
+}
+
+/// Streams `send` as the response body, paced by the machine's rate limit, holding `permit`
+/// until the stream ends; `cleanup` names a snapshot to delete once it has (or has failed).
+fn respond(
+    moves: Arc<Moves>,
+    send: crate::backend::stream::SendStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    snapshot: &str,
+    cleanup: Option<(Arc<dyn crate::backend::Backend>, String, String)>,
+) -> Response {
     let estimate = send.estimate;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-    let limiter = moves.clone();
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let _permit = permit;
@@ -160,10 +288,10 @@ async fn stream(
         loop {
             let mut buf = vec![0u8; 256 << 10];
             let item = match send.read(&mut buf) {
-                Ok(0) => return,
+                Ok(0) => break,
                 Ok(n) => {
                     buf.truncate(n);
-                    std::thread::sleep(limiter.limiter.delay(n));
+                    std::thread::sleep(moves.limiter.delay(n));
                     Ok(Bytes::from(buf))
                 }
                 Err(e) => Err(e),
@@ -171,7 +299,13 @@ async fn stream(
             let failed = item.is_err();
             // The receiver went away: dropping `send` stops `btrfs send`.
             if tx.blocking_send(item).is_err() || failed {
-                return;
+                break;
+            }
+        }
+        drop(send);
+        if let Some((backend, uid, name)) = cleanup {
+            if let Err(e) = backend.delete_snapshot(&uid, &name) {
+                tracing::warn!(%uid, snapshot = %name, error = %e, "deleting a sent snapshot");
             }
         }
     });
@@ -180,7 +314,7 @@ async fn stream(
     }));
     let mut response = Response::new(body);
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&snapshot) {
+    if let Ok(v) = HeaderValue::from_str(snapshot) {
         h.insert("x-cobalt-snapshot", v);
     }
     if let Some(e) = estimate {

@@ -378,6 +378,129 @@ impl Moves {
         Ok(Outcome::Done)
     }
 
+    /// Feeds an HTTP body into the backend's receive (staging for `uid`), counting bytes into
+    /// `counter`; a body that stalls longer than the idle timeout is an error.
+    async fn receive_body(
+        &self,
+        resp: reqwest::Response,
+        uid: &str,
+        max_bytes: u64,
+        counter: Arc<AtomicU64>,
+    ) -> Result<Result<String, BackendError>, tokio::task::JoinError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+        let idle = self.config.idle_timeout;
+        let feeder = tokio::spawn(async move {
+            let mut resp = resp;
+            loop {
+                let item = match tokio::time::timeout(idle, resp.chunk()).await {
+                    Ok(Ok(Some(chunk))) => {
+                        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        Ok(chunk)
+                    }
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => Err(std::io::Error::other(e)),
+                    Err(_) => Err(std::io::Error::other(format!(
+                        "nothing arrived for {idle:?}"
+                    ))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let b = self.backend.clone();
+        let u = uid.to_string();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            b.receive(&u, &mut reader, max_bytes)
+        })
+        .await;
+        feeder.abort();
+        result
+    }
+
+    /// Seeds the clone `v` (bound here, provisioned nowhere) from a snapshot of its source on
+    /// machine `from`: one full stream, received into staging and promoted with `record`.
+    pub async fn seed_clone(
+        &self,
+        v: &Volume,
+        from: &str,
+        record: &crate::backend::VolumeRecord,
+    ) -> Result<(), String> {
+        let name = v.metadata.name.clone();
+        let uid = v.metadata.uid.clone();
+        let credential = new_credential().map_err(|e| e.to_string())?;
+        let hash = credential_hash(&credential);
+        let me = self.machine.clone();
+        let from_ = from.to_string();
+        self.store
+            .update_status::<Volume, _>(&name, |vol| {
+                let mut s = vol.status.clone().unwrap_or_default();
+                if vol.metadata.uid != uid
+                    || vol.spec.machine.as_deref() != Some(me.as_str())
+                    || s.machine.is_some()
+                {
+                    return None;
+                }
+                s.clone_seed = Some(cobalt_api::CloneSeed {
+                    from: from_.clone(),
+                    credential_sha256: hash.clone(),
+                });
+                Some(s)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let peer = self
+            .store
+            .get::<Machine>(from)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|m| m.status.and_then(|s| s.agent_url))
+            .ok_or_else(|| format!("machine {from} publishes no agent address"))?;
+        let url = format!("{}/v1/clones/{name}/stream", peer.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&credential)
+            .query(&[("uid", uid.as_str())])
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach machine {from} at {url}: {e}"))?;
+        if !resp.status().is_success() {
+            let code = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!("machine {from} answered {code}: {}", body.trim()));
+        }
+        let max_bytes = record.size_bytes.saturating_mul(2).saturating_add(64 << 20);
+        let snapshot = match self
+            .receive_body(resp, &uid, max_bytes, Arc::new(AtomicU64::new(0)))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "the stream from machine {from} did not complete: {e}"
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let b = self.backend.clone();
+        let r = record.clone();
+        tokio::task::spawn_blocking(move || {
+            b.promote(&snapshot, &r)?;
+            b.discard_received(&r.uid)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        tracing::info!(volume = %name, %from, "clone seeded from a snapshot of its source on another machine");
+        Ok(())
+    }
+
     /// The newest complete snapshot received for `uid` (the parent of the next round).
     async fn latest_received(&self, uid: &str) -> Result<Option<String>, PullError> {
         let b = self.backend.clone();
@@ -449,29 +572,6 @@ impl Moves {
         );
         let max_bytes = limit.saturating_mul(2).saturating_add(64 << 20);
         let received = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-        let idle = self.config.idle_timeout;
-        let counter = received.clone();
-        let feeder = tokio::spawn(async move {
-            let mut resp = resp;
-            loop {
-                let item = match tokio::time::timeout(idle, resp.chunk()).await {
-                    Ok(Ok(Some(chunk))) => {
-                        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        Ok(chunk)
-                    }
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => Err(std::io::Error::other(e)),
-                    Err(_) => Err(std::io::Error::other(format!(
-                        "nothing arrived for {idle:?}"
-                    ))),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
         let progress = {
             let (name, counter) = (name.clone(), received.clone());
             let store = self.store.clone();
@@ -509,19 +609,11 @@ impl Moves {
                 }
             })
         };
-        let b = self.backend.clone();
-        let u = uid.clone();
         let t0 = Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut reader = ChannelReader {
-                rx,
-                current: Bytes::new(),
-            };
-            b.receive(&u, &mut reader, max_bytes)
-        })
-        .await;
+        let result = self
+            .receive_body(resp, &uid, max_bytes, received.clone())
+            .await;
         progress.abort();
-        feeder.abort();
         let snapshot = match result {
             Ok(Ok(snapshot)) => snapshot,
             Ok(Err(e)) => {
