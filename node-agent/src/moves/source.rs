@@ -160,6 +160,9 @@ async fn clone_stream(
     }
 }
 
+/// Bytes per body chunk of a stream.
+const CHUNK: usize = 1 << 20;
+
 fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
     (code, format!("{}\n", why.into())).into_response()
 }
@@ -286,15 +289,30 @@ fn respond(
         let _permit = permit;
         let mut send = send;
         loop {
-            let mut buf = vec![0u8; 256 << 10];
-            let item = match send.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
+            // Fill a whole chunk (the pipe hands out at most its size per read).
+            let mut buf = vec![0u8; CHUNK];
+            let mut n = 0;
+            let read = loop {
+                match send.read(&mut buf[n..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        n += k;
+                        if n == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            let item = match (read, n) {
+                (Ok(()), 0) => break,
+                (Ok(()), n) => {
                     buf.truncate(n);
                     std::thread::sleep(moves.limiter.delay(n));
                     Ok(Bytes::from(buf))
                 }
-                Err(e) => Err(e),
+                (Err(e), _) => Err(e),
             };
             let failed = item.is_err();
             // The receiver went away: dropping `send` stops `btrfs send`.

@@ -389,7 +389,9 @@ impl Moves {
     ) -> Result<Result<String, BackendError>, tokio::task::JoinError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
         let idle = self.config.idle_timeout;
-        let feeder = tokio::spawn(async move {
+        // Aborted when this future is dropped (a cancelled pull): the receive then sees the
+        // stream end early and keeps nothing.
+        let feeder = AbortOnDrop(tokio::spawn(async move {
             let mut resp = resp;
             loop {
                 let item = match tokio::time::timeout(idle, resp.chunk()).await {
@@ -408,18 +410,19 @@ impl Moves {
                     return;
                 }
             }
-        });
+        }));
         let b = self.backend.clone();
         let u = uid.to_string();
         let result = tokio::task::spawn_blocking(move || {
             let mut reader = ChannelReader {
                 rx,
                 current: Bytes::new(),
+                pending_error: None,
             };
             b.receive(&u, &mut reader, max_bytes)
         })
         .await;
-        feeder.abort();
+        drop(feeder);
         result
     }
 
@@ -572,11 +575,11 @@ impl Moves {
         );
         let max_bytes = limit.saturating_mul(2).saturating_add(64 << 20);
         let received = Arc::new(AtomicU64::new(0));
-        let progress = {
+        let _progress = {
             let (name, counter) = (name.clone(), received.clone());
             let store = self.store.clone();
             let me = self.machine.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(PROGRESS_EVERY).await;
                     let done = counter.load(Ordering::Relaxed);
@@ -607,13 +610,13 @@ impl Moves {
                         })
                         .await;
                 }
-            })
+            }))
         };
         let t0 = Instant::now();
         let result = self
             .receive_body(resp, &uid, max_bytes, received.clone())
             .await;
-        progress.abort();
+        drop(_progress);
         let snapshot = match result {
             Ok(Ok(snapshot)) => snapshot,
             Ok(Err(e)) => {
@@ -737,14 +740,29 @@ impl Moves {
     }
 }
 
+/// Aborts a spawned task when dropped, so helpers never outlive the pull that started them.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A blocking `Read` over chunks sent from an async task.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
     current: Bytes,
+    pending_error: Option<std::io::Error>,
 }
 
 impl Read for ChannelReader {
+    /// Waits for one chunk, then takes whatever else has already arrived, so the receiver gets
+    /// large writes (HTTP chunks are small) without waiting longer.
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(chunk)) => self.current = chunk,
@@ -752,9 +770,24 @@ impl Read for ChannelReader {
                 None => return Ok(0),
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
+        let mut n = 0;
+        loop {
+            let take = (buf.len() - n).min(self.current.len());
+            buf[n..n + take].copy_from_slice(&self.current[..take]);
+            self.current = self.current.slice(take..);
+            n += take;
+            if n == buf.len() || !self.current.is_empty() {
+                return Ok(n);
+            }
+            match self.rx.try_recv() {
+                Ok(Ok(chunk)) => self.current = chunk,
+                // An error or the end is reported by the next call.
+                Ok(Err(e)) => {
+                    self.pending_error = Some(e);
+                    return Ok(n);
+                }
+                Err(_) => return Ok(n),
+            }
+        }
     }
 }
