@@ -1,6 +1,6 @@
 //! The Machine kind: one storage machine running one `cobalt-agent`.
 //!
-//! Users may declare a Machine (labels, cordon via `unschedulable`, `maxFill`); an agent
+//! Users may declare a Machine (labels, cordon via `unschedulable`, `maxFill`, `drain`); an agent
 //! registers its own if absent and never overwrites fields a user set. Liveness is not part of
 //! the object: it is the agent's lease-bound `alive` key.
 
@@ -74,6 +74,13 @@ pub struct MachineSpec {
     #[serde(default = "default_max_fill")]
     #[schemars(range(min = 1, max = 100))]
     pub max_fill: u8,
+    /// Drain: move every volume off this machine (and place no new ones here). Progress is the
+    /// `Drained` condition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+    /// With `drain`: also move volumes a user pinned here, re-pinning them where they go.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain_pinned: bool,
 }
 
 fn default_max_fill() -> u8 {
@@ -86,6 +93,8 @@ impl Default for MachineSpec {
             address: String::new(),
             unschedulable: false,
             max_fill: DEFAULT_MAX_FILL_PERCENT,
+            drain: false,
+            drain_pinned: false,
         }
     }
 }

@@ -671,3 +671,95 @@ async fn follow_move(c: &Client, name: &str, to: &str, timeout: Duration) -> any
         }
     }
 }
+
+/// Changes a Machine's spec with `change` (read, change, replace; retried on a conflict a
+/// bounded number of times).
+async fn edit_machine(c: &Client, name: &str, change: impl Fn(&mut Value)) -> anyhow::Result<()> {
+    for _ in 0..5 {
+        let mut m = c
+            .get(Kind::Machine, name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("machine {name:?} not found"))?;
+        let before = m["spec"].clone();
+        if !m["spec"].is_object() {
+            m["spec"] = serde_json::json!({});
+        }
+        change(&mut m["spec"]);
+        if m["spec"] == before {
+            return Ok(());
+        }
+        if let Some(o) = m.as_object_mut() {
+            o.remove("status");
+        }
+        match c.replace(Kind::Machine, name, &m, false).await {
+            Ok(_) => return Ok(()),
+            Err(CtlError::Api(f)) if f.reason == "Conflict" => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("machine {name:?} kept changing; try again")
+}
+
+/// `cordon NAME`: no new volumes are placed on the machine.
+pub async fn cordon(c: &Client, name: &str, on: bool) -> anyhow::Result<i32> {
+    edit_machine(c, name, |spec| {
+        spec["unschedulable"] = Value::Bool(on);
+        if !on {
+            if let Some(o) = spec.as_object_mut() {
+                o.remove("drain");
+                o.remove("drainPinned");
+            }
+        }
+    })
+    .await?;
+    println!(
+        "machine/{name} {}",
+        if on { "cordoned" } else { "uncordoned" }
+    );
+    Ok(0)
+}
+
+/// `drain NAME [--pinned] [--wait]`: sets `spec.drain` (and `drainPinned`); with `--wait`
+/// follows the `Drained` condition until the machine holds nothing.
+pub async fn drain(
+    c: &Client,
+    name: &str,
+    pinned: bool,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    edit_machine(c, name, |spec| {
+        spec["drain"] = Value::Bool(true);
+        if pinned {
+            spec["drainPinned"] = Value::Bool(true);
+        }
+    })
+    .await?;
+    println!("machine/{name} draining");
+    if !wait {
+        return Ok(0);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let m = c
+            .get(Kind::Machine, name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("machine {name:?} was deleted"))?;
+        if let Some(cond) = output::condition(&m, "Drained") {
+            let line = cond["message"].as_str().unwrap_or("").to_string();
+            if line != last {
+                println!("  {line}");
+                last = line;
+            }
+            if cond["status"] == "True" {
+                println!("machine/{name} drained");
+                return Ok(0);
+            }
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} draining machine {name}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

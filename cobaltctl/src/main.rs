@@ -115,6 +115,27 @@ enum Verb {
         #[arg(long, default_value = "10m", value_parser = cobalt_api::duration::parse_duration)]
         timeout: Duration,
     },
+    /// Stop placing new volumes on a machine (its volumes stay).
+    #[command(after_help = "Example:\n  cobaltctl cordon node-1")]
+    Cordon { name: String },
+    /// Undo cordon and drain: the machine takes volumes again.
+    #[command(after_help = "Example:\n  cobaltctl uncordon node-1")]
+    Uncordon { name: String },
+    /// Move every volume off a machine (sets spec.drain); the Drained condition shows progress.
+    #[command(
+        after_help = "Examples:\n  cobaltctl drain node-1 --wait\n  cobaltctl drain node-1 --pinned --wait --timeout 1h"
+    )]
+    Drain {
+        name: String,
+        /// Move volumes a user pinned to it too (re-pinned where they go).
+        #[arg(long)]
+        pinned: bool,
+        /// Wait until the machine holds no volumes.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30m", value_parser = cobalt_api::duration::parse_duration)]
+        timeout: Duration,
+    },
     /// Show what apply would change. Exit 0: same, 1: different, 2+: error.
     #[command(after_help = "Example:\n  cobaltctl diff -f examples/volume.yaml")]
     Diff {
@@ -213,6 +234,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             commands::move_volume(&client()?, &name, &to, wait, timeout).await
         }
+        Verb::Cordon { name } => commands::cordon(&client()?, &name, true).await,
+        Verb::Uncordon { name } => commands::cordon(&client()?, &name, false).await,
+        Verb::Drain {
+            name,
+            pinned,
+            wait,
+            timeout,
+        } => commands::drain(&client()?, &name, pinned, wait, timeout).await,
         Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
         Verb::Explain { path } => commands::explain(&path),
         Verb::Completion { shell } => {

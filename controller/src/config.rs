@@ -63,6 +63,9 @@ pub struct ControllerConfig {
     /// This controller's name in the scheduler election (default: hostname-pid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// When and how the leader evens out machine fill (drains run regardless).
+    #[serde(default)]
+    pub rebalance: crate::scheduler::rebalance::Policy,
 }
 
 fn default_listen() -> SocketAddr {
@@ -86,6 +89,7 @@ impl Default for ControllerConfig {
             tls: None,
             insecure: false,
             name: None,
+            rebalance: Default::default(),
         }
     }
 }
@@ -126,6 +130,9 @@ pub struct Flags {
     /// Name in the scheduler election (default hostname-pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Do not move volumes to even out machine fill (drains still run).
+    #[arg(long)]
+    pub no_rebalance: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +191,9 @@ impl ControllerConfig {
         c.insecure |= flags.insecure;
         if flags.name.is_some() {
             c.name = flags.name.clone();
+        }
+        if flags.no_rebalance {
+            c.rebalance.enabled = false;
         }
         c.check()?;
         Ok(c)
@@ -255,5 +265,28 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads_with_the_default_rebalance_policy() {
+        let flags = Flags {
+            config: Some(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/controller.yaml").into(),
+            ),
+            ..Default::default()
+        };
+        let c = ControllerConfig::load(&flags).unwrap();
+        assert_eq!(c.rebalance, crate::scheduler::rebalance::Policy::default());
+        let off = ControllerConfig::load(&Flags {
+            no_rebalance: true,
+            ..flags
+        })
+        .unwrap();
+        assert!(!off.rebalance.enabled);
     }
 }

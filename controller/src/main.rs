@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             strategy: config.placement,
             lease_ttl: config.lease_ttl,
             resync: std::time::Duration::from_secs(60),
+            rebalance: config.rebalance.clone(),
         },
         scheduler_metrics,
         reconcile_metrics,

@@ -323,6 +323,7 @@ async fn registration_never_overwrites_what_a_user_declared() {
             address: "10.9.9.9".into(),
             unschedulable: true,
             max_fill: 80,
+            ..Default::default()
         },
     );
     declared.metadata.labels.insert("disk".into(), "ssd".into());

@@ -237,6 +237,9 @@ pub async fn delete(
 }
 
 async fn delete_kind<R: ApiKind>(s: AppState, name: &str, p: Params) -> Result<Response, ApiError> {
+    if R::KIND == "Machine" {
+        refuse_deleting_a_machine_with_volumes(&s, name).await?;
+    }
     if p.dry_run()? {
         let object = bounded(&s, s.store.get::<R>(name))
             .await?
@@ -248,6 +251,38 @@ async fn delete_kind<R: ApiKind>(s: AppState, name: &str, p: Params) -> Result<R
         // Finalizers remain: accepted, the object goes when they are done.
         Deleted::Pending(object) => Ok((StatusCode::ACCEPTED, Json(object)).into_response()),
     }
+}
+
+/// A Machine that still holds volumes (or is the target of a move) cannot be deleted: 409
+/// naming them. Drain it first; once it is empty it can go.
+async fn refuse_deleting_a_machine_with_volumes(s: &AppState, name: &str) -> Result<(), ApiError> {
+    let (volumes, _) = bounded(s, s.store.list::<cobalt_api::Volume>(&Default::default())).await?;
+    let mut held: Vec<&str> = volumes
+        .iter()
+        .filter(|v| {
+            v.ledger_machines().any(|m| m == name) || v.spec.machine.as_deref() == Some(name)
+        })
+        .map(|v| v.metadata.name.as_str())
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    held.sort();
+    let shown = held.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+    let more = if held.len() > 20 {
+        format!(" and {} more", held.len() - 20)
+    } else {
+        String::new()
+    };
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "Conflict",
+        format!(
+            "machine {name} holds {} volume{}: {shown}{more}; drain it first (cobaltctl drain {name} --wait)",
+            held.len(),
+            if held.len() == 1 { "" } else { "s" }
+        ),
+    ))
 }
 
 pub async fn get_status(

@@ -451,46 +451,7 @@ impl VolumeScheduler {
     }
 
     fn machine_views(&self, volumes: &[Arc<Volume>]) -> Vec<MachineView> {
-        let mut views: Vec<MachineView> = self
-            .machines
-            .list()
-            .iter()
-            .map(|m| MachineView {
-                name: m.metadata.name.clone(),
-                labels: m.metadata.labels.clone(),
-                ready: m.is_ready_with(is_alive(&self.alive, &m.metadata.name)),
-                capabilities: m
-                    .status
-                    .as_ref()
-                    .map(|s| s.capabilities.clone())
-                    .unwrap_or_default(),
-                unschedulable: m.spec.unschedulable,
-                total_bytes: m
-                    .status
-                    .as_ref()
-                    .map(|s| s.capacity.total_bytes)
-                    .unwrap_or(0),
-                max_fill_percent: m.spec.max_fill,
-                reserved_bytes: 0,
-            })
-            .collect();
-        let index: HashMap<&str, usize> = views
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.name.as_str(), i))
-            .collect();
-        let mut reserved = vec![0u64; views.len()];
-        for v in volumes {
-            for machine in v.ledger_machines() {
-                if let Some(&i) = index.get(machine) {
-                    reserved[i] += v.ledger_bytes();
-                }
-            }
-        }
-        for (view, bytes) in views.iter_mut().zip(reserved) {
-            view.reserved_bytes = bytes;
-        }
-        views
+        machine_views(&self.machines.list(), &self.alive, volumes)
     }
 
     fn pinned_fits(&self, cache: &Cache<Volume>, volume: &Volume, machine: &str) -> bool {
@@ -649,6 +610,54 @@ impl VolumeScheduler {
             }
         }
     }
+}
+
+/// What placement sees of each machine: readiness, labels, capabilities, capacity, and the
+/// ledger of `volumes` (each counted on every machine of `Volume::ledger_machines`). A draining
+/// machine takes no new volumes.
+pub fn machine_views(
+    machines: &[Arc<Machine>],
+    alive: &Alive,
+    volumes: &[Arc<Volume>],
+) -> Vec<MachineView> {
+    let mut views: Vec<MachineView> = machines
+        .iter()
+        .map(|m| MachineView {
+            name: m.metadata.name.clone(),
+            labels: m.metadata.labels.clone(),
+            ready: m.is_ready_with(is_alive(alive, &m.metadata.name)),
+            capabilities: m
+                .status
+                .as_ref()
+                .map(|s| s.capabilities.clone())
+                .unwrap_or_default(),
+            unschedulable: m.spec.unschedulable || m.spec.drain,
+            total_bytes: m
+                .status
+                .as_ref()
+                .map(|s| s.capacity.total_bytes)
+                .unwrap_or(0),
+            max_fill_percent: m.spec.max_fill,
+            reserved_bytes: 0,
+        })
+        .collect();
+    let index: HashMap<&str, usize> = views
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.as_str(), i))
+        .collect();
+    let mut reserved = vec![0u64; views.len()];
+    for v in volumes {
+        for machine in v.ledger_machines() {
+            if let Some(&i) = index.get(machine) {
+                reserved[i] += v.ledger_bytes();
+            }
+        }
+    }
+    for (view, bytes) in views.iter_mut().zip(reserved) {
+        view.reserved_bytes = bytes;
+    }
+    views
 }
 
 /// The volume's status with the Scheduled condition set (and phase Pending/Scheduled while the

@@ -6,11 +6,13 @@
 //!
 //! Placement itself is the pure [`placement`] module.
 
+pub mod balancer;
 pub mod binding;
 pub mod lifecycle;
 pub mod metrics;
 pub mod moves;
 pub mod placement;
+pub mod rebalance;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -37,6 +39,8 @@ pub struct SchedulerConfig {
     pub lease_ttl: Duration,
     /// Full resync period of the scheduler's controllers.
     pub resync: Duration,
+    /// Drain and rebalance policy.
+    pub rebalance: rebalance::Policy,
 }
 
 /// Campaigns, leads while elected, campaigns again after losing; returns on shutdown.
@@ -150,6 +154,7 @@ async fn lead(
         resync: config.resync,
         ..Config::default()
     };
+    let fenced_balancer = fenced.clone();
     let scheduler = VolumeScheduler {
         store: fenced.clone(),
         machines: machines.clone(),
@@ -185,6 +190,19 @@ async fn lead(
         machine_config,
     )
     .with_metrics(reconcile_metrics);
+    let balancer = balancer::Balancer {
+        store: fenced_balancer,
+        volumes: volumes.clone(),
+        machines: machines.clone(),
+        alive: alive.clone(),
+        // Binpack fills machines on purpose: evening them out would undo it. Drains run
+        // under either strategy.
+        policy: rebalance::Policy {
+            enabled: config.rebalance.enabled && config.strategy == PlacementStrategy::Spread,
+            ..config.rebalance.clone()
+        },
+    };
+    tasks.push(tokio::spawn(balancer.run(term.clone())));
     let requeue_volumes = volume_controller.requeue_handle();
     let requeue_machines = machine_controller.requeue_handle();
     tasks.push(tokio::spawn(volume_controller.run(term.clone())));

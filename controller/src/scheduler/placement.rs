@@ -434,7 +434,11 @@ mod tests {
 
     #[test]
     fn a_clone_that_does_not_fit_its_sources_machine_is_seeded_elsewhere_if_both_can_stream() {
-        let streams = vec![Capability::Clone, Capability::Snapshot, Capability::SendReceive];
+        let streams = vec![
+            Capability::Clone,
+            Capability::Snapshot,
+            Capability::SendReceive,
+        ];
         let mut a = machine("a", 100, 0);
         let mut b = machine("b", 100, 99);
         a.capabilities = streams.clone();
