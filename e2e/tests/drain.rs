@@ -267,3 +267,50 @@ async fn a_lopsided_cluster_evens_out_by_itself() {
         .count();
     assert_eq!(moved, 2);
 }
+
+/// The seed's "grow beyond the machine": a resize its machine cannot grant moves the (unpinned)
+/// volume to a machine where the grown size fits, and it grows there, data intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it() {
+    let mut c = Cluster::start("binpack").await;
+    machines_ready(&c, 3).await;
+    let client = c.client.addr.to_string();
+    let ssd = "  placement: {selector: {disk: ssd}}\n";
+    apply(&mut c, &yaml("grower", "64Mi", ssd, &client)).await;
+    let v = ready(&mut c, "grower").await;
+    let home = holder(&v);
+    apply(
+        &mut c,
+        &yaml("filler", "600Mi", &format!("  machine: {home}\n"), &client),
+    )
+    .await;
+    ready(&mut c, "filler").await;
+    let bytes = cobalt_testkit::nfs::pattern(5, 3 << 20);
+    c.nfs_write(&server(&v), "grower/data.bin", &bytes).unwrap();
+    // 600Mi + 400Mi does not fit the 1 GiB pool's 90 %.
+    apply(&mut c, &yaml("grower", "400Mi", ssd, &client)).await;
+    let grown = until("grown elsewhere", Duration::from_secs(120), || async {
+        let v: Volume = c.store.get("grower").await.ok()??;
+        let s = v.status.as_ref()?;
+        (s.machine.as_deref() != Some(home.as_str())
+            && s.move_.is_none()
+            && s.usage.as_ref()?.limit_bytes == 400 << 20
+            && s.observed_generation == v.metadata.generation)
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(
+        grown
+            .metadata
+            .annotations
+            .get("cobalt.io/moved-by")
+            .map(String::as_str),
+        Some("grow")
+    );
+    assert!(c.nfs_read(&server(&grown), "grower/data.bin").unwrap() == bytes);
+    assert!(find_condition(
+        &grown.status.as_ref().unwrap().conditions,
+        "CapacityReserved"
+    )
+    .is_none());
+}

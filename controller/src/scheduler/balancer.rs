@@ -4,6 +4,9 @@
 //! grants each move and the agents carry it out, so a leader that dies mid-drain leaves nothing
 //! half-done: the next leader plans again from etcd and sees the moves already asked for.
 //!
+//! A grow its machine cannot grant (`CapacityReserved=False`) moves an unpinned volume to a
+//! machine where the grown size fits; the scheduler grants the grow there after the move.
+//!
 //! It also writes each draining machine's `Drained` condition ("3 volumes left, 1 moving; 1
 //! blocked: …"; True once the machine holds nothing).
 
@@ -73,6 +76,9 @@ pub fn volume_view(v: &Volume, policy: &Policy) -> Option<VolumeView> {
             .collect(),
         cooling,
         stalled: s.move_.as_ref().is_some_and(|m| m.stalled.is_some()),
+        grow_to: cobalt_api::find_condition(&s.conditions, "CapacityReserved")
+            .filter(|c| !c.is_true() && c.reason == "InsufficientCapacity")
+            .map(|_| v.spec.reserved_bytes_for(v.spec.size_bytes())),
     })
 }
 

@@ -87,6 +87,8 @@ pub struct VolumeView {
     pub cooling: bool,
     /// Its move is not progressing.
     pub stalled: bool,
+    /// A grow its machine could not grant: the bytes the grown volume would reserve.
+    pub grow_to: Option<u64>,
 }
 
 /// A machine being drained.
@@ -100,6 +102,8 @@ pub struct DrainView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     Drain,
+    /// A grow that does not fit where the volume is: it moves where the grown size fits.
+    Grow,
     Rebalance,
 }
 
@@ -107,6 +111,7 @@ impl Reason {
     pub fn as_str(&self) -> &'static str {
         match self {
             Reason::Drain => "drain",
+            Reason::Grow => "grow",
             Reason::Rebalance => "rebalance",
         }
     }
@@ -318,6 +323,50 @@ pub fn plan(
         plan.drains.push(progress);
     }
 
+    // Grow beyond the machine: an unpinned volume whose grow was refused moves to a machine
+    // where the grown size fits (and is granted there).
+    for v in volumes {
+        let Some(want) = v.grow_to else { continue };
+        if v.pinned
+            || v.target.is_some()
+            || v.cooling
+            || moved.contains(&v.name)
+            || draining.contains(v.holder.as_str())
+            || !budget.room(&v.holder, None, want)
+        {
+            continue;
+        }
+        let candidates: Vec<MachineView> = m
+            .iter()
+            .filter(|c| c.name != v.holder && !draining.contains(c.name.as_str()))
+            .filter(|c| budget.room(&v.holder, Some(&c.name), want))
+            .cloned()
+            .collect();
+        let mut needs = v.needs.clone();
+        needs.extend(STREAM_NEEDS);
+        let request = Request {
+            name: v.name.clone(),
+            reserved_bytes: want,
+            selector: v.selector.clone(),
+            required_machine: None,
+            needs,
+        };
+        if let Decision::Bind(to) = place(PlacementStrategy::Spread, &request, &candidates) {
+            if let Some(&i) = index.get(&to) {
+                m[i].reserved_bytes += want;
+            }
+            budget.take(&v.holder, &to, want);
+            moved.insert(v.name.clone());
+            plan.proposals.push(Proposal {
+                volume: v.name.clone(),
+                from: v.holder.clone(),
+                to,
+                bytes: want,
+                reason: Reason::Grow,
+            });
+        }
+    }
+
     if !policy.enabled {
         return plan;
     }
@@ -464,6 +513,7 @@ mod tests {
             needs: vec![],
             cooling: false,
             stalled: false,
+            grow_to: None,
         }
     }
 
@@ -597,6 +647,35 @@ mod tests {
         let p = plan(&down, &volumes, &[], &Policy::default());
         assert!(p.proposals.is_empty());
         assert!(p.idle.unwrap().contains("not ready"));
+    }
+
+    #[test]
+    fn a_grow_that_does_not_fit_moves_an_unpinned_volume_where_it_fits_and_never_a_pinned_one() {
+        let machines = [machine("a", 100), machine("b", 100)];
+        let mut volumes = vec![volume("filler", "a", 60), volume("grower", "a", 20)];
+        volumes[1].grow_to = Some(50 * GIB);
+        let off = Policy {
+            enabled: false,
+            ..Policy::default()
+        };
+        let p = plan(&ledger(&machines, &volumes), &volumes, &[], &off);
+        assert_eq!(p.proposals.len(), 1);
+        let x = &p.proposals[0];
+        assert_eq!(
+            (x.volume.as_str(), x.to.as_str(), x.reason),
+            ("grower", "b", Reason::Grow)
+        );
+        assert_eq!(x.bytes, 50 * GIB, "room for the grown size");
+        volumes[1].pinned = true;
+        assert!(plan(&ledger(&machines, &volumes), &volumes, &[], &off)
+            .proposals
+            .is_empty());
+        // Nowhere it fits: it stays.
+        volumes[1].pinned = false;
+        volumes[1].grow_to = Some(150 * GIB);
+        assert!(plan(&ledger(&machines, &volumes), &volumes, &[], &off)
+            .proposals
+            .is_empty());
     }
 
     #[test]
