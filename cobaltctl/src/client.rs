@@ -208,6 +208,21 @@ impl Client {
         }
     }
 
+    /// GET of a subresource, e.g. `machines/NAME/drainplan?pinned=true`.
+    pub async fn get_sub(
+        &self,
+        kind: Kind,
+        name: &str,
+        sub: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value, CtlError> {
+        let url = format!("{}/{sub}", self.url(kind, Some(name)));
+        Ok(self
+            .send(self.request(reqwest::Method::GET, url).query(query))
+            .await?
+            .1)
+    }
+
     pub async fn list(&self, kind: Kind, selector: Option<&str>) -> Result<Value, CtlError> {
         let mut r = self.request(reqwest::Method::GET, self.url(kind, None));
         if let Some(s) = selector {

@@ -719,6 +719,40 @@ pub async fn cordon(c: &Client, name: &str, on: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `drain NAME --dry-run`: the plan the leader would follow (every volume → its target, or why
+/// it cannot go), changing nothing.
+pub async fn drain_plan(c: &Client, name: &str, pinned: bool) -> anyhow::Result<i32> {
+    let pinned_q = if pinned { "true" } else { "false" };
+    let p = c
+        .get_sub(Kind::Machine, name, "drainplan", &[("pinned", pinned_q)])
+        .await?;
+    let rows: Vec<Vec<String>> = p["moves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                m["volume"].as_str().unwrap_or("").to_string(),
+                m["to"].as_str().unwrap_or("").to_string(),
+                output::human_bytes(m["bytes"].as_u64().unwrap_or(0)),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("nothing to move off machine {name}");
+    } else {
+        print!("{}", output::table(&["VOLUME", "TO", "BYTES"], &rows));
+    }
+    for b in p["blocked"].as_array().into_iter().flatten() {
+        println!(
+            "blocked: {}: {}",
+            b["volume"].as_str().unwrap_or(""),
+            b["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
 /// `drain NAME [--pinned] [--wait]`: sets `spec.drain` (and `drainPinned`); with `--wait`
 /// follows the `Drained` condition until the machine holds nothing.
 pub async fn drain(

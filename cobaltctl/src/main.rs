@@ -123,7 +123,7 @@ enum Verb {
     Uncordon { name: String },
     /// Move every volume off a machine (sets spec.drain); the Drained condition shows progress.
     #[command(
-        after_help = "Examples:\n  cobaltctl drain node-1 --wait\n  cobaltctl drain node-1 --pinned --wait --timeout 1h"
+        after_help = "Examples:\n  cobaltctl drain node-1 --dry-run\n  cobaltctl drain node-1 --wait\n  cobaltctl drain node-1 --pinned --wait --timeout 1h"
     )]
     Drain {
         name: String,
@@ -135,6 +135,9 @@ enum Verb {
         wait: bool,
         #[arg(long, default_value = "30m", value_parser = cobalt_api::duration::parse_duration)]
         timeout: Duration,
+        /// Print where each volume would go (or why it cannot), and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show what apply would change. Exit 0: same, 1: different, 2+: error.
     #[command(after_help = "Example:\n  cobaltctl diff -f examples/volume.yaml")]
@@ -239,8 +242,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Verb::Drain {
             name,
             pinned,
+            dry_run: true,
+            ..
+        } => commands::drain_plan(&client()?, &name, pinned).await,
+        Verb::Drain {
+            name,
+            pinned,
             wait,
             timeout,
+            ..
         } => commands::drain(&client()?, &name, pinned, wait, timeout).await,
         Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
         Verb::Explain { path } => commands::explain(&path),

@@ -126,6 +126,17 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
         out(&o)
     );
 
+    // The plan first: where each would go, what would block, and nothing changed.
+    let o = c.ctl(&["drain", &full, "--dry-run"]).await;
+    assert!(o.status.success(), "{}", out(&o));
+    let text = out(&o);
+    for name in ["d1", "d2", "d3"] {
+        assert!(text.lines().any(|l| l.starts_with(name) && l.contains(other_ssd)), "{name}: {text}");
+    }
+    assert!(text.contains("blocked: pinned"), "{text}");
+    let m: Machine = c.store.get(&full).await.unwrap().unwrap();
+    assert!(!m.spec.drain, "a dry run changes nothing");
+
     // Drain without --pinned: the pinned volume blocks it, with the reason; the others go.
     let o = c.ctl(&["drain", &full]).await;
     assert!(o.status.success(), "{}", out(&o));

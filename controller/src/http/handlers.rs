@@ -285,6 +285,70 @@ async fn refuse_deleting_a_machine_with_volumes(s: &AppState, name: &str) -> Res
     ))
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub struct DrainPlanQuery {
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// `GET machines/NAME/drainplan[?pinned=true]`: where a drain of the machine would move each of
+/// its volumes now (the planner with no concurrency bound), and what would block it. Changes
+/// nothing.
+pub async fn drain_plan(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(q): Query<DrainPlanQuery>,
+) -> Result<Response, ApiError> {
+    use crate::scheduler::rebalance::{plan, DrainView, Policy};
+    use std::sync::Arc;
+    if plural != "machines" {
+        return Err(ApiError::not_found("drainplan exists for machines only"));
+    }
+    let (machines, _) =
+        bounded(&s, s.store.list::<cobalt_api::Machine>(&Default::default())).await?;
+    if !machines.iter().any(|m| m.metadata.name == name) {
+        return Err(not_found::<cobalt_api::Machine>(&name));
+    }
+    let (volumes, _) = bounded(&s, s.store.list::<cobalt_api::Volume>(&Default::default())).await?;
+    let alive = bounded(&s, s.store.alive_machines()).await?;
+    let machines: Vec<Arc<cobalt_api::Machine>> = machines.into_iter().map(Arc::new).collect();
+    let volumes: Vec<Arc<cobalt_api::Volume>> = volumes.into_iter().map(Arc::new).collect();
+    let alive = Arc::new(std::sync::RwLock::new(alive));
+    let policy = Policy {
+        enabled: false,
+        max_out: usize::MAX,
+        max_in: usize::MAX,
+        max_moves: usize::MAX,
+        max_bytes: u64::MAX,
+        ..Policy::default()
+    };
+    let views: Vec<_> = volumes
+        .iter()
+        .filter_map(|v| crate::scheduler::balancer::volume_view(v, &policy))
+        .collect();
+    let p = plan(
+        &crate::scheduler::binding::machine_views(&machines, &alive, &volumes),
+        &views,
+        &[DrainView {
+            machine: name.clone(),
+            pinned_too: q.pinned,
+        }],
+        &policy,
+    );
+    let d = p.drains.first();
+    Ok(Json(serde_json::json!({
+        "machine": name,
+        "left": d.map_or(0, |d| d.left),
+        "moves": p.proposals.iter().map(|x| serde_json::json!({
+            "volume": x.volume, "from": x.from, "to": x.to, "bytes": x.bytes,
+        })).collect::<Vec<_>>(),
+        "blocked": d.map(|d| d.blocked.iter().map(|(v, why)| serde_json::json!({
+            "volume": v, "reason": why,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
+    }))
+    .into_response())
+}
+
 pub async fn get_status(
     State(s): State<AppState>,
     Path((plural, name)): Path<(String, String)>,

@@ -69,7 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/{plural}/{name}/status",
             get(handlers::get_status).put(handlers::replace_status),
-        );
+        )
+        .route("/{plural}/{name}/drainplan", get(handlers::drain_plan));
     Router::new()
         .nest(API_PREFIX, api)
         .route("/healthz", get(|| async { "ok\n" }))
