@@ -57,6 +57,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench system
 	$(CARGO) bench -p cobalt-e2e --bench machine_ready
 	$(CARGO) bench -p cobalt-e2e --bench moves
+	$(CARGO) bench -p cobalt-e2e --bench drain
 
 demo: deps
 	bash scripts/demo.sh

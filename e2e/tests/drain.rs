@@ -131,7 +131,11 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
     assert!(o.status.success(), "{}", out(&o));
     let text = out(&o);
     for name in ["d1", "d2", "d3"] {
-        assert!(text.lines().any(|l| l.starts_with(name) && l.contains(other_ssd)), "{name}: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains(other_ssd)),
+            "{name}: {text}"
+        );
     }
     assert!(text.contains("blocked: pinned"), "{text}");
     let m: Machine = c.store.get(&full).await.unwrap().unwrap();

@@ -1,5 +1,5 @@
-//! The leader's balancer: every second, the [`rebalance`](super::rebalance) planner over the
-//! caches, and its proposals applied the only way moves are ever asked for — by changing
+//! The leader's balancer: on every change of the caches (and every 5 s), the
+//! [`rebalance`](super::rebalance) planner over them, and its proposals applied the only way moves are ever asked for — by changing
 //! `spec.machine` (annotated `cobalt.io/moved-by` and `cobalt.io/moved-at`). The scheduler then
 //! grants each move and the agents carry it out, so a leader that dies mid-drain leaves nothing
 //! half-done: the next leader plans again from etcd and sees the moves already asked for.
@@ -24,8 +24,10 @@ use super::rebalance::{plan, DrainView, Policy, Proposal, VolumeView};
 pub const MOVED_BY: &str = "cobalt.io/moved-by";
 /// When the balancer last moved the volume (RFC 3339), for the cooldown.
 pub const MOVED_AT: &str = "cobalt.io/moved-at";
-/// How often the balancer plans.
-pub const EVERY: Duration = Duration::from_secs(1);
+/// How often the balancer plans when nothing changes.
+pub const EVERY: Duration = Duration::from_secs(5);
+/// The pause after a change before planning, so a burst of changes is one pass.
+const SETTLE: Duration = Duration::from_millis(50);
 /// How long a pass waits for the cache to show its own writes.
 const OWN_WRITE_WAIT: Duration = Duration::from_secs(10);
 
@@ -88,13 +90,23 @@ impl Balancer {
             _ = term.cancelled() => return,
             _ = async { self.volumes.ready().await; self.machines.ready().await } => {}
         }
+        let mut volumes = self.volumes.revision_watch();
+        let mut machines = self.machines.revision_watch();
         loop {
             if let Err(e) = self.pass().await {
                 tracing::warn!(error = %e, "balancing pass failed; retrying");
             }
+            // Plan again as soon as anything changed (a move finished: the next may start), or
+            // after a while anyway (liveness, cooldowns); a short pause batches bursts.
             tokio::select! {
                 _ = term.cancelled() => return,
+                _ = volumes.changed() => {}
+                _ = machines.changed() => {}
                 _ = tokio::time::sleep(EVERY) => {}
+            }
+            tokio::select! {
+                _ = term.cancelled() => return,
+                _ = tokio::time::sleep(SETTLE) => {}
             }
         }
     }
