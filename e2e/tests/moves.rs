@@ -325,3 +325,67 @@ async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd
     c.etcd.start_again();
     settled_on(&mut c, "m1", "m2", &data).await;
 }
+
+/// Seeding a clone on another machine is a data-moving step too: kill -9 of the target while
+/// it receives, then of the source while it sends — each time the clone is made whole after the
+/// agent returns, the source is untouched, and no staging or seed snapshot is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_seed_survives_kill_9_of_either_agent() {
+    let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
+    machines_ready(&c, 3).await;
+    let data = volume_with_data(&mut c, "m1").await;
+    let client = c.client.addr.to_string();
+    let src: Volume = c.store.get("data").await.unwrap().unwrap();
+    for (i, victim) in ["m2", "m1"].iter().enumerate() {
+        let name = format!("copy{i}");
+        apply(
+            &mut c,
+            &format!(
+                "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}}}\nspec:\n  size: 128Mi\n  source: {{volume: data}}\n  machine: m2\n  export:\n    clients: [{{host: {client}, access: rw, rootSquash: false}}]\n"
+            ),
+        )
+        .await;
+        let staging = c.machine("m2").pool.path().join("staging");
+        until("the seed under way", Duration::from_secs(60), || async {
+            let v: Volume = c.store.get(&name).await.ok()??;
+            let seeding = v.status.as_ref()?.clone_seed.is_some();
+            let receiving = std::fs::read_dir(staging.join(&v.metadata.uid))
+                .is_ok_and(|mut d| d.next().is_some());
+            (seeding && receiving).then_some(())
+        })
+        .await;
+        c.machine(victim).kill_agent();
+        restart(&mut c, victim);
+        let v = until("the clone Ready", Duration::from_secs(90), || async {
+            let v: Volume = c.store.get(&name).await.ok()??;
+            let s = v.status.as_ref()?;
+            (s.phase == VolumePhase::Ready && s.endpoint.is_some()).then_some(v)
+        })
+        .await;
+        assert_eq!(v.status.as_ref().unwrap().machine.as_deref(), Some("m2"));
+        assert!(
+            c.nfs_read(&server(&v), &format!("{name}/data.bin"))
+                .unwrap()
+                == data,
+            "{name} is a whole copy after {victim} was killed mid-seed"
+        );
+        let s: Volume = c.store.get("data").await.unwrap().unwrap();
+        assert!(
+            c.nfs_read(&server(&s), "data/data.bin").unwrap() == data,
+            "the source is intact"
+        );
+        let m2_staging = c.machine("m2").pool.path().join("staging");
+        let m1_snapshots = c
+            .machine("m1")
+            .pool
+            .path()
+            .join("snapshots")
+            .join(&src.metadata.uid);
+        let count = |d: &std::path::Path| std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0);
+        let end = Instant::now() + Duration::from_secs(20);
+        while count(&m2_staging) > 0 || count(&m1_snapshots) > 0 {
+            assert!(Instant::now() < end, "staging or a seed snapshot left over");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

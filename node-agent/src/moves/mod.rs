@@ -43,6 +43,8 @@ use crate::exporter::batch::Exports;
 
 /// Snapshots the source takes for moves are named `move-<unix millis>[-final]`.
 pub const SNAPSHOT_PREFIX: &str = "move-";
+/// Snapshots the source takes to seed a clone on another machine: `clone-<clone uid>-<millis>`.
+pub const CLONE_SNAPSHOT_PREFIX: &str = "clone-";
 /// The suffix of the snapshot taken after the source stopped serving.
 pub const FINAL_SUFFIX: &str = "-final";
 

@@ -25,7 +25,9 @@ use bytes::Bytes;
 use cobalt_api::{MoveStage, Volume};
 use serde::Deserialize;
 
-use super::{credential_hash, same_digest, Moves, FINAL_SUFFIX, SNAPSHOT_PREFIX};
+use super::{
+    credential_hash, same_digest, Moves, CLONE_SNAPSHOT_PREFIX, FINAL_SUFFIX, SNAPSHOT_PREFIX,
+};
 use crate::backend::BackendError;
 
 #[derive(Debug, Deserialize)]
@@ -135,7 +137,7 @@ async fn clone_stream(
         );
     };
     let snapshot = format!(
-        "clone-{}-{}",
+        "{CLONE_SNAPSHOT_PREFIX}{}-{}",
         clone.metadata.uid,
         chrono::Utc::now().timestamp_millis()
     );

@@ -16,7 +16,10 @@ use cobalt_api::{
 };
 use cobalt_reconcile::CancellationToken;
 
-use super::{credential_hash, new_credential, Moves, Pull, FINAL_SUFFIX, SNAPSHOT_PREFIX};
+use super::{
+    credential_hash, new_credential, Moves, Pull, CLONE_SNAPSHOT_PREFIX, FINAL_SUFFIX,
+    SNAPSHOT_PREFIX,
+};
 use crate::backend::BackendError;
 use crate::exporter::describe_rules;
 use crate::volumes::{endpoint, export_spec};
@@ -671,19 +674,34 @@ impl Moves {
                 .is_some_and(|m| m.to == self.machine && m.started == started))
     }
 
-    /// At start-up: drops what was received for moves that no longer target this machine (a
-    /// move cancelled while this agent was down), after one fresh list of the volumes.
+    /// At start-up, after one fresh list of the volumes: drops what was received for moves that
+    /// no longer target this machine (a move cancelled while this agent was down), and the
+    /// snapshots taken to seed clones elsewhere (no stream is in flight in a process that just
+    /// started; one cut by a crash left its snapshot behind).
     pub async fn sweep_staging(&self) {
+        let Ok((all, _)) = self.store.list::<Volume>(&Default::default()).await else {
+            return;
+        };
+        for v in all
+            .iter()
+            .filter(|v| v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&self.machine))
+        {
+            let b = self.backend.clone();
+            let uid = v.metadata.uid.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for s in b.snapshots(&uid)? {
+                    if s.starts_with(CLONE_SNAPSHOT_PREFIX) {
+                        b.delete_snapshot(&uid, &s)?;
+                    }
+                }
+                Ok::<_, BackendError>(())
+            })
+            .await;
+        }
         let b = self.backend.clone();
         let staged = match tokio::task::spawn_blocking(move || b.staged()).await {
             Ok(Ok(s)) => s,
             _ => return,
-        };
-        if staged.is_empty() {
-            return;
-        }
-        let Ok((all, _)) = self.store.list::<Volume>(&Default::default()).await else {
-            return;
         };
         for uid in staged {
             let wanted = all.iter().any(|v| {
