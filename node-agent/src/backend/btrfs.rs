@@ -566,10 +566,9 @@ impl Backend for BtrfsBackend {
             cmd.arg("-p").arg(dir.join(p));
         }
         cmd.arg(&snapshot);
-        let estimate = match parent {
-            None => self.referenced_bytes(&snapshot).ok(),
-            Some(_) => None,
-        };
+        // A full stream carries about the volume's used bytes; reading them exactly would cost
+        // a commit, so the last reported usage stands in (the caller knows it).
+        let estimate = None;
         let command = format!("btrfs send {}", snapshot.display());
         let child = cmd
             .stdin(std::process::Stdio::null())

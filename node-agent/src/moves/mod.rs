@@ -4,8 +4,8 @@
 //!
 //! The scheduler grants a move by writing `status.move` (room is then reserved on both ends).
 //! From there the target drives ([`target`]): it pulls snapshots from the source's agent over
-//! HTTP ([`source`] serves them) — a full seed, then incremental rounds until what changed in a
-//! round is small — then writes stage CuttingOver. From that write on the source serves no more
+//! HTTP ([`source`] serves them) — a full seed, then incremental rounds until a round carries
+//! little (`convergedBytes`) or takes under half a second — then writes stage CuttingOver. From that write on the source serves no more
 //! writes (its plan unexports the volume, and the final request unexports it before the last
 //! snapshot is taken, so every write the source acknowledged is in that snapshot). The target
 //! receives the final increment, makes the live volume a writable snapshot of it with this

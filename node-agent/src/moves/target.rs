@@ -45,6 +45,8 @@ enum PullError {
 
 /// Longest pause between attempts of a stalled move.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A round this short ends the converging (few writes can land in it).
+const QUICK_ROUND: Duration = Duration::from_millis(500);
 /// How often progress is written during a round.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -225,11 +227,15 @@ impl Moves {
         loop {
             let parent = self.latest_received(&v.metadata.uid).await?;
             let incremental = parent.is_some();
+            let t0 = std::time::Instant::now();
             let (_, bytes) = self
                 .round(v, m.started, peer, credential, parent, false)
                 .await?;
             rounds += 1;
+            // Converged when a round carried little — or took so little time that little can
+            // have changed since (the final increment then stays small too).
             let converged = (incremental && bytes < self.config.converged_bytes)
+                || t0.elapsed() < QUICK_ROUND
                 || rounds >= self.config.max_rounds;
             let spec_here = Some(self.machine.clone());
             let advanced = self
@@ -565,11 +571,22 @@ impl Moves {
                 body.trim()
             )));
         }
+        // The source's estimate if it gave one; for a full stream, the volume's last reported
+        // usage (compression may make the stream smaller).
         let estimate = resp
             .headers()
             .get("x-cobalt-estimate")
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<u64>().ok());
+            .and_then(|h| h.parse::<u64>().ok())
+            .or_else(|| {
+                parent.is_none().then(|| {
+                    v.status
+                        .as_ref()
+                        .and_then(|s| s.usage.as_ref())
+                        .map_or(0, |u| u.used_bytes)
+                })
+            })
+            .filter(|e| *e > 0);
         let limit = v.granted_size_bytes().max(
             v.status
                 .as_ref()
