@@ -329,3 +329,47 @@ async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it()
     )
     .is_none());
 }
+
+/// A drain that cannot finish says why and moves nothing it cannot place: the volume stays
+/// Ready where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_without_room_elsewhere_says_why_and_moves_nothing() {
+    let mut c = Cluster::start("binpack").await;
+    machines_ready(&c, 3).await;
+    let client = c.client.addr.to_string();
+    apply(&mut c, &yaml("big", "700Mi", "  machine: m1\n", &client)).await;
+    ready(&mut c, "big").await;
+    for m in ["m2", "m3"] {
+        apply(
+            &mut c,
+            &yaml(
+                &format!("fill-{m}"),
+                "400Mi",
+                &format!("  machine: {m}\n"),
+                &client,
+            ),
+        )
+        .await;
+        ready(&mut c, &format!("fill-{m}")).await;
+    }
+    let o = c.ctl(&["drain", "m1", "--pinned"]).await;
+    assert!(o.status.success(), "{}", out(&o));
+    let why = until("the drain blocked", Duration::from_secs(30), || async {
+        let m: Machine = c.store.get("m1").await.ok()??;
+        let cond = find_condition(&m.status?.conditions, "Drained")?.clone();
+        (cond.reason == "Blocked").then_some(cond.message)
+    })
+    .await;
+    assert!(
+        why.contains("big") && why.contains("insufficient capacity"),
+        "{why}"
+    );
+    let v: Volume = c.store.get("big").await.unwrap().unwrap();
+    assert_eq!(
+        v.spec.machine.as_deref(),
+        Some("m1"),
+        "nothing asked to move"
+    );
+    assert!(v.moving().is_none());
+    assert_eq!(v.status.unwrap().phase, VolumePhase::Ready);
+}
