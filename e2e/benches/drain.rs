@@ -131,15 +131,5 @@ async fn main() {
         "floor_bandwidth_bound_seconds": bound,
         "ratio": ratio,
     });
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results.json");
-    let mut results: serde_json::Value = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| json!({}));
-    results["9_drain"] = section;
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&results).unwrap() + "\n",
-    )
-    .unwrap();
+    cobalt_e2e::record_bench_section("9_drain", section);
 }

@@ -340,15 +340,5 @@ async fn main() {
         "cut_over_ms_p50": percentile(&measured, 0.5),
         "cut_over_ms_p99": percentile(&measured, 0.99),
     });
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results.json");
-    let mut results: serde_json::Value = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| json!({}));
-    results["8_moves"] = section;
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&results).unwrap() + "\n",
-    )
-    .unwrap();
+    cobalt_e2e::record_bench_section("8_moves", section);
 }

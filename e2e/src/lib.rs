@@ -390,6 +390,78 @@ impl Drop for AppendWriter {
     }
 }
 
+impl Cluster {
+    /// Waits until at least `n` machines are Ready with their capacity reported.
+    pub async fn machines_ready(&self, n: usize) {
+        cobalt_testkit::wait::until("machines Ready", Duration::from_secs(30), || async {
+            let (ms, _) = self
+                .store
+                .list::<cobalt_api::Machine>(&Default::default())
+                .await
+                .ok()?;
+            let ready = ms
+                .iter()
+                .filter(|m| {
+                    m.status.as_ref().is_some_and(|s| {
+                        s.phase == cobalt_api::MachinePhase::Ready && s.capacity.total_bytes > 0
+                    })
+                })
+                .count();
+            (ready >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// `cobaltctl apply -f` of manifest text; panics with cobaltctl's output if it fails.
+    pub async fn apply_text(&mut self, text: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.yaml");
+        std::fs::write(&path, text).unwrap();
+        let o = self
+            .ctl(&["apply", "-f", &path.display().to_string()])
+            .await;
+        assert!(o.status.success(), "{}", out(&o));
+    }
+
+    /// `cobaltctl wait volume/NAME --for=condition=Ready`, then the volume as stored.
+    pub async fn wait_ready(&mut self, name: &str, timeout: &str) -> cobalt_api::Volume {
+        let o = self
+            .ctl(&[
+                "wait",
+                &format!("volume/{name}"),
+                "--for=condition=Ready",
+                &format!("--timeout={timeout}"),
+            ])
+            .await;
+        assert!(o.status.success(), "{}", out(&o));
+        self.store.get(name).await.unwrap().unwrap()
+    }
+}
+
+/// The NFS server of a volume's endpoint (panics without one).
+pub fn server_of(v: &cobalt_api::Volume) -> String {
+    v.status
+        .as_ref()
+        .and_then(|s| s.endpoint.as_ref())
+        .map(|e| e.server.clone())
+        .expect("an endpoint")
+}
+
+/// Merges one section into `bench/results.json` (the benches each write their own).
+pub fn record_bench_section(key: &str, section: serde_json::Value) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results.json");
+    let mut results: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    results[key] = section;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&results).unwrap() + "\n",
+    )
+    .unwrap();
+}
+
 pub fn out(o: &Output) -> String {
     format!(
         "{}{}",

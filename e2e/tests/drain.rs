@@ -6,24 +6,8 @@
 use std::time::Duration;
 
 use cobalt_api::{find_condition, Machine, Volume, VolumePhase};
-use cobalt_e2e::{out, Cluster};
+use cobalt_e2e::{out, server_of, Cluster};
 use cobalt_testkit::wait::until;
-
-async fn machines_ready(c: &Cluster, n: usize) {
-    until("machines Ready", Duration::from_secs(30), || async {
-        let (ms, _) = c.store.list::<Machine>(&Default::default()).await.ok()?;
-        let ready = ms
-            .iter()
-            .filter(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.phase == cobalt_api::MachinePhase::Ready && s.capacity.total_bytes > 0
-                })
-            })
-            .count();
-        (ready >= n).then_some(())
-    })
-    .await;
-}
 
 fn yaml(name: &str, size: &str, extra: &str, client: &str) -> String {
     format!(
@@ -31,40 +15,11 @@ fn yaml(name: &str, size: &str, extra: &str, client: &str) -> String {
     )
 }
 
-async fn apply(c: &mut Cluster, text: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.yaml");
-    std::fs::write(&path, text).unwrap();
-    let o = c.ctl(&["apply", "-f", &path.display().to_string()]).await;
-    assert!(o.status.success(), "{}", out(&o));
-}
-
-async fn ready(c: &mut Cluster, name: &str) -> Volume {
-    let o = c
-        .ctl(&[
-            "wait",
-            &format!("volume/{name}"),
-            "--for=condition=Ready",
-            "--timeout=60s",
-        ])
-        .await;
-    assert!(o.status.success(), "{}", out(&o));
-    c.store.get(name).await.unwrap().unwrap()
-}
-
 fn holder(v: &Volume) -> String {
     v.status
         .as_ref()
         .and_then(|s| s.machine.clone())
         .unwrap_or_default()
-}
-
-fn server(v: &Volume) -> String {
-    v.status
-        .as_ref()
-        .and_then(|s| s.endpoint.as_ref())
-        .map(|e| e.server.clone())
-        .expect("an endpoint")
 }
 
 async fn settled(c: &Cluster, name: &str) -> Volume {
@@ -87,35 +42,34 @@ async fn settled(c: &Cluster, name: &str) -> Volume {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_deleted() {
     let mut c = Cluster::start("binpack").await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let client = c.client.addr.to_string();
     // Binpack puts them all on one ssd machine; one is pinned there by the user.
     let mut data = Vec::new();
     for (i, name) in ["d1", "d2", "d3"].iter().enumerate() {
-        apply(
-            &mut c,
-            &yaml(
-                name,
-                "64Mi",
-                "  placement: {selector: {disk: ssd}}\n",
-                &client,
-            ),
-        )
+        c.apply_text(&yaml(
+            name,
+            "64Mi",
+            "  placement: {selector: {disk: ssd}}\n",
+            &client,
+        ))
         .await;
-        let v = ready(&mut c, name).await;
+        let v = c.wait_ready(name, "60s").await;
         let bytes = cobalt_testkit::nfs::pattern(30 + i as u64, 2 << 20);
-        c.nfs_write(&server(&v), &format!("{name}/data.bin"), &bytes)
+        c.nfs_write(&server_of(&v), &format!("{name}/data.bin"), &bytes)
             .unwrap();
         data.push((name.to_string(), bytes));
     }
     let full = holder(&c.store.get::<Volume>("d1").await.unwrap().unwrap());
     let other_ssd = if full == "m1" { "m2" } else { "m1" };
-    apply(
-        &mut c,
-        &yaml("pinned", "32Mi", &format!("  machine: {full}\n"), &client),
-    )
+    c.apply_text(&yaml(
+        "pinned",
+        "32Mi",
+        &format!("  machine: {full}\n"),
+        &client,
+    ))
     .await;
-    ready(&mut c, "pinned").await;
+    c.wait_ready("pinned", "60s").await;
 
     // It holds volumes: it cannot be deleted.
     let o = c.ctl(&["delete", "machine", &full]).await;
@@ -174,7 +128,7 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
         let v = settled(&c, name).await;
         assert_ne!(holder(&v), full, "{name} left the drained machine");
         assert!(
-            c.nfs_read(&server(&v), &format!("{name}/data.bin"))
+            c.nfs_read(&server_of(&v), &format!("{name}/data.bin"))
                 .unwrap()
                 == *bytes,
             "{name}'s data"
@@ -188,17 +142,14 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
         );
     }
     // No new volume lands on a draining machine.
-    apply(
-        &mut c,
-        &yaml(
-            "newcomer",
-            "16Mi",
-            "  placement: {selector: {disk: ssd}}\n",
-            &client,
-        ),
-    )
+    c.apply_text(&yaml(
+        "newcomer",
+        "16Mi",
+        "  placement: {selector: {disk: ssd}}\n",
+        &client,
+    ))
     .await;
-    assert_eq!(holder(&ready(&mut c, "newcomer").await), other_ssd);
+    assert_eq!(holder(&c.wait_ready("newcomer", "60s").await), other_ssd);
 
     // --pinned moves the pinned one too and re-pins it where it goes.
     let o = c
@@ -228,21 +179,22 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lopsided_cluster_evens_out_by_itself() {
     let mut c = Cluster::start("spread").await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let client = c.client.addr.to_string();
     for m in ["m2", "m3"] {
         let o = c.ctl(&["cordon", m]).await;
         assert!(o.status.success(), "{}", out(&o));
     }
     for i in 0..4 {
-        apply(&mut c, &yaml(&format!("r{i}"), "96Mi", "", &client)).await;
+        c.apply_text(&yaml(&format!("r{i}"), "96Mi", "", &client))
+            .await;
     }
     for i in 0..4 {
-        assert_eq!(holder(&ready(&mut c, &format!("r{i}")).await), "m1");
+        assert_eq!(holder(&c.wait_ready(&format!("r{i}"), "60s").await), "m1");
     }
     let v = c.store.get::<Volume>("r0").await.unwrap().unwrap();
     let bytes = cobalt_testkit::nfs::pattern(77, 1 << 20);
-    c.nfs_write(&server(&v), "r0/data.bin", &bytes).unwrap();
+    c.nfs_write(&server_of(&v), "r0/data.bin", &bytes).unwrap();
     // Machines come in: the leader moves volumes to them until the spread is under 20 points.
     for m in ["m2", "m3"] {
         let o = c.ctl(&["uncordon", m]).await;
@@ -266,7 +218,7 @@ async fn a_lopsided_cluster_evens_out_by_itself() {
     .await;
     assert_eq!(spread, (2, 1, 1), "two moves, then balanced enough");
     let r0 = settled(&c, "r0").await;
-    assert!(c.nfs_read(&server(&r0), "r0/data.bin").unwrap() == bytes);
+    assert!(c.nfs_read(&server_of(&r0), "r0/data.bin").unwrap() == bytes);
     // Exactly the two moves it needed (that re-planning proposes nothing more is the
     // planner's property test).
     let (vs, _) = c.store.list::<Volume>(&Default::default()).await.unwrap();
@@ -288,22 +240,25 @@ async fn a_lopsided_cluster_evens_out_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it() {
     let mut c = Cluster::start("binpack").await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let client = c.client.addr.to_string();
     let ssd = "  placement: {selector: {disk: ssd}}\n";
-    apply(&mut c, &yaml("grower", "64Mi", ssd, &client)).await;
-    let v = ready(&mut c, "grower").await;
+    c.apply_text(&yaml("grower", "64Mi", ssd, &client)).await;
+    let v = c.wait_ready("grower", "60s").await;
     let home = holder(&v);
-    apply(
-        &mut c,
-        &yaml("filler", "600Mi", &format!("  machine: {home}\n"), &client),
-    )
+    c.apply_text(&yaml(
+        "filler",
+        "600Mi",
+        &format!("  machine: {home}\n"),
+        &client,
+    ))
     .await;
-    ready(&mut c, "filler").await;
+    c.wait_ready("filler", "60s").await;
     let bytes = cobalt_testkit::nfs::pattern(5, 3 << 20);
-    c.nfs_write(&server(&v), "grower/data.bin", &bytes).unwrap();
+    c.nfs_write(&server_of(&v), "grower/data.bin", &bytes)
+        .unwrap();
     // 600Mi + 400Mi does not fit the 1 GiB pool's 90 %.
-    apply(&mut c, &yaml("grower", "400Mi", ssd, &client)).await;
+    c.apply_text(&yaml("grower", "400Mi", ssd, &client)).await;
     let grown = until("grown elsewhere", Duration::from_secs(120), || async {
         let v: Volume = c.store.get("grower").await.ok()??;
         let s = v.status.as_ref()?;
@@ -322,7 +277,7 @@ async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it()
             .map(String::as_str),
         Some("grow")
     );
-    assert!(c.nfs_read(&server(&grown), "grower/data.bin").unwrap() == bytes);
+    assert!(c.nfs_read(&server_of(&grown), "grower/data.bin").unwrap() == bytes);
     assert!(find_condition(
         &grown.status.as_ref().unwrap().conditions,
         "CapacityReserved"
@@ -335,22 +290,20 @@ async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_without_room_elsewhere_says_why_and_moves_nothing() {
     let mut c = Cluster::start("binpack").await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let client = c.client.addr.to_string();
-    apply(&mut c, &yaml("big", "700Mi", "  machine: m1\n", &client)).await;
-    ready(&mut c, "big").await;
-    for m in ["m2", "m3"] {
-        apply(
-            &mut c,
-            &yaml(
-                &format!("fill-{m}"),
-                "400Mi",
-                &format!("  machine: {m}\n"),
-                &client,
-            ),
-        )
+    c.apply_text(&yaml("big", "700Mi", "  machine: m1\n", &client))
         .await;
-        ready(&mut c, &format!("fill-{m}")).await;
+    c.wait_ready("big", "60s").await;
+    for m in ["m2", "m3"] {
+        c.apply_text(&yaml(
+            &format!("fill-{m}"),
+            "400Mi",
+            &format!("  machine: {m}\n"),
+            &client,
+        ))
+        .await;
+        c.wait_ready(&format!("fill-{m}"), "60s").await;
     }
     let o = c.ctl(&["drain", "m1", "--pinned"]).await;
     assert!(o.status.success(), "{}", out(&o));

@@ -9,30 +9,10 @@
 use std::time::{Duration, Instant};
 
 use cobalt_api::{MoveStage, MoveStatus, Volume, VolumePhase};
-use cobalt_e2e::{out, Cluster};
+use cobalt_e2e::{out, server_of, Cluster};
 use cobalt_testkit::wait::until;
 
 const DATA_BYTES: usize = 16 << 20;
-
-async fn machines_ready(c: &Cluster, n: usize) {
-    until("machines Ready", Duration::from_secs(30), || async {
-        let (ms, _) = c
-            .store
-            .list::<cobalt_api::Machine>(&Default::default())
-            .await
-            .ok()?;
-        let ready = ms
-            .iter()
-            .filter(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.phase == cobalt_api::MachinePhase::Ready && s.capacity.total_bytes > 0
-                })
-            })
-            .count();
-        (ready >= n).then_some(())
-    })
-    .await;
-}
 
 fn yaml(name: &str, size: &str, machine: &str, client: &str) -> String {
     format!(
@@ -40,18 +20,10 @@ fn yaml(name: &str, size: &str, machine: &str, client: &str) -> String {
     )
 }
 
-async fn apply(c: &mut Cluster, text: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.yaml");
-    std::fs::write(&path, text).unwrap();
-    let o = c.ctl(&["apply", "-f", &path.display().to_string()]).await;
-    assert!(o.status.success(), "{}", out(&o));
-}
-
 /// A Ready volume "data" with 16 MiB of random bytes, on `machine`.
 async fn volume_with_data(c: &mut Cluster, machine: &str) -> Vec<u8> {
     let client = c.client.addr.to_string();
-    apply(c, &yaml("data", "128Mi", machine, &client)).await;
+    c.apply_text(&yaml("data", "128Mi", machine, &client)).await;
     let o = c
         .ctl(&[
             "wait",
@@ -63,17 +35,9 @@ async fn volume_with_data(c: &mut Cluster, machine: &str) -> Vec<u8> {
     assert!(o.status.success(), "{}", out(&o));
     let v: Volume = c.store.get("data").await.unwrap().unwrap();
     let data = cobalt_testkit::nfs::pattern(11, DATA_BYTES);
-    c.nfs_write(&server(&v), "data/data.bin", &data)
+    c.nfs_write(&server_of(&v), "data/data.bin", &data)
         .expect("16 MiB over NFS");
     data
-}
-
-fn server(v: &Volume) -> String {
-    v.status
-        .as_ref()
-        .and_then(|s| s.endpoint.as_ref())
-        .map(|e| e.server.clone())
-        .expect("an endpoint")
 }
 
 async fn request_move(c: &mut Cluster, to: &str) {
@@ -119,7 +83,7 @@ async fn settled_on(c: &mut Cluster, to: &str, other: &str, data: &[u8]) -> Volu
     )
     .await;
     assert!(
-        c.nfs_read(&server(&v), "data/data.bin").unwrap() == data,
+        c.nfs_read(&server_of(&v), "data/data.bin").unwrap() == data,
         "the data on {to} is byte-identical"
     );
     assert_eq!(
@@ -157,7 +121,7 @@ fn restart(c: &mut Cluster, machine: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_survives_kill_9_of_either_agent_at_each_stage() {
     let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let data = volume_with_data(&mut c, "m1").await;
     // (kill the source or the target, at which point of the move)
     let plan: [(&str, &str); 5] = [
@@ -213,12 +177,12 @@ async fn a_move_survives_kill_9_of_either_agent_at_each_stage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd() {
     let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let data = volume_with_data(&mut c, "m1").await;
     let client = c.client.addr.to_string();
 
     // No room on m3: the move waits, the volume stays Ready on m1, nothing is made on m3.
-    apply(&mut c, &yaml("filler", "900Mi", "m3", &client)).await;
+    c.apply_text(&yaml("filler", "900Mi", "m3", &client)).await;
     until("the filler bound", Duration::from_secs(30), || async {
         let v: Volume = c.store.get("filler").await.ok()??;
         (v.status?.phase == VolumePhase::Ready).then_some(())
@@ -332,14 +296,13 @@ async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_seed_survives_kill_9_of_either_agent() {
     let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
-    machines_ready(&c, 3).await;
+    c.machines_ready(3).await;
     let data = volume_with_data(&mut c, "m1").await;
     let client = c.client.addr.to_string();
     let src: Volume = c.store.get("data").await.unwrap().unwrap();
     for (i, victim) in ["m2", "m1"].iter().enumerate() {
         let name = format!("copy{i}");
-        apply(
-            &mut c,
+        c.apply_text(
             &format!(
                 "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}}}\nspec:\n  size: 128Mi\n  source: {{volume: data}}\n  machine: m2\n  export:\n    clients: [{{host: {client}, access: rw, rootSquash: false}}]\n"
             ),
@@ -364,14 +327,14 @@ async fn a_clone_seed_survives_kill_9_of_either_agent() {
         .await;
         assert_eq!(v.status.as_ref().unwrap().machine.as_deref(), Some("m2"));
         assert!(
-            c.nfs_read(&server(&v), &format!("{name}/data.bin"))
+            c.nfs_read(&server_of(&v), &format!("{name}/data.bin"))
                 .unwrap()
                 == data,
             "{name} is a whole copy after {victim} was killed mid-seed"
         );
         let s: Volume = c.store.get("data").await.unwrap().unwrap();
         assert!(
-            c.nfs_read(&server(&s), "data/data.bin").unwrap() == data,
+            c.nfs_read(&server_of(&s), "data/data.bin").unwrap() == data,
             "the source is intact"
         );
         let m2_staging = c.machine("m2").pool.path().join("staging");

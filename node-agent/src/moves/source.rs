@@ -127,14 +127,9 @@ async fn clone_stream(
             )
         }
     };
-    let Ok(permit) = moves.outgoing.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "machine {here} is already sending {} streams",
-                moves.config.max_outgoing
-            ),
-        );
+    let permit = match outgoing_slot(&moves) {
+        Ok(p) => p,
+        Err(busy) => return refuse(StatusCode::SERVICE_UNAVAILABLE, busy),
     };
     let snapshot = format!(
         "{CLONE_SNAPSHOT_PREFIX}{}-{}",
@@ -164,6 +159,16 @@ async fn clone_stream(
 
 /// Bytes per body chunk of a stream.
 const CHUNK: usize = 1 << 20;
+
+/// One of the machine's outgoing stream slots, or why none is free.
+fn outgoing_slot(moves: &Arc<Moves>) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+    moves.outgoing.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "machine {} is already sending {} streams",
+            moves.machine, moves.config.max_outgoing
+        )
+    })
+}
 
 fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
     (code, format!("{}\n", why.into())).into_response()
@@ -211,14 +216,9 @@ async fn stream(
             format!("volume {name} has another uid now"),
         );
     }
-    let Ok(permit) = moves.outgoing.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "machine {here} is already sending {} streams",
-                moves.config.max_outgoing
-            ),
-        );
+    let permit = match outgoing_slot(&moves) {
+        Ok(p) => p,
+        Err(busy) => return refuse(StatusCode::SERVICE_UNAVAILABLE, busy),
     };
     let uid = v.metadata.uid.clone();
     if q.final_ {

@@ -603,32 +603,16 @@ impl Moves {
                 loop {
                     tokio::time::sleep(PROGRESS_EVERY).await;
                     let done = counter.load(Ordering::Relaxed);
-                    let _ = store
-                        .update_status::<Volume, _>(&name, |vol| {
-                            let mut s = vol.status.clone()?;
-                            let m = s.move_.as_mut()?;
-                            if m.to != me
-                                || m.started != started
-                                || m.stage == MoveStage::CleaningUp
-                            {
-                                return None;
-                            }
-                            m.bytes_done = done;
-                            m.bytes_total = estimate;
-                            m.stalled = None;
-                            let (reason, message) = m.describe();
-                            set_condition(
-                                &mut s.conditions,
-                                "Moving",
-                                ConditionStatus::True,
-                                reason,
-                                &message,
-                                vol.metadata.generation,
-                                Utc::now(),
-                            );
-                            Some(s)
-                        })
-                        .await;
+                    let _ = write_move(&store, &name, &me, started, |m, _| {
+                        if m.stage == MoveStage::CleaningUp {
+                            return false;
+                        }
+                        m.bytes_done = done;
+                        m.bytes_total = estimate;
+                        m.stalled = None;
+                        true
+                    })
+                    .await;
                 }
             }))
         };
@@ -651,39 +635,15 @@ impl Moves {
         Ok((snapshot, bytes))
     }
 
-    /// Writes a change to this grant's `status.move` (and the Moving condition and phase that
-    /// follow from it); `change` returns false to write nothing. True when written.
+    /// Writes a change to this grant's `status.move` ([`write_move`]). True when written, or
+    /// when the grant is still this machine's.
     async fn update_move(
         &self,
         name: &str,
         started: DateTime<Utc>,
         change: impl Fn(&mut MoveStatus, &Volume) -> bool,
     ) -> Result<bool, PullError> {
-        let me = self.machine.clone();
-        let update = self
-            .store
-            .update_status::<Volume, _>(name, |vol| {
-                let mut s = vol.status.clone()?;
-                let m = s.move_.as_mut()?;
-                if m.to != me || m.started != started || !change(m, vol) {
-                    return None;
-                }
-                let (reason, message) = m.describe();
-                if m.stage < MoveStage::CleaningUp {
-                    s.phase = VolumePhase::Moving;
-                }
-                set_condition(
-                    &mut s.conditions,
-                    "Moving",
-                    ConditionStatus::True,
-                    reason,
-                    &message,
-                    vol.metadata.generation,
-                    Utc::now(),
-                );
-                Some(s)
-            })
-            .await?;
+        let update = write_move(&self.store, name, &self.machine, started, change).await?;
         Ok(update.written.is_some()
             || update
                 .object
@@ -773,6 +733,40 @@ impl Moves {
             Err(_) => {}
         }
     }
+}
+
+/// Writes a change to the `status.move` of the grant `started` to machine `me` (and the Moving
+/// condition and phase that follow from it); `change` returns false to write nothing.
+async fn write_move(
+    store: &cobalt_store::Store,
+    name: &str,
+    me: &str,
+    started: DateTime<Utc>,
+    change: impl Fn(&mut MoveStatus, &Volume) -> bool,
+) -> Result<cobalt_store::StatusUpdate<Volume>, cobalt_store::Error> {
+    store
+        .update_status::<Volume, _>(name, |vol| {
+            let mut s = vol.status.clone()?;
+            let m = s.move_.as_mut()?;
+            if m.to != me || m.started != started || !change(m, vol) {
+                return None;
+            }
+            let (reason, message) = m.describe();
+            if m.stage < MoveStage::CleaningUp {
+                s.phase = VolumePhase::Moving;
+            }
+            set_condition(
+                &mut s.conditions,
+                "Moving",
+                ConditionStatus::True,
+                reason,
+                &message,
+                vol.metadata.generation,
+                Utc::now(),
+            );
+            Some(s)
+        })
+        .await
 }
 
 /// Aborts a spawned task when dropped, so helpers never outlive the pull that started them.
