@@ -95,6 +95,9 @@ pub struct Moves {
     frozen: Mutex<HashSet<String>>,
     /// Pulls running here as the target, by uid, with the grant they serve.
     pulls: Mutex<HashMap<String, Pull>>,
+    /// One lock per uid over its staging: a receive (which runs on past a cancelled pull)
+    /// and a discard never interleave.
+    staging: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     limiter: RateLimiter,
     http: reqwest::Client,
 }
@@ -128,6 +131,7 @@ impl Moves {
             outgoing: Arc::new(tokio::sync::Semaphore::new(config.max_outgoing.max(1))),
             frozen: Mutex::new(HashSet::new()),
             pulls: Mutex::new(HashMap::new()),
+            staging: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(config.rate_limit),
             config,
             http,
@@ -147,6 +151,16 @@ impl Moves {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(uid.to_string());
+    }
+
+    /// The lock over `uid`'s staging.
+    fn staging_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Forgets a frozen volume once its copy here is gone.

@@ -422,7 +422,10 @@ impl Moves {
         }));
         let b = self.backend.clone();
         let u = uid.to_string();
+        // Held by the receive itself, which outlives this future if the pull is cancelled.
+        let staging = self.staging_lock(uid).lock_owned().await;
         let result = tokio::task::spawn_blocking(move || {
+            let _staging = staging;
             let mut reader = ChannelReader {
                 rx,
                 current: Bytes::new(),
@@ -721,9 +724,16 @@ impl Moves {
         if still {
             return;
         }
+        // After a receive still running for a cancelled pull has finished.
+        let staging = self.staging_lock(uid).lock_owned().await;
         let b = self.backend.clone();
         let u = uid.to_string();
-        match tokio::task::spawn_blocking(move || b.discard_received(&u)).await {
+        match tokio::task::spawn_blocking(move || {
+            let _staging = staging;
+            b.discard_received(&u)
+        })
+        .await
+        {
             Ok(Ok(())) => {
                 tracing::info!(volume = %name, "move dropped: discarded what was received")
             }
