@@ -25,6 +25,7 @@ pub mod meta;
 pub mod quantity;
 pub mod schema;
 pub mod selector;
+pub mod snapshot;
 pub mod validate;
 pub mod volume;
 
@@ -32,6 +33,7 @@ pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
 pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
 pub use meta::{ObjectMeta, Resource, API_VERSION};
 pub use quantity::{Quantity, QuantityError};
+pub use snapshot::{Snapshot, SnapshotPhase, SnapshotSchedule, SnapshotSpec, SnapshotStatus};
 pub use validate::{FieldError, ValidationErrors};
 pub use volume::{
     Access, Capability, CloneSeed, Compression, Endpoint, Export, ExportClient, LastMove,

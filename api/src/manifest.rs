@@ -11,7 +11,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::machine::Machine;
-use crate::validate::{validate_machine, validate_volume, FieldError, ValidationErrors};
+use crate::snapshot::Snapshot;
+use crate::validate::{
+    validate_machine, validate_snapshot, validate_volume, FieldError, ValidationErrors,
+};
 use crate::volume::Volume;
 use crate::Resource;
 
@@ -21,6 +24,7 @@ use crate::Resource;
 pub enum Manifest {
     Volume(Volume),
     Machine(Machine),
+    Snapshot(Snapshot),
 }
 
 impl Manifest {
@@ -28,6 +32,7 @@ impl Manifest {
         match self {
             Manifest::Volume(v) => v.name(),
             Manifest::Machine(m) => m.name(),
+            Manifest::Snapshot(s) => s.name(),
         }
     }
 
@@ -36,6 +41,7 @@ impl Manifest {
         match self {
             Manifest::Volume(_) => "volume",
             Manifest::Machine(_) => "machine",
+            Manifest::Snapshot(_) => "snapshot",
         }
     }
 }
@@ -47,7 +53,7 @@ pub enum ManifestError {
     Syntax(String),
     #[error("document {document}: {error}")]
     Shape { document: usize, error: FieldError },
-    #[error("document {document}: kind {kind:?} is unknown; expected Volume or Machine")]
+    #[error("document {document}: kind {kind:?} is unknown; expected Volume, Machine or Snapshot")]
     UnknownKind { document: usize, kind: String },
     #[error("document {document} ({kind}/{name}) is invalid: {errors}")]
     Invalid {
@@ -84,30 +90,28 @@ pub fn decode_manifest(document: usize, value: Value) -> Result<Manifest, Manife
         .unwrap_or_default()
         .to_string();
     let shape = |error| ManifestError::Shape { document, error };
+    fn typed<R: Resource>(
+        document: usize,
+        value: Value,
+        validate: fn(&R) -> Result<(), ValidationErrors>,
+    ) -> Result<R, ManifestError> {
+        let object: R =
+            from_value(value).map_err(|error| ManifestError::Shape { document, error })?;
+        validate(&object).map_err(|errors| ManifestError::Invalid {
+            document,
+            kind: R::KIND,
+            name: object.name().to_string(),
+            errors,
+        })?;
+        Ok(object)
+    }
     match kind.as_str() {
-        "Volume" => {
-            let v: Volume = from_value(value).map_err(shape)?;
-            validate_volume(&v).map_err(|errors| ManifestError::Invalid {
-                document,
-                kind: "Volume",
-                name: v.metadata.name.clone(),
-                errors,
-            })?;
-            Ok(Manifest::Volume(v))
-        }
-        "Machine" => {
-            let m: Machine = from_value(value).map_err(shape)?;
-            validate_machine(&m).map_err(|errors| ManifestError::Invalid {
-                document,
-                kind: "Machine",
-                name: m.metadata.name.clone(),
-                errors,
-            })?;
-            Ok(Manifest::Machine(m))
-        }
+        "Volume" => typed(document, value, validate_volume).map(Manifest::Volume),
+        "Machine" => typed(document, value, validate_machine).map(Manifest::Machine),
+        "Snapshot" => typed(document, value, validate_snapshot).map(Manifest::Snapshot),
         "" => Err(shape(FieldError {
             field: "kind".into(),
-            message: "is missing; expected Volume or Machine".into(),
+            message: "is missing; expected Volume, Machine or Snapshot".into(),
         })),
         _ => Err(ManifestError::UnknownKind { document, kind }),
     }

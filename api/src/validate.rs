@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use crate::machine::Machine;
 use crate::meta::{ObjectMeta, API_VERSION};
 use crate::quantity::MIB;
+use crate::snapshot::Snapshot;
 use crate::volume::Volume;
 
 /// One problem with one field.
@@ -215,10 +216,49 @@ pub fn validate_volume(v: &Volume) -> Result<(), ValidationErrors> {
         );
     }
     if let Some(source) = &spec.source {
-        if let Some(p) = dns1123_label_problem(&source.volume) {
-            errors.push("spec.source.volume", p);
-        } else if source.volume == v.metadata.name {
-            errors.push("spec.source.volume", "a volume cannot be a clone of itself");
+        match (&source.volume, &source.snapshot) {
+            (Some(_), Some(_)) | (None, None) => errors.push(
+                "spec.source",
+                "name exactly one of volume (a clone) or snapshot (a restore)",
+            ),
+            (Some(volume), None) => {
+                if let Some(p) = dns1123_label_problem(volume) {
+                    errors.push("spec.source.volume", p);
+                } else if *volume == v.metadata.name {
+                    errors.push("spec.source.volume", "a volume cannot be a clone of itself");
+                }
+            }
+            (None, Some(snapshot)) => {
+                if let Some(p) = dns1123_label_problem(snapshot) {
+                    errors.push("spec.source.snapshot", p);
+                }
+            }
+        }
+    }
+    if let Some(schedule) = &spec.snapshots {
+        match schedule.period() {
+            None => errors.push(
+                "spec.snapshots.every",
+                format!(
+                    "{:?} is not a duration; write e.g. 1h, 30m or 10s",
+                    schedule.every
+                ),
+            ),
+            Some(p) if p < std::time::Duration::from_secs(1) => errors.push(
+                "spec.snapshots.every",
+                format!("{:?} is below the minimum of 1s", schedule.every),
+            ),
+            Some(_) => {}
+        }
+        if !(1..=crate::snapshot::MAX_KEEP).contains(&schedule.keep) {
+            errors.push(
+                "spec.snapshots.keep",
+                format!(
+                    "{} is out of range: 1 to {}",
+                    schedule.keep,
+                    crate::snapshot::MAX_KEEP
+                ),
+            );
         }
     }
     if let Some(placement) = &spec.placement {
@@ -255,12 +295,43 @@ pub fn validate_volume_update(old: &Volume, new: &Volume) -> Result<(), Validati
     let mut errors = ValidationErrors::default();
     if old.spec.source != new.spec.source {
         let was = match &old.spec.source {
-            Some(s) => format!("a clone of {}", s.volume),
-            None => "not a clone".into(),
+            Some(s) => format!("from {}", s.describe()),
+            None => "empty".into(),
         };
         errors.push(
             "spec.source",
-            format!("is immutable: the volume was created {was}; create a new volume to clone"),
+            format!("is immutable: the volume was created {was}; create a new volume instead"),
+        );
+    }
+    errors.into_result()
+}
+
+/// Checks a Snapshot; `Err` lists every problem.
+pub fn validate_snapshot(s: &Snapshot) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    check_header(
+        &mut errors,
+        &s.api_version,
+        &s.kind,
+        "Snapshot",
+        &s.metadata,
+    );
+    if let Some(p) = dns1123_label_problem(&s.spec.volume) {
+        errors.push("spec.volume", p);
+    }
+    errors.into_result()
+}
+
+/// Checks a change to a stored Snapshot: its volume is fixed at creation.
+pub fn validate_snapshot_update(old: &Snapshot, new: &Snapshot) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    if old.spec != new.spec {
+        errors.push(
+            "spec.volume",
+            format!(
+                "is immutable: the snapshot is of volume {}; create a new snapshot",
+                old.spec.volume
+            ),
         );
     }
     errors.into_result()
@@ -395,7 +466,7 @@ mod tests {
     #[test]
     fn clone_of_itself_and_bad_machine_names_are_refused() {
         let mut v = volume("a");
-        v.spec.source = Some(crate::VolumeSource { volume: "a".into() });
+        v.spec.source = Some(crate::VolumeSource::volume("a"));
         v.spec.machine = Some("Node_1".into());
         assert_eq!(
             fields(validate_volume(&v)),

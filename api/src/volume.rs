@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use crate::condition::Condition;
 use crate::meta::{resource, ObjectMeta, API_VERSION};
 use crate::quantity::Quantity;
+use crate::snapshot::SnapshotSchedule;
 
 /// The finalizer that keeps a bound Volume until its machine's agent has destroyed the data.
 /// The scheduler adds it in the same write that binds the volume; the agent removes it.
@@ -75,9 +76,16 @@ pub struct VolumeSpec {
     /// NFS export; without it, or with no clients, the volume is exported to nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<Export>,
+    /// Snapshots taken on a schedule (`{every: 1h, keep: 24}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotSchedule>,
 }
 
 fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
     *v == 0
 }
 
@@ -107,8 +115,15 @@ impl VolumeSpec {
         if !self.compression.is_none() {
             needs.push(Capability::Compression);
         }
-        if self.source.is_some() {
-            needs.push(Capability::Clone);
+        match &self.source {
+            Some(VolumeSource {
+                snapshot: Some(_), ..
+            }) => needs.push(Capability::Snapshot),
+            Some(_) => needs.push(Capability::Clone),
+            None => {}
+        }
+        if self.snapshots.is_some() && !needs.contains(&Capability::Snapshot) {
+            needs.push(Capability::Snapshot);
         }
         needs
     }
@@ -154,6 +169,30 @@ impl Volume {
             .map(|m| m.to.as_str())
             .filter(|t| Some(*t) != holder);
         holder.into_iter().chain(target)
+    }
+
+    /// Bytes the ledger counts for this volume on `machine` (one of [`Volume::ledger_machines`]):
+    /// [`Volume::ledger_bytes`], plus its snapshots' bytes where its data is (volumes with
+    /// snapshots do not move, so the snapshots are there). Shared by the scheduler and the
+    /// agent's machine report.
+    pub fn reserved_on(&self, machine: &str) -> u64 {
+        let holder = self.status.as_ref().and_then(|s| s.machine.as_deref());
+        let snapshots = if holder == Some(machine) {
+            self.snapshot_bytes()
+        } else {
+            0
+        };
+        self.ledger_bytes() + snapshots
+    }
+
+    /// Bytes the volume's snapshots hold exclusively on its machine.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.status.as_ref().map_or(0, |s| s.snapshot_bytes)
+    }
+
+    /// The snapshots the volume holds on its machine (or is taking).
+    pub fn snapshot_names(&self) -> &[String] {
+        self.status.as_ref().map_or(&[], |s| s.snapshots.as_slice())
     }
 
     /// The move in progress, if any.
@@ -219,8 +258,44 @@ impl Compression {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSource {
-    /// Name of the volume to clone.
-    pub volume: String,
+    /// Name of the volume to clone (its current content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Name of the Snapshot to restore (its content when it was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+impl VolumeSource {
+    /// A clone of volume `name`.
+    pub fn volume(name: impl Into<String>) -> Self {
+        VolumeSource {
+            volume: Some(name.into()),
+            snapshot: None,
+        }
+    }
+
+    /// A restore of snapshot `name`.
+    pub fn snapshot(name: impl Into<String>) -> Self {
+        VolumeSource {
+            volume: None,
+            snapshot: Some(name.into()),
+        }
+    }
+
+    /// The volume cloned, if this is a clone.
+    pub fn clone_of(&self) -> Option<&str> {
+        self.volume.as_deref()
+    }
+
+    /// What the source is, for messages: `volume db`, `snapshot db-1`.
+    pub fn describe(&self) -> String {
+        match (&self.volume, &self.snapshot) {
+            (Some(v), _) => format!("volume {v}"),
+            (None, Some(s)) => format!("snapshot {s}"),
+            (None, None) => "nothing".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -295,6 +370,13 @@ pub struct VolumeStatus {
     /// clone's agent until the clone is provisioned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_seed: Option<CloneSeed>,
+    /// The Snapshots of this volume held on its machine, or being taken (names). Written by the
+    /// agent before it takes one; while it is not empty the volume does not move.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    /// Bytes held only by this volume's snapshots (counted in the machine's ledger).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub snapshot_bytes: u64,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -564,9 +646,7 @@ mod tests {
         let mut spec = sized("1Gi").spec;
         assert!(spec.required_capabilities().is_empty());
         spec.compression = Compression::Zstd;
-        spec.source = Some(VolumeSource {
-            volume: "base".into(),
-        });
+        spec.source = Some(VolumeSource::volume("base"));
         assert_eq!(
             spec.required_capabilities(),
             [Capability::Compression, Capability::Clone]

@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
+use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::client::{Client, CtlError};
@@ -34,7 +36,7 @@ pub async fn apply(
         applied.insert((o.kind.plural(), o.name.clone()));
     }
     if let Some(selector) = prune {
-        for kind in [Kind::Volume, Kind::Machine] {
+        for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot] {
             let list = c.list(kind, Some(selector)).await?;
             for item in list["items"].as_array().into_iter().flatten() {
                 let name = item["metadata"]["name"]
@@ -224,13 +226,20 @@ pub async fn describe(c: &Client, what: &str, name: Option<String>) -> anyhow::R
     Ok(0)
 }
 
+pub struct DeleteOptions {
+    /// Wait until the objects are gone.
+    pub wait: bool,
+    /// Delete a volume's snapshots first.
+    pub with_snapshots: bool,
+    pub timeout: Duration,
+}
+
 pub async fn delete(
     c: &Client,
     what: Option<&str>,
     name: Option<String>,
     files: &[String],
-    wait: bool,
-    timeout: Duration,
+    opts: DeleteOptions,
 ) -> anyhow::Result<i32> {
     let mut targets: Vec<(Kind, String)> = Vec::new();
     if !files.is_empty() {
@@ -248,18 +257,95 @@ pub async fn delete(
         targets.push((kind, n));
     }
     for (kind, n) in &targets {
-        match c.delete(*kind, n).await {
+        let result = if *kind == Kind::Volume && opts.with_snapshots {
+            delete_volume_with_snapshots(c, n, opts.timeout).await
+        } else {
+            c.delete(*kind, n).await.map_err(Into::into)
+        };
+        match result {
             Ok(_) => println!("{}/{n} deleted", kind.singular()),
-            Err(CtlError::Api(f)) if f.reason == "NotFound" => {
-                anyhow::bail!("{} {n:?} not found", kind.singular())
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => match e.downcast_ref::<CtlError>() {
+                Some(CtlError::Api(f)) if f.reason == "NotFound" => {
+                    anyhow::bail!("{} {n:?} not found", kind.singular())
+                }
+                _ => return Err(e),
+            },
         }
     }
-    if wait {
+    if opts.wait {
         for (kind, n) in &targets {
-            wait_for(c, *kind, n, &WaitFor::Delete, timeout).await?;
+            wait_for(c, *kind, n, &WaitFor::Delete, opts.timeout).await?;
         }
+    }
+    Ok(0)
+}
+
+/// Deletes every Snapshot of volume `name`, waits until they are gone (their data freed), then
+/// deletes the volume. A schedule may take a new snapshot in between: the volume's delete is then
+/// refused (409) and the round is repeated, a bounded number of times.
+async fn delete_volume_with_snapshots(
+    c: &Client,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    const ROUNDS: usize = 3;
+    for round in 1..=ROUNDS {
+        let list = c.list(Kind::Snapshot, None).await?;
+        let mine: Vec<String> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["spec"]["volume"] == name)
+            .filter_map(|s| s["metadata"]["name"].as_str().map(String::from))
+            .collect();
+        for s in &mine {
+            match c.delete(Kind::Snapshot, s).await {
+                Ok(_) => println!("snapshot/{s} deleted"),
+                Err(CtlError::Api(f)) if f.reason == "NotFound" => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for s in &mine {
+            wait_for(c, Kind::Snapshot, s, &WaitFor::Delete, timeout).await?;
+        }
+        match c.delete(Kind::Volume, name).await {
+            Err(CtlError::Api(f)) if f.code == StatusCode::CONFLICT && round < ROUNDS => continue,
+            other => return other.map_err(Into::into),
+        }
+    }
+    unreachable!("the last round returns")
+}
+
+/// `cobaltctl snapshot volume/NAME`: creates the Snapshot; with `wait`, until it is taken.
+pub async fn snapshot(
+    c: &Client,
+    volume: &str,
+    name: Option<String>,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let name = name.unwrap_or_else(|| cobalt_api::snapshot::scheduled_name(volume, Utc::now()));
+    let body = serde_json::to_value(cobalt_api::Snapshot::new(&name, volume))?;
+    c.create(Kind::Snapshot, &body, false).await?;
+    println!("snapshot/{name} created");
+    if wait {
+        let want = WaitFor::Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+        };
+        wait_for(c, Kind::Snapshot, &name, &want, timeout).await?;
+        let s = c.get(Kind::Snapshot, &name).await?.unwrap_or_default();
+        println!(
+            "snapshot/{name} ready on machine {} ({} of data)",
+            s.pointer("/status/machine")
+                .and_then(Value::as_str)
+                .unwrap_or("?"),
+            output::human_bytes(
+                s.pointer("/status/sizeBytes")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            ),
+        );
     }
     Ok(0)
 }

@@ -1,10 +1,12 @@
 //! Kind names as users type them: `volume`, `volumes`, `vol`, `machine`, `machines`, `mach`,
+//! `snapshot`, `snapshots`, `snap`,
 //! optionally with a name: `volume/media`.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Volume,
     Machine,
+    Snapshot,
 }
 
 impl Kind {
@@ -12,8 +14,9 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "volume" | "volumes" | "vol" | "vols" => Ok(Kind::Volume),
             "machine" | "machines" | "mach" | "machs" => Ok(Kind::Machine),
+            "snapshot" | "snapshots" | "snap" | "snaps" => Ok(Kind::Snapshot),
             other => Err(format!(
-                "unknown kind {other:?}; use volume(s)/vol or machine(s)/mach"
+                "unknown kind {other:?}; use volume(s)/vol, machine(s)/mach or snapshot(s)/snap"
             )),
         }
     }
@@ -30,6 +33,7 @@ impl Kind {
         match self {
             Kind::Volume => "volumes",
             Kind::Machine => "machines",
+            Kind::Snapshot => "snapshots",
         }
     }
 
@@ -37,6 +41,7 @@ impl Kind {
         match self {
             Kind::Volume => "volume",
             Kind::Machine => "machine",
+            Kind::Snapshot => "snapshot",
         }
     }
 
@@ -44,6 +49,7 @@ impl Kind {
         match kind {
             "Volume" => Some(Kind::Volume),
             "Machine" => Some(Kind::Machine),
+            "Snapshot" => Some(Kind::Snapshot),
             _ => None,
         }
     }

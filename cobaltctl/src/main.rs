@@ -83,6 +83,25 @@ enum Verb {
         /// Wait until the objects are gone (their data deleted).
         #[arg(long)]
         wait: bool,
+        /// For volumes: delete their snapshots first (a volume with snapshots is not deleted).
+        #[arg(long)]
+        with_snapshots: bool,
+        #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
+        timeout: Duration,
+    },
+    /// Take a snapshot of a volume (a Snapshot object; its machine's agent takes it).
+    #[command(
+        after_help = "Examples:\n  cobaltctl snapshot volume/db --name db-before-upgrade --wait\n  cobaltctl get snapshots -l cobalt.io/volume=db\n  restore: a Volume with spec.source: {snapshot: db-before-upgrade}"
+    )]
+    Snapshot {
+        /// volume/NAME
+        target: String,
+        /// The snapshot's name (default: VOLUME-YYYYMMDD-HHMMSS).
+        #[arg(long)]
+        name: Option<String>,
+        /// Wait until it is taken (Ready).
+        #[arg(long)]
+        wait: bool,
         #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
         timeout: Duration,
     },
@@ -209,8 +228,35 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             name,
             files,
             wait,
+            with_snapshots,
             timeout,
-        } => commands::delete(&client()?, kind.as_deref(), name, &files, wait, timeout).await,
+        } => {
+            commands::delete(
+                &client()?,
+                kind.as_deref(),
+                name,
+                &files,
+                commands::DeleteOptions {
+                    wait,
+                    with_snapshots,
+                    timeout,
+                },
+            )
+            .await
+        }
+        Verb::Snapshot {
+            target,
+            name,
+            wait,
+            timeout,
+        } => {
+            let (kind, volume) = Kind::parse_ref(&target).map_err(anyhow::Error::msg)?;
+            let volume = match (kind, volume) {
+                (Kind::Volume, Some(n)) => n,
+                _ => anyhow::bail!("snapshot needs volume/NAME, e.g. volume/db"),
+            };
+            commands::snapshot(&client()?, &volume, name, wait, timeout).await
+        }
         Verb::Wait {
             target,
             for_,

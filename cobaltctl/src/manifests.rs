@@ -64,6 +64,7 @@ pub fn load(sources: &[String], recursive: bool) -> anyhow::Result<Vec<Object>> 
             let (kind, value) = match &m {
                 Manifest::Volume(v) => (Kind::Volume, serde_json::to_value(v)?),
                 Manifest::Machine(mm) => (Kind::Machine, serde_json::to_value(mm)?),
+                Manifest::Snapshot(sn) => (Kind::Snapshot, serde_json::to_value(sn)?),
             };
             objects.push(Object {
                 kind,

@@ -75,6 +75,18 @@ pub fn header(kind: Kind, wide: bool) -> Vec<&'static str> {
             "LABELS",
             "SCHEDULABLE",
         ],
+        (Kind::Snapshot, false) => vec!["NAME", "VOLUME", "READY", "MACHINE", "SIZE", "AGE"],
+        (Kind::Snapshot, true) => vec![
+            "NAME",
+            "VOLUME",
+            "READY",
+            "MACHINE",
+            "SIZE",
+            "AGE",
+            "EXCLUSIVE",
+            "PHASE",
+            "SCHEDULED",
+        ],
     }
 }
 
@@ -180,6 +192,38 @@ pub fn row(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
             }
             r
         }
+        Kind::Snapshot => {
+            let mut r = vec![
+                s(v, "/metadata/name").into(),
+                s(v, "/spec/volume").into(),
+                v.pointer("/status/readyToUse")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                    .to_string(),
+                match s(v, "/status/machine") {
+                    "" => "<none>".into(),
+                    m => m.into(),
+                },
+                bytes(v.pointer("/status/sizeBytes").and_then(Value::as_u64)),
+                age(v),
+            ];
+            if wide {
+                r.extend([
+                    bytes(v.pointer("/status/exclusiveBytes").and_then(Value::as_u64)),
+                    match s(v, "/status/phase") {
+                        "" => "Pending".into(),
+                        p => p.into(),
+                    },
+                    v.pointer(&format!(
+                        "/metadata/labels/{}",
+                        cobalt_api::snapshot::SCHEDULED_LABEL.replace('/', "~1")
+                    ))
+                    .is_some()
+                    .to_string(),
+                ]);
+            }
+            r
+        }
     }
 }
 
@@ -233,6 +277,7 @@ pub fn describe(kind: Kind, v: &Value) -> String {
         match kind {
             Kind::Volume => "Volume".into(),
             Kind::Machine => "Machine".into(),
+            Kind::Snapshot => "Snapshot".into(),
         },
     );
     if let Some(labels) = v.pointer("/metadata/labels").and_then(Value::as_object) {

@@ -2,7 +2,7 @@
 //! so it cannot drift. Served at `/openapi.json` and checked in as `schemas/openapi.json`
 //! (`make schemas`; a test fails when stale).
 
-use cobalt_api::{Machine, Volume};
+use cobalt_api::{Machine, Snapshot, Volume};
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 
@@ -22,14 +22,20 @@ pub fn document() -> Value {
         .into_generator();
     let volume = generator.subschema_for::<Volume>();
     let machine = generator.subschema_for::<Machine>();
+    let snapshot = generator.subschema_for::<Snapshot>();
     let mut schemas: Map<String, Value> = generator.take_definitions(true);
     schemas.insert("Status".into(), status_schema());
     schemas.insert("VolumeList".into(), list_schema(&volume));
     schemas.insert("MachineList".into(), list_schema(&machine));
+    schemas.insert("SnapshotList".into(), list_schema(&snapshot));
     schemas.insert("WatchEvent".into(), watch_event_schema());
 
     let mut paths = Map::new();
-    for (plural, schema) in [("volumes", "Volume"), ("machines", "Machine")] {
+    for (plural, schema) in [
+        ("volumes", "Volume"),
+        ("machines", "Machine"),
+        ("snapshots", "Snapshot"),
+    ] {
         let base = format!("{}/{plural}", crate::http::API_PREFIX);
         paths.insert(base.clone(), collection_path(plural, schema));
         paths.insert(format!("{base}/{{name}}"), item_path(plural, schema));
@@ -63,7 +69,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Cobalt API",
             "version": "v1alpha1",
-            "description": "Declarative volumes on storage machines: Volumes and Machines with spec/status, stored in etcd."
+            "description": "Declarative volumes on storage machines: Volumes, Machines and Snapshots with spec/status, stored in etcd."
         },
         "security": [{"bearer": []}],
         "paths": paths,

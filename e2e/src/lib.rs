@@ -123,6 +123,17 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// Names of the snapshots of volume `uid` on this machine's pool.
+    pub fn snapshots_on_disk(&self, uid: &str) -> Vec<String> {
+        use cobalt_agent::backend::Backend;
+        cobalt_agent::backend::btrfs::BtrfsBackend::open(self.pool.path())
+            .unwrap()
+            .snapshots(uid)
+            .unwrap()
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         self.kill_agent();

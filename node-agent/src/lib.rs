@@ -15,5 +15,6 @@ pub mod moves;
 pub mod plan;
 pub mod pool;
 pub mod registration;
+pub mod snapshots;
 pub mod usage;
 pub mod volumes;

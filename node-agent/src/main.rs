@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         agent_url: config.agent_url(),
     };
     let volumes = Cache::<Volume>::new();
+    let snapshots = Cache::<cobalt_api::Snapshot>::new();
     let mut tasks = vec![
         tokio::spawn(registration::keep_alive(
             store.clone(),
@@ -79,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(reflect(
             store.clone(),
             volumes.clone(),
+            Some(reconcile_metrics.clone()),
+            shutdown.clone(),
+        )),
+        tokio::spawn(reflect(
+            store.clone(),
+            snapshots.clone(),
             Some(reconcile_metrics.clone()),
             shutdown.clone(),
         )),
@@ -165,6 +172,28 @@ async fn main() -> anyhow::Result<()> {
         config.usage_refresh,
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(cobalt_agent::snapshots::run_schedules(
+        store.clone(),
+        name.clone(),
+        volumes.clone(),
+        snapshots.clone(),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(cobalt_agent::snapshots::report_space(
+        store.clone(),
+        name.clone(),
+        backend.clone(),
+        volumes.clone(),
+        snapshots.clone(),
+        config.usage_refresh,
+        shutdown.clone(),
+    )));
+    let snapshot_agent = cobalt_agent::snapshots::SnapshotAgent::new(
+        name.clone(),
+        store.clone(),
+        backend.clone(),
+        volumes.clone(),
+    );
     let agent = VolumeAgent {
         machine: name.clone(),
         address: config.address.clone(),
@@ -172,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         backend,
         exports,
         moves,
+        snapshots: snapshots.clone(),
     };
     let controller_config = Config {
         name: "volume-agent".into(),
@@ -181,8 +211,48 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(300),
         ..Config::default()
     };
+    // A snapshot waits on its volume: a volume change requeues its snapshots.
+    let snapshots_of = snapshots.clone();
+    tasks.push(tokio::spawn(
+        Controller::new(
+            snapshots.clone(),
+            snapshot_agent,
+            Config {
+                name: "snapshot-agent".into(),
+                concurrency: 4,
+                resync: Duration::from_secs(300),
+                ..Config::default()
+            },
+        )
+        .watches(volumes.clone(), move |v: &Volume| {
+            snapshots_of
+                .list()
+                .iter()
+                .filter(|s| s.spec.volume == v.metadata.name)
+                .map(|s| s.metadata.name.clone())
+                .collect()
+        })
+        .with_metrics(reconcile_metrics.clone())
+        .run(shutdown.clone()),
+    ));
+    // A snapshot change requeues its volume (a delete waiting for its snapshots to go) and the
+    // volumes restoring it.
+    let volumes_of = volumes.clone();
     tasks.push(tokio::spawn(
         Controller::new(volumes, agent, controller_config)
+            .watches(snapshots, move |s: &cobalt_api::Snapshot| {
+                let mut keys: Vec<String> = volumes_of
+                    .list()
+                    .iter()
+                    .filter(|v| {
+                        v.spec.source.as_ref().and_then(|x| x.snapshot.as_deref())
+                            == Some(s.metadata.name.as_str())
+                    })
+                    .map(|v| v.metadata.name.clone())
+                    .collect();
+                keys.push(s.spec.volume.clone());
+                keys
+            })
             .with_metrics(reconcile_metrics)
             .run(shutdown.clone()),
     ));

@@ -83,6 +83,9 @@ pub struct Observed {
     /// For a clone whose source's data is on another machine: that machine and the source's
     /// uid (the clone is seeded from a snapshot of it, streamed from there).
     pub clone_source_remote: Option<(String, String)>,
+    /// For a restore: the snapshot's volume uid and backend name, when it is taken and on this
+    /// machine.
+    pub restore_source: Option<(String, String)>,
 }
 
 /// One thing the executor does, in order.
@@ -94,6 +97,13 @@ pub enum Step {
     /// Creates data as a copy of the source (after a fresh read confirms the binding).
     Clone {
         source_uid: String,
+        record: VolumeRecord,
+    },
+    /// Creates data as a writable copy of snapshot `snapshot` of volume `volume_uid` (after a
+    /// fresh read confirms the binding).
+    Restore {
+        volume_uid: String,
+        snapshot: String,
         record: VolumeRecord,
     },
     /// Creates data as a copy of the source held by machine `from`, streamed from a snapshot of
@@ -220,6 +230,31 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
             return plan;
         }
         None => match &v.spec.source {
+            Some(source) if source.snapshot.is_some() => {
+                let snapshot = source.snapshot.clone().unwrap_or_default();
+                match &seen.restore_source {
+                    _ if !seen.capabilities.contains(&Capability::Snapshot) => {
+                        plan.steps.push(Step::WriteStatus);
+                        plan.problem = Some(Problem {
+                            reason: "RestoreUnsupported",
+                            message: format!(
+                                "machine {machine}'s backend cannot restore snapshots"
+                            ),
+                        });
+                        return plan;
+                    }
+                    Some((volume_uid, name)) => plan.steps.push(Step::Restore {
+                        volume_uid: volume_uid.clone(),
+                        snapshot: name.clone(),
+                        record: wanted.clone(),
+                    }),
+                    None => {
+                        plan.steps.clear();
+                        plan.waiting_for_source = Some(format!("snapshot {snapshot}"));
+                        return plan;
+                    }
+                }
+            }
             Some(source) => match (&seen.clone_source_uid, &seen.clone_source_remote) {
                 (Some(uid), _) if seen.capabilities.contains(&Capability::Clone) => {
                     plan.steps.push(Step::Clone {
@@ -235,7 +270,7 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
                 }
                 (None, None) if seen.capabilities.contains(&Capability::Clone) => {
                     plan.steps.clear();
-                    plan.waiting_for_source = Some(source.volume.clone());
+                    plan.waiting_for_source = Some(source.clone_of().unwrap_or_default().into());
                     return plan;
                 }
                 _ => {
@@ -244,7 +279,7 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
                         reason: "CloneUnsupported",
                         message: format!(
                             "machine {machine}'s backend cannot make a copy of {} where it is",
-                            source.volume
+                            source.describe()
                         ),
                     });
                     return plan;
@@ -508,6 +543,7 @@ mod tests {
             clone_source_uid: None,
             move_snapshots: vec![],
             clone_source_remote: None,
+            restore_source: None,
         }
     }
 
@@ -624,11 +660,35 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_is_made_from_the_local_snapshot_or_waits_for_it() {
+        let mut v = volume();
+        v.spec.source = Some(VolumeSource::snapshot("db-1"));
+        let p = plan(&v, "m1", &seen(None));
+        assert!(
+            p.steps.is_empty(),
+            "the snapshot is not here (yet): nothing is created"
+        );
+        assert_eq!(p.waiting_for_source.as_deref(), Some("snapshot db-1"));
+        let mut here = seen(None);
+        here.restore_source = Some(("db-uid".into(), "snap-uid".into()));
+        let p = plan(&v, "m1", &here);
+        assert!(p.steps.contains(&Step::Restore {
+            volume_uid: "db-uid".into(),
+            snapshot: "snap-uid".into(),
+            record: record(&v),
+        }));
+        // Provisioned already: never restored again over the data.
+        let p = plan(&v, "m1", &seen(on_disk(&v)));
+        assert!(!p.steps.iter().any(|s| matches!(s, Step::Restore { .. })));
+        here.capabilities.retain(|c| *c != Capability::Snapshot);
+        let p = plan(&v, "m1", &here);
+        assert_eq!(p.problem.unwrap().reason, "RestoreUnsupported");
+    }
+
+    #[test]
     fn a_clone_is_made_from_the_local_source_seeded_from_a_remote_one_or_waits() {
         let mut v = volume();
-        v.spec.source = Some(VolumeSource {
-            volume: "base".into(),
-        });
+        v.spec.source = Some(VolumeSource::volume("base"));
         let p = plan(&v, "m1", &seen(None));
         assert!(p.steps.is_empty(), "no source here yet: nothing is created");
         assert_eq!(p.waiting_for_source.as_deref(), Some("base"));

@@ -171,7 +171,7 @@ async fn write_status(
     for v in &all {
         if v.ledger_machines().any(|m| m == name) {
             count += 1;
-            reserved += v.ledger_bytes();
+            reserved += v.reserved_on(name);
         }
     }
     let uids: std::collections::HashSet<&str> =

@@ -34,6 +34,8 @@ pub struct VolumeAgent {
     pub exports: Arc<Exports>,
     /// Moves to and from this machine.
     pub moves: Arc<Moves>,
+    /// Every Snapshot (restores read their source here).
+    pub snapshots: cobalt_reconcile::Cache<cobalt_api::Snapshot>,
 }
 
 /// Where clients mount volume `name` exported from `address` on NFS port `port`.
@@ -67,8 +69,10 @@ pub enum AgentError {
     Store(#[from] cobalt_store::Error),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("clone source {0:?} is not provisioned on this machine yet")]
+    #[error("the source ({0}) is not on this machine yet")]
     SourceNotReady(String),
+    #[error("volume {volume} still has snapshots ({snapshots}); its data is kept until they are deleted")]
+    HasSnapshots { volume: String, snapshots: String },
     #[error("backend task failed: {0}")]
     Join(String),
     #[error(transparent)]
@@ -150,6 +154,29 @@ impl VolumeAgent {
         Ok(())
     }
 
+    /// The API refuses to delete a volume with snapshots; this is the second line: a fresh list
+    /// of the Snapshots of this volume (a snapshot created in a race with the delete) keeps the
+    /// data until they are gone.
+    async fn refuse_while_snapshots_exist(&self, v: &Volume) -> Result<(), AgentError> {
+        // Every Snapshot, not only those labelled with the volume: a label can be edited.
+        let (snapshots, _) = self
+            .store
+            .list::<cobalt_api::Snapshot>(&Default::default())
+            .await?;
+        let held: Vec<String> = snapshots
+            .iter()
+            .filter(|s| s.belongs_to(&v.metadata.name, &v.metadata.uid))
+            .map(|s| s.metadata.name.clone())
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        Err(AgentError::HasSnapshots {
+            volume: v.metadata.name.clone(),
+            snapshots: held.join(", "),
+        })
+    }
+
     fn endpoint(&self, name: &str) -> Endpoint {
         endpoint(&self.address, self.exports.exporter.port(), name)
     }
@@ -160,7 +187,7 @@ impl VolumeAgent {
         let on_disk = self.blocking(move |b| b.get(&uid)).await?;
         let clone_source_uid = v.spec.source.as_ref().and_then(|s| {
             ctx.cache()
-                .get(&s.volume)
+                .get(s.clone_of()?)
                 .filter(|src| {
                     src.status.as_ref().and_then(|st| st.machine.as_deref())
                         == Some(self.machine.as_str())
@@ -178,16 +205,27 @@ impl VolumeAgent {
             Vec::new()
         };
         let clone_source_remote = v.spec.source.as_ref().and_then(|s| {
-            let src = ctx.cache().get(&s.volume)?;
+            let src = ctx.cache().get(s.clone_of()?)?;
             let holder = src.status.as_ref()?.machine.clone()?;
             (holder != self.machine).then(|| (holder, src.metadata.uid.clone()))
         });
+        let restore_source = v
+            .spec
+            .source
+            .as_ref()
+            .and_then(|s| self.snapshots.get(s.snapshot.as_deref()?))
+            .filter(|snap| snap.ready() && snap.machine() == Some(self.machine.as_str()))
+            .and_then(|snap| {
+                let uid = snap.status.as_ref()?.volume_uid.clone()?;
+                Some((uid, snap.backend_name().to_string()))
+            });
         Ok(Observed {
             on_disk,
             capabilities: self.backend.capabilities(),
             clone_source_uid,
             move_snapshots,
             clone_source_remote,
+            restore_source,
         })
     }
 }
@@ -236,7 +274,9 @@ impl Reconciler<Volume> for VolumeAgent {
                     volume = self.store.replace(&volume).await?;
                     ctx.wrote(volume.metadata.revision());
                 }
-                Step::Create(record) | Step::Clone { record, .. } => {
+                Step::Create(record)
+                | Step::Clone { record, .. }
+                | Step::Restore { record, .. } => {
                     if self.confirm(&volume, Confirm::Create).await?.is_none() {
                         tracing::info!(volume = %name, "not created: a fresh read shows it is no longer wanted here");
                         return Ok(Action::Done);
@@ -246,6 +286,14 @@ impl Reconciler<Volume> for VolumeAgent {
                         Step::Clone { source_uid, .. } => {
                             let s = source_uid.clone();
                             self.blocking(move |b| b.clone_from(&s, &r)).await?
+                        }
+                        Step::Restore {
+                            volume_uid,
+                            snapshot,
+                            ..
+                        } => {
+                            let (u, n) = (volume_uid.clone(), snapshot.clone());
+                            self.blocking(move |b| b.restore(&u, &n, &r)).await?
                         }
                         _ => self.blocking(move |b| b.create(&r)).await?,
                     }
@@ -356,6 +404,7 @@ impl Reconciler<Volume> for VolumeAgent {
                     let Some(fresh) = self.confirm(&volume, Confirm::Destroy).await? else {
                         return Ok(Action::Done);
                     };
+                    self.refuse_while_snapshots_exist(&fresh).await?;
                     volume = fresh;
                     let u = uid.clone();
                     match self.blocking(move |b| b.destroy(&u)).await {

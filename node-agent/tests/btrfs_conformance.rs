@@ -53,3 +53,20 @@ fn deleting_a_volume_leaves_no_qgroup_behind() {
         .collect();
     assert!(qgroups.is_empty(), "stale qgroups: {qgroups:?}");
 }
+
+#[test]
+fn a_snapshot_is_read_only_on_disk() {
+    use cobalt_agent::backend::Backend;
+    let pool = Pool::new();
+    let b = pool.open();
+    b.create(&cobalt_agent::backend::conformance::record("u1", 16 << 20))
+        .unwrap();
+    std::fs::write(b.path("u1").join("file"), b"kept").unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    let on_disk = pool.0.path().join("snapshots/u1/s1");
+    assert_eq!(std::fs::read(on_disk.join("file")).unwrap(), b"kept");
+    let err = std::fs::write(on_disk.join("file"), b"overwritten").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(std::fs::write(on_disk.join("new"), b"x").is_err());
+    assert_eq!(std::fs::read(on_disk.join("file")).unwrap(), b"kept");
+}

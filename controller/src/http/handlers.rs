@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cobalt_api::selector::LabelSelector;
-use cobalt_api::{Machine, Volume, API_VERSION};
+use cobalt_api::{Machine, Snapshot, Volume, API_VERSION};
 use cobalt_store::Deleted;
 use serde::Deserialize;
 use serde_json::json;
@@ -61,8 +61,9 @@ macro_rules! by_kind {
         match $plural.as_str() {
             "volumes" => $f::<Volume>($($arg),*).await,
             "machines" => $f::<Machine>($($arg),*).await,
+            "snapshots" => $f::<Snapshot>($($arg),*).await,
             other => Err(ApiError::not_found(format!(
-                "the API has no resource {other:?}; it serves volumes and machines"
+                "the API has no resource {other:?}; it serves volumes, machines and snapshots"
             ))),
         }
     };
@@ -137,6 +138,20 @@ async fn create_kind<R: ApiKind>(
     let dry_run = p.dry_run()?;
     let mut object: R = decode_body(headers, body)?;
     *object.status_mut() = None;
+    object.prepare_create();
+    if let Some((volume, field)) = object.requires_volume() {
+        let found = bounded(&s, s.store.get::<Volume>(volume)).await?;
+        let problem = match found {
+            None => Some(format!("volume {volume:?} does not exist")),
+            Some(v) if v.metadata.is_deleting() => {
+                Some(format!("volume {volume:?} is being deleted"))
+            }
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
+            return Err(field_error::<R>(object.name(), field, &problem));
+        }
+    }
     if dry_run {
         if bounded(&s, s.store.get::<R>(object.name()))
             .await?
@@ -240,6 +255,9 @@ async fn delete_kind<R: ApiKind>(s: AppState, name: &str, p: Params) -> Result<R
     if R::KIND == "Machine" {
         refuse_deleting_a_machine_with_volumes(&s, name).await?;
     }
+    if R::KIND == "Volume" {
+        refuse_deleting_a_volume_with_snapshots(&s, name).await?;
+    }
     if p.dry_run()? {
         let object = bounded(&s, s.store.get::<R>(name))
             .await?
@@ -268,21 +286,60 @@ async fn refuse_deleting_a_machine_with_volumes(s: &AppState, name: &str) -> Res
         return Ok(());
     }
     held.sort();
-    let shown = held.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
-    let more = if held.len() > 20 {
-        format!(" and {} more", held.len() - 20)
-    } else {
-        String::new()
-    };
     Err(ApiError::new(
         StatusCode::CONFLICT,
         "Conflict",
         format!(
-            "machine {name} holds {} volume{}: {shown}{more}; drain it first (cobaltctl drain {name} --wait)",
+            "machine {name} holds {} volume{}: {}; drain it first (cobaltctl drain {name} --wait)",
             held.len(),
-            if held.len() == 1 { "" } else { "s" }
+            if held.len() == 1 { "" } else { "s" },
+            list_some(&held),
         ),
     ))
+}
+
+/// A Volume with Snapshots cannot be deleted: 409 naming them (its data would take theirs with
+/// it). Delete the snapshots first (`cobaltctl delete volume/NAME --with-snapshots`).
+async fn refuse_deleting_a_volume_with_snapshots(s: &AppState, name: &str) -> Result<(), ApiError> {
+    let Some(volume) = bounded(s, s.store.get::<Volume>(name)).await? else {
+        return Ok(());
+    };
+    // Every Snapshot, not only those labelled with the volume: a label can be edited.
+    let (snapshots, _) = bounded(s, s.store.list::<Snapshot>(&Default::default())).await?;
+    let mut held: Vec<&str> = snapshots
+        .iter()
+        .filter(|x| x.belongs_to(name, &volume.metadata.uid))
+        .map(|x| x.metadata.name.as_str())
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    held.sort();
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "Conflict",
+        format!(
+            "volume {name} has {} snapshot{}: {}; delete them first (cobaltctl delete volume/{name} --with-snapshots deletes both)",
+            held.len(),
+            if held.len() == 1 { "" } else { "s" },
+            list_some(&held),
+        ),
+    ))
+}
+
+/// Up to 20 names joined, with a count of the rest.
+fn list_some(names: &[&str]) -> String {
+    let shown = names
+        .iter()
+        .take(20)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 20 {
+        format!("{shown} and {} more", names.len() - 20)
+    } else {
+        shown
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -3,9 +3,10 @@
 use axum::http::HeaderMap;
 use cobalt_api::manifest::from_value;
 use cobalt_api::validate::{
-    validate_machine, validate_volume, validate_volume_update, ValidationErrors,
+    validate_machine, validate_snapshot, validate_snapshot_update, validate_volume,
+    validate_volume_update, ValidationErrors,
 };
-use cobalt_api::{FieldError, Machine, Resource, Volume};
+use cobalt_api::{FieldError, Machine, Resource, Snapshot, Volume};
 use serde_json::Value;
 
 use super::status::ApiError;
@@ -18,6 +19,13 @@ pub trait ApiKind: Resource {
     /// Checks a replace of `old` by `self` (fields fixed at creation).
     fn validate_update(&self, _old: &Self) -> Result<(), ValidationErrors> {
         Ok(())
+    }
+    /// Fills in what the server derives on create (a Snapshot's `cobalt.io/volume` label).
+    fn prepare_create(&mut self) {}
+    /// A Volume that must exist (and not be deleting) for a create to be accepted, with the
+    /// field naming it.
+    fn requires_volume(&self) -> Option<(&str, &'static str)> {
+        None
     }
 }
 
@@ -35,6 +43,25 @@ impl ApiKind for Machine {
     const LIST_KIND: &'static str = "MachineList";
     fn validate(&self) -> Result<(), ValidationErrors> {
         validate_machine(self)
+    }
+}
+
+impl ApiKind for Snapshot {
+    const LIST_KIND: &'static str = "SnapshotList";
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        validate_snapshot(self)
+    }
+    fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
+        validate_snapshot_update(old, self)
+    }
+    fn prepare_create(&mut self) {
+        self.metadata.labels.insert(
+            cobalt_api::snapshot::VOLUME_LABEL.into(),
+            self.spec.volume.clone(),
+        );
+    }
+    fn requires_volume(&self) -> Option<(&str, &'static str)> {
+        Some((&self.spec.volume, "spec.volume"))
     }
 }
 

@@ -81,6 +81,7 @@ pub fn volume_view(v: &Volume, policy: &Policy) -> Option<VolumeView> {
         grow_to: cobalt_api::find_condition(&s.conditions, "CapacityReserved")
             .filter(|c| !c.is_true() && c.reason == "InsufficientCapacity")
             .map(|_| v.spec.reserved_bytes_for(v.spec.size_bytes())),
+        snapshots: s.snapshots.len(),
     })
 }
 

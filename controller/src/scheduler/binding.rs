@@ -335,7 +335,10 @@ impl VolumeScheduler {
                 self.store
                     .update_status_from(volume, |v: &Volume| {
                         let s = v.status.as_ref()?;
+                        // The agent adds a snapshot to status.snapshots (compare-guarded) before
+                        // taking it: a grant and a snapshot never cross.
                         if s.move_.is_some()
+                            || !s.snapshots.is_empty()
                             || s.machine.as_deref() != Some(grant.from.as_str())
                             || v.spec.machine.as_deref() != Some(grant.to.as_str())
                         {
@@ -503,6 +506,19 @@ impl VolumeScheduler {
         if pending.is_empty() {
             return Ok(());
         }
+        // A restore is placed where its snapshot is: read those snapshots (restores are rare,
+        // so a fresh read each pass costs little and is never stale).
+        let mut snapshot_machines: HashMap<String, String> = HashMap::new();
+        for v in &pending {
+            let Some(name) = v.spec.source.as_ref().and_then(|s| s.snapshot.as_deref()) else {
+                continue;
+            };
+            if let Some(snap) = self.store.get::<cobalt_api::Snapshot>(name).await? {
+                if let (true, Some(m)) = (snap.ready(), snap.machine()) {
+                    snapshot_machines.insert(name.to_string(), m.to_string());
+                }
+            }
+        }
         let requests: Vec<Request> = pending
             .iter()
             .map(|v| Request {
@@ -515,16 +531,22 @@ impl VolumeScheduler {
                     .as_ref()
                     .map(|p| p.selector.clone())
                     .unwrap_or_default(),
-                required_machine: v.spec.source.as_ref().map(|s| {
-                    cache
-                        .get(&s.volume)
+                required_machine: v.spec.source.as_ref().map(|s| match &s.volume {
+                    Some(volume) => cache
+                        .get(volume)
                         .and_then(|src| {
                             src.status
                                 .as_ref()
                                 .and_then(|st| st.machine.clone())
                                 .or_else(|| src.spec.machine.clone())
                         })
-                        .unwrap_or_else(|| format!("(source volume {} is not placed)", s.volume))
+                        .unwrap_or_else(|| format!("(source volume {volume} is not placed)")),
+                    None => {
+                        let name = s.snapshot.as_deref().unwrap_or_default();
+                        snapshot_machines.get(name).cloned().unwrap_or_else(|| {
+                            format!("(snapshot {name} does not exist or is not ready)")
+                        })
+                    }
                 }),
             })
             .collect();
@@ -650,7 +672,7 @@ pub fn machine_views(
     for v in volumes {
         for machine in v.ledger_machines() {
             if let Some(&i) = index.get(machine) {
-                reserved[i] += v.ledger_bytes();
+                reserved[i] += v.reserved_on(machine);
             }
         }
     }

@@ -54,6 +54,18 @@ pub fn admit(v: &Volume, machines: &[MachineView], now: DateTime<Utc>) -> MoveDe
         return MoveDecision::Nothing;
     }
     let wait = |reason, message| MoveDecision::Wait { reason, message };
+    let snapshots = v.snapshot_names();
+    if !snapshots.is_empty() {
+        return wait(
+            "HasSnapshots",
+            format!(
+                "the volume has {} snapshot{} on machine {holder} ({}), and moves do not carry snapshots; delete them to move it, or set spec.machine back to {holder}",
+                snapshots.len(),
+                if snapshots.len() == 1 { "" } else { "s" },
+                snapshots.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
     let find = |name: &str| machines.iter().find(|m| m.name == name);
     let Some(to) = find(target) else {
         return wait(

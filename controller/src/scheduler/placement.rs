@@ -50,7 +50,7 @@ pub struct Request {
     pub name: String,
     pub reserved_bytes: u64,
     pub selector: BTreeMap<String, String>,
-    /// For a clone: the machine holding the source.
+    /// For a clone: the machine holding the source; for a restore: the snapshot's machine.
     pub required_machine: Option<String>,
     /// Backend capabilities the spec needs.
     pub needs: Vec<Capability>,
@@ -94,7 +94,10 @@ impl Rejections {
             (self.cordoned, "unschedulable (cordoned)"),
             (self.selector, "selector mismatch"),
             (self.capacity, "insufficient capacity"),
-            (self.not_source, "not holding the clone's source"),
+            (
+                self.not_source,
+                "not holding the source (clone or snapshot)",
+            ),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -121,7 +124,11 @@ impl Rejections {
 /// seeds the clone from a snapshot of the source, which keeps serving.
 pub fn place(strategy: PlacementStrategy, request: &Request, machines: &[MachineView]) -> Decision {
     let here = place_one(strategy, request, machines);
-    let Some(source) = &request.required_machine else {
+    // Only a clone can be seeded elsewhere; a restore is made where its snapshot is.
+    let (Some(source), true) = (
+        &request.required_machine,
+        request.needs.contains(&Capability::Clone),
+    ) else {
         return here;
     };
     let Decision::Unschedulable(why_here) = &here else {

@@ -89,6 +89,8 @@ pub struct VolumeView {
     pub stalled: bool,
     /// A grow its machine could not grant: the bytes the grown volume would reserve.
     pub grow_to: Option<u64>,
+    /// Snapshots it holds: moves do not carry snapshots, so it stays where it is.
+    pub snapshots: usize,
 }
 
 /// A machine being drained.
@@ -269,6 +271,17 @@ pub fn plan(
                 progress.moving += 1;
                 continue;
             }
+            if v.snapshots > 0 {
+                progress.blocked.push((
+                    v.name.clone(),
+                    format!(
+                        "holds {} snapshot{} here, and moves do not carry snapshots; delete them to move it",
+                        v.snapshots,
+                        if v.snapshots == 1 { "" } else { "s" }
+                    ),
+                ));
+                continue;
+            }
             if v.pinned && !d.pinned_too {
                 progress.blocked.push((
                     v.name.clone(),
@@ -328,6 +341,7 @@ pub fn plan(
     for v in volumes {
         let Some(want) = v.grow_to else { continue };
         if v.pinned
+            || v.snapshots > 0
             || v.target.is_some()
             || v.cooling
             || moved.contains(&v.name)
@@ -420,6 +434,7 @@ pub fn plan(
             v.holder == from
                 && v.target.is_none()
                 && !v.pinned
+                && v.snapshots == 0
                 && !v.cooling
                 && !moved.contains(&v.name)
                 && v.bytes <= m[empty].reservable_bytes()
@@ -514,6 +529,7 @@ mod tests {
             cooling: false,
             stalled: false,
             grow_to: None,
+            snapshots: 0,
         }
     }
 

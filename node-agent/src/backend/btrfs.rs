@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use cobalt_api::{Capability, Compression};
 
 use super::stream::SendStream;
-use super::{Backend, BackendError, PoolCapacity, Result, VolumeRecord, VolumeUsage};
+use super::{
+    Backend, BackendError, PoolCapacity, Result, SnapshotUsage, VolumeRecord, VolumeUsage,
+};
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 const RECORD_XATTR: &str = "user.cobalt.volume";
@@ -93,7 +95,6 @@ struct InoLookupArgs {
     name: [u8; 4080],
 }
 
-nix::ioctl_write_ptr!(ioc_snap_create, 0x94, 1, VolArgs);
 nix::ioctl_none!(ioc_sync, 0x94, 8);
 nix::ioctl_write_ptr!(ioc_subvol_create, 0x94, 14, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_destroy, 0x94, 15, VolArgs);
@@ -257,6 +258,18 @@ impl BtrfsBackend {
         unsafe { ioc_snap_create_v2(dir.as_raw_fd(), &args) }
             .map_err(errno("snapshot subvolume", &parent.join(name)))?;
         Ok(())
+    }
+
+    /// Makes volume `record` a writable snapshot of the subvolume `source` (a clone or a
+    /// restore), then finishes it with `record`'s limit, compression and record.
+    fn writable_copy(&self, source: &Path, record: &VolumeRecord) -> Result<()> {
+        let path = self.subvolume(&record.uid);
+        if !path.exists() {
+            self.snapshot_subvolume(source, &self.volumes_dir(), &record.uid, false)?;
+            // The snapshot carries the source's record: replace it (the limit is replaced too).
+            let _ = remove_xattr(&path, RECORD_XATTR);
+        }
+        self.finish(&path, record)
     }
 
     fn is_read_only(&self, path: &Path) -> bool {
@@ -438,19 +451,7 @@ impl Backend for BtrfsBackend {
 
     fn clone_from(&self, source_uid: &str, record: &VolumeRecord) -> Result<()> {
         let source = self.existing(source_uid)?;
-        let path = self.subvolume(&record.uid);
-        if !path.exists() {
-            let parent = self.volumes_dir();
-            let dir = File::open(&parent).map_err(io("open volumes directory", &parent))?;
-            let src = File::open(&source).map_err(io("open source subvolume", &source))?;
-            let args = vol_args(src.as_raw_fd() as i64, &record.uid);
-            // SAFETY: valid btrfs_ioctl_vol_args: fd is the source subvolume, name the snapshot.
-            unsafe { ioc_snap_create(dir.as_raw_fd(), &args) }
-                .map_err(errno("snapshot subvolume", &path))?;
-            // The snapshot carries the source's record: replace it (the limit is replaced too).
-            let _ = remove_xattr(&path, RECORD_XATTR);
-        }
-        self.finish(&path, record)
+        self.writable_copy(&source, record)
     }
 
     /// Destroys the volume with its snapshots and anything received for it.
@@ -544,6 +545,59 @@ impl Backend for BtrfsBackend {
         self.delete_subvolume(&path)?;
         let _ = std::fs::remove_dir(self.snapshots_dir(uid));
         Ok(())
+    }
+
+    fn snapshot_usage(
+        &self,
+        uids: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<SnapshotUsage>>> {
+        let mut out = std::collections::HashMap::new();
+        let mut names = Vec::new();
+        for uid in uids {
+            let n = self.snapshots(uid)?;
+            if !n.is_empty() {
+                names.push((uid, n));
+            }
+        }
+        if names.is_empty() {
+            return Ok(out);
+        }
+        self.sync()?;
+        let table = run(Command::new("btrfs")
+            .args(["qgroup", "show", "--raw"])
+            .arg(&self.pool))?;
+        let figures = parse_qgroups(&table);
+        for (uid, names) in names {
+            let dir = self.snapshots_dir(uid);
+            let mut usage = Vec::new();
+            for name in names {
+                let id = self.subvolume_id(&dir.join(&name))?;
+                let (referenced_bytes, exclusive_bytes) =
+                    figures.get(&id).copied().unwrap_or((0, 0));
+                usage.push(SnapshotUsage {
+                    name,
+                    referenced_bytes,
+                    exclusive_bytes,
+                });
+            }
+            out.insert(uid.clone(), usage);
+        }
+        Ok(out)
+    }
+
+    fn restore(&self, uid: &str, name: &str, record: &VolumeRecord) -> Result<()> {
+        check_snapshot_name(name)?;
+        if self.read_record(&self.subvolume(&record.uid)).is_none() {
+            let snapshot = self.snapshots_dir(uid).join(name);
+            if !self.is_read_only(&snapshot) {
+                return Err(BackendError::UnknownSnapshot {
+                    uid: uid.into(),
+                    name: name.into(),
+                });
+            }
+            return self.writable_copy(&snapshot, record);
+        }
+        self.finish(&self.subvolume(&record.uid), record)
     }
 
     fn send(&self, uid: &str, name: &str, parent: Option<&str>) -> Result<SendStream> {
@@ -722,7 +776,7 @@ impl Backend for BtrfsBackend {
         let out = run(Command::new("btrfs")
             .args(["qgroup", "show", "-r", "--raw"])
             .arg(&self.pool))?;
-        let referenced = parse_qgroup_referenced(&out);
+        let figures = parse_qgroups(&out);
         let dir = self.volumes_dir();
         let mut usage = std::collections::HashMap::new();
         for entry in std::fs::read_dir(&dir).map_err(io("list volumes", &dir))? {
@@ -736,7 +790,7 @@ impl Backend for BtrfsBackend {
             usage.insert(
                 record.uid.clone(),
                 VolumeUsage {
-                    used_bytes: referenced.get(&id).copied().unwrap_or(0),
+                    used_bytes: figures.get(&id).map_or(0, |f| f.0),
                     limit_bytes: record.size_bytes,
                 },
             );
@@ -792,13 +846,16 @@ pub mod raw {
     }
 }
 
-/// Referenced bytes by subvolume id, from `btrfs qgroup show -r --raw` (rows `0/<id> <rfer> ...`).
-fn parse_qgroup_referenced(out: &str) -> std::collections::HashMap<u64, u64> {
+/// Referenced and exclusive bytes by subvolume id, from `btrfs qgroup show --raw` (rows
+/// `0/<id> <rfer> <excl> ...`).
+fn parse_qgroups(out: &str) -> std::collections::HashMap<u64, (u64, u64)> {
     out.lines()
         .filter_map(|l| {
             let mut cols = l.split_whitespace();
             let id = cols.next()?.strip_prefix("0/")?.parse().ok()?;
-            Some((id, cols.next()?.parse().ok()?))
+            let rfer = cols.next()?.parse().ok()?;
+            let excl = cols.next()?.parse().ok()?;
+            Some((id, (rfer, excl)))
         })
         .collect()
 }

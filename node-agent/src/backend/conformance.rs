@@ -396,6 +396,84 @@ pub fn a_snapshot_keeps_the_content_of_its_moment(h: &impl Harness) {
     assert_eq!(std::fs::read(b.path("u1").join("file")).unwrap(), b"after");
 }
 
+pub fn a_snapshot_is_unchanged_by_writes_to_the_volume_and_to_its_restores(h: &impl Harness) {
+    let b = h.open();
+    if !b.can(Capability::Snapshot) {
+        return; // refusal is checked by a_snapshot_keeps_the_content_of_its_moment
+    }
+    b.create(&record("u1", 16 * MIB)).unwrap();
+    std::fs::write(b.path("u1").join("file"), b"kept").unwrap();
+    b.snapshot("u1", "ro").unwrap();
+    std::fs::write(b.path("u1").join("file"), b"changed in the volume").unwrap();
+    b.restore("u1", "ro", &record("r1", 16 * MIB)).unwrap();
+    std::fs::write(b.path("r1").join("file"), b"changed in the restore").unwrap();
+    std::fs::write(b.path("r1").join("new"), b"x").unwrap();
+    b.restore("u1", "ro", &record("r2", 16 * MIB)).unwrap();
+    assert_eq!(std::fs::read(b.path("r2").join("file")).unwrap(), b"kept");
+    assert!(!b.path("r2").join("new").exists());
+}
+
+pub fn a_restore_has_the_snapshots_content_its_own_size_and_is_independent(h: &impl Harness) {
+    let b = h.open();
+    if !declares(&b, Capability::Snapshot, |b| {
+        b.create(&record("u1", 16 * MIB))?;
+        b.restore("u1", "x", &record("r1", 16 * MIB))
+    }) {
+        return;
+    }
+    b.create(&record("u1", 32 * MIB)).unwrap();
+    std::fs::write(b.path("u1").join("file"), b"at the snapshot").unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    std::fs::write(b.path("u1").join("file"), b"later").unwrap();
+    b.restore("u1", "s1", &record("r1", 24 * MIB)).unwrap();
+    b.restore("u1", "s1", &record("r1", 24 * MIB)).unwrap();
+    assert_eq!(
+        std::fs::read(b.path("r1").join("file")).unwrap(),
+        b"at the snapshot"
+    );
+    assert_eq!(b.usage("r1").unwrap().limit_bytes, 24 * MIB);
+    let listed = b.get("r1").unwrap().expect("the restore is a volume");
+    assert_eq!((listed.uid.as_str(), listed.size_bytes), ("r1", 24 * MIB));
+    // Independent: the snapshot can go and the restore keeps its data.
+    b.delete_snapshot("u1", "s1").unwrap();
+    assert_eq!(
+        std::fs::read(b.path("r1").join("file")).unwrap(),
+        b"at the snapshot"
+    );
+    assert!(matches!(
+        b.restore("u1", "s1", &record("r2", 16 * MIB)),
+        Err(BackendError::UnknownSnapshot { .. })
+    ));
+    assert!(
+        b.get("r2").unwrap().is_none(),
+        "a failed restore leaves no volume"
+    );
+}
+
+pub fn snapshot_space_is_counted_once_the_volume_changes(h: &impl Harness) {
+    let b = h.open();
+    if !b.can(Capability::Snapshot) {
+        return;
+    }
+    b.create(&record("u1", 64 * MIB)).unwrap();
+    fill(&b, "u1", "data", 8 * MIB).unwrap();
+    b.snapshot("u1", "s1").unwrap();
+    // Overwrite the data: the snapshot now holds the old 8 MiB alone.
+    fill(&b, "u1", "data", 8 * MIB).unwrap();
+    let all = b.snapshot_usage(&["u1".into(), "unknown".into()]).unwrap();
+    assert!(!all.contains_key("unknown"));
+    let usage = &all["u1"];
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].name, "s1");
+    assert!(
+        usage[0].exclusive_bytes >= 7 * MIB,
+        "the snapshot's exclusive bytes count the overwritten data: {usage:?}"
+    );
+    assert!(usage[0].referenced_bytes >= 8 * MIB, "{usage:?}");
+    b.delete_snapshot("u1", "s1").unwrap();
+    assert!(b.snapshot_usage(&["u1".into()]).unwrap().is_empty());
+}
+
 pub fn a_full_send_and_receive_is_byte_identical(h: &impl Harness) {
     let Some((b, peer)) = sends(h) else { return };
     let r = VolumeRecord {
@@ -657,6 +735,18 @@ macro_rules! backend_conformance {
             #[test]
             fn a_snapshot_keeps_the_content_of_its_moment() {
                 c::a_snapshot_keeps_the_content_of_its_moment(&$make)
+            }
+            #[test]
+            fn a_snapshot_is_unchanged_by_writes_to_the_volume_and_to_its_restores() {
+                c::a_snapshot_is_unchanged_by_writes_to_the_volume_and_to_its_restores(&$make)
+            }
+            #[test]
+            fn a_restore_has_the_snapshots_content_its_own_size_and_is_independent() {
+                c::a_restore_has_the_snapshots_content_its_own_size_and_is_independent(&$make)
+            }
+            #[test]
+            fn snapshot_space_is_counted_once_the_volume_changes() {
+                c::snapshot_space_is_counted_once_the_volume_changes(&$make)
             }
             #[test]
             fn a_full_send_and_receive_is_byte_identical() {

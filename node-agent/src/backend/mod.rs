@@ -42,6 +42,16 @@ pub struct VolumeUsage {
     pub limit_bytes: u64,
 }
 
+/// Space held by one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    pub name: String,
+    /// Bytes the snapshot references (the volume's content when it was taken).
+    pub referenced_bytes: u64,
+    /// Bytes only the snapshot holds: what deleting it frees.
+    pub exclusive_bytes: u64,
+}
+
 /// The machine's pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolCapacity {
@@ -134,6 +144,24 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Capability `snapshot`: deletes one snapshot (the volume is untouched). Unknown → Ok.
     fn delete_snapshot(&self, _uid: &str, _name: &str) -> Result<()> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Snapshot,
+        })
+    }
+    /// Capability `snapshot`: the space each snapshot of each of `uids` holds, by volume uid
+    /// (current: one filesystem commit for the whole call, so call it for many volumes at once).
+    fn snapshot_usage(
+        &self,
+        _uids: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<SnapshotUsage>>> {
+        Err(BackendError::Unsupported {
+            capability: Capability::Snapshot,
+        })
+    }
+    /// Capability `snapshot`: creates `record` as a writable copy of snapshot `name` of volume
+    /// `uid` (a restore), with `record`'s own limit. Idempotent like `create`; the snapshot is
+    /// untouched and the new volume does not depend on it afterwards.
+    fn restore(&self, _uid: &str, _name: &str, _record: &VolumeRecord) -> Result<()> {
         Err(BackendError::Unsupported {
             capability: Capability::Snapshot,
         })

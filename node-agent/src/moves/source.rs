@@ -106,7 +106,7 @@ async fn clone_stream(
             format!("volume {name} is not being seeded from machine {here}"),
         );
     }
-    let Some(source) = clone.spec.source.as_ref().map(|s| s.volume.clone()) else {
+    let Some(source) = clone.spec.source.as_ref().and_then(|s| s.volume.clone()) else {
         return refuse(
             StatusCode::FORBIDDEN,
             format!("volume {name} is not a clone"),
