@@ -395,6 +395,54 @@ mod tests {
     }
 
     #[test]
+    fn a_source_names_one_volume_or_one_snapshot_and_a_schedule_is_bounded() {
+        let mut v = volume("restored");
+        v.spec.source = Some(crate::VolumeSource::snapshot("db-1"));
+        assert_eq!(validate_volume(&v), Ok(()));
+        v.spec.source = Some(crate::VolumeSource {
+            volume: Some("a".into()),
+            snapshot: Some("b".into()),
+        });
+        assert_eq!(fields(validate_volume(&v)), ["spec.source"]);
+        v.spec.source = Some(crate::VolumeSource::snapshot("Bad_Name"));
+        v.spec.snapshots = Some(crate::SnapshotSchedule {
+            every: "soon".into(),
+            keep: 0,
+        });
+        assert_eq!(
+            fields(validate_volume(&v)),
+            [
+                "spec.source.snapshot",
+                "spec.snapshots.every",
+                "spec.snapshots.keep"
+            ]
+        );
+        v.spec.source = None;
+        v.spec.snapshots = Some(crate::SnapshotSchedule {
+            every: "500ms".into(),
+            keep: 24,
+        });
+        let e = validate_volume(&v).unwrap_err();
+        assert!(e.to_string().contains("minimum of 1s"), "{e}");
+        v.spec.snapshots.as_mut().unwrap().every = "1h".into();
+        assert_eq!(validate_volume(&v), Ok(()));
+    }
+
+    #[test]
+    fn a_snapshot_names_a_volume_that_cannot_change() {
+        let s = crate::Snapshot::new("db-1", "db");
+        assert_eq!(validate_snapshot(&s), Ok(()));
+        let bad = crate::Snapshot::new("db-1", "../db");
+        assert_eq!(fields(validate_snapshot(&bad)), ["spec.volume"]);
+        let other = crate::Snapshot::new("db-1", "web");
+        assert_eq!(
+            fields(validate_snapshot_update(&s, &other)),
+            ["spec.volume"]
+        );
+        assert_eq!(validate_snapshot_update(&s, &s.clone()), Ok(()));
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_field_path() {
         let mut v = volume("ok");
         v.spec.size = crate::Quantity::from_bytes(1000);

@@ -580,6 +580,21 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_bytes_are_reserved_where_the_data_is_and_nowhere_else() {
+        let mut v = sized("64Mi");
+        v.spec.machine = Some("m2".into());
+        v.status = Some(VolumeStatus {
+            machine: Some("m1".into()),
+            snapshots: vec!["s1".into()],
+            snapshot_bytes: 8 << 20,
+            ..Default::default()
+        });
+        assert_eq!(v.reserved_on("m1"), v.ledger_bytes() + (8 << 20));
+        assert_eq!(v.reserved_on("m2"), v.ledger_bytes());
+        assert_eq!(v.snapshot_names(), ["s1"]);
+    }
+
+    #[test]
     fn a_grow_is_granted_only_up_to_the_allocation_and_the_ledger_counts_the_limit_in_force() {
         let mut v = sized("128Mi");
         assert_eq!(v.granted_size_bytes(), 128 << 20, "never bound: the spec");

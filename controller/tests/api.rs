@@ -119,7 +119,7 @@ async fn create_get_list_and_their_errors() {
     assert!(body["message"]
         .as_str()
         .unwrap()
-        .contains("volumes and machines"));
+        .contains("volumes, machines and snapshots"));
 
     let mut labelled = volume("b", "2Gi");
     labelled["metadata"]["labels"] = json!({"tier": "hot"});
@@ -331,6 +331,47 @@ async fn delete_is_200_when_gone_and_202_while_finalizers_remain() {
     assert_eq!(code, StatusCode::ACCEPTED);
     assert!(body["metadata"]["deletionTimestamp"].is_string());
     assert_eq!(api.get("volumes/b").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn snapshots_need_their_volume_keep_it_from_deletion_and_cannot_change_volume() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let snap = |name: &str, volume: &str| {
+        json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name}, "spec": {"volume": volume}})
+    };
+    let (code, body) = api.post("snapshots", &snap("s1", "db")).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(causes(&body), ["spec.volume"]);
+    assert!(body["message"].as_str().unwrap().contains("does not exist"), "{body}");
+
+    api.post("volumes", &volume("db", "1Gi")).await;
+    let (code, created) = api.post("snapshots", &snap("s1", "db")).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(created["metadata"]["labels"]["cobalt.io/volume"], "db");
+    let (code, list) = api.get("snapshots?labelSelector=cobalt.io/volume%3Ddb").await;
+    assert_eq!((code, list["kind"].as_str()), (StatusCode::OK, Some("SnapshotList")));
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    // The volume cannot be deleted while it has a snapshot; the message names it.
+    let (code, body) = api.delete("volumes/db").await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("s1"), "{body}");
+    assert_eq!(api.get("volumes/db").await.0, StatusCode::OK);
+
+    // The snapshot's volume is fixed; without the label it is still found.
+    let mut moved = created.clone();
+    moved["spec"]["volume"] = json!("other");
+    let (code, body) = api.put("snapshots/s1", &moved).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(causes(&body), ["spec.volume"]);
+    let mut unlabelled = created.clone();
+    unlabelled["metadata"]["labels"] = json!({});
+    assert_eq!(api.put("snapshots/s1", &unlabelled).await.0, StatusCode::OK);
+    assert_eq!(api.delete("volumes/db").await.0, StatusCode::CONFLICT);
+
+    assert_eq!(api.delete("snapshots/s1").await.0, StatusCode::OK);
+    assert_eq!(api.delete("volumes/db").await.0, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -206,6 +206,18 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_with_snapshots_waits_and_names_them() {
+        let mut v = on_m1_bound_to("m2");
+        v.status.as_mut().unwrap().snapshots = vec!["nightly".into()];
+        let d = admit(&v, &[machine("m1", 100), machine("m2", 0)], Utc::now());
+        let MoveDecision::Wait { reason, message } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(reason, "HasSnapshots");
+        assert!(message.contains("nightly"), "{message}");
+    }
+
+    #[test]
     fn a_move_that_does_not_fit_waits_and_names_the_bytes_missing() {
         let v = on_m1_bound_to("m2");
         let d = admit(&v, &[machine("m1", 100), machine("m2", 950)], Utc::now());

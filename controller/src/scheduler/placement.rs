@@ -475,6 +475,32 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_goes_only_where_its_snapshot_is_never_seeded_elsewhere() {
+        let all = vec![
+            Capability::Clone,
+            Capability::Snapshot,
+            Capability::SendReceive,
+        ];
+        let mut a = machine("a", 100, 0);
+        let mut b = machine("b", 100, 99);
+        a.capabilities = all.clone();
+        b.capabilities = all;
+        let mut r = request("restore", 5);
+        r.required_machine = Some("b".into());
+        r.needs = vec![Capability::Snapshot];
+        let d = place(PlacementStrategy::Spread, &r, &[a.clone(), b.clone()]);
+        assert!(
+            matches!(&d, Decision::Unschedulable(m) if m.contains("not holding the source")),
+            "{d:?}"
+        );
+        b.reserved_bytes = 0;
+        assert_eq!(
+            place(PlacementStrategy::Spread, &r, &[a, b]),
+            Decision::Bind("b".into())
+        );
+    }
+
+    #[test]
     fn a_clone_goes_to_its_sources_machine_or_nowhere() {
         let machines = [machine("a", 100, 0), machine("b", 100, 99)];
         let mut r = request("clone", 5);

@@ -695,6 +695,47 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_with_snapshots_blocks_its_drain_and_is_never_rebalanced() {
+        let machines = vec![machine("a", 100), machine("b", 100)];
+        let mut volumes = vec![volume("snap", "a", 10), volume("free", "a", 10)];
+        volumes[0].snapshots = 2;
+        let p = plan(
+            &ledger(&machines, &volumes),
+            &volumes,
+            &[DrainView {
+                machine: "a".into(),
+                pinned_too: true,
+            }],
+            &Policy::default(),
+        );
+        assert!(p.proposals.iter().all(|x| x.volume != "snap"), "{p:?}");
+        let blocked = &p.drains[0].blocked;
+        assert!(
+            blocked
+                .iter()
+                .any(|(v, why)| v == "snap" && why.contains("2 snapshots")),
+            "{blocked:?}"
+        );
+        // Lopsided machines: only the volume without snapshots may move.
+        let machines = vec![machine("a", 100), machine("b", 100)];
+        let mut volumes: Vec<VolumeView> =
+            (0..6).map(|i| volume(&format!("v{i}"), "a", 10)).collect();
+        for v in volumes.iter_mut() {
+            v.snapshots = 1;
+        }
+        let p = plan(
+            &ledger(&machines, &volumes),
+            &volumes,
+            &[],
+            &Policy {
+                enabled: true,
+                ..Policy::default()
+            },
+        );
+        assert!(p.proposals.is_empty(), "{p:?}");
+    }
+
+    #[test]
     fn pinned_cooling_and_moving_volumes_are_not_rebalanced() {
         let machines = [machine("a", 100), machine("b", 100)];
         let mut volumes = vec![
