@@ -58,6 +58,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench machine_ready
 	$(CARGO) bench -p cobalt-e2e --bench moves
 	$(CARGO) bench -p cobalt-e2e --bench drain
+	$(CARGO) bench -p cobalt-e2e --bench snapshots
 
 demo: deps
 	bash scripts/demo.sh

@@ -337,20 +337,26 @@ async fn delete_is_200_when_gone_and_202_while_finalizers_remain() {
 async fn snapshots_need_their_volume_keep_it_from_deletion_and_cannot_change_volume() {
     let etcd = Etcd::start();
     let api = Api::start(&etcd, None).await;
-    let snap = |name: &str, volume: &str| {
-        json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name}, "spec": {"volume": volume}})
-    };
+    let snap = |name: &str, volume: &str| json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name}, "spec": {"volume": volume}});
     let (code, body) = api.post("snapshots", &snap("s1", "db")).await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(causes(&body), ["spec.volume"]);
-    assert!(body["message"].as_str().unwrap().contains("does not exist"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("does not exist"),
+        "{body}"
+    );
 
     api.post("volumes", &volume("db", "1Gi")).await;
     let (code, created) = api.post("snapshots", &snap("s1", "db")).await;
     assert_eq!(code, StatusCode::CREATED, "{created}");
     assert_eq!(created["metadata"]["labels"]["cobalt.io/volume"], "db");
-    let (code, list) = api.get("snapshots?labelSelector=cobalt.io/volume%3Ddb").await;
-    assert_eq!((code, list["kind"].as_str()), (StatusCode::OK, Some("SnapshotList")));
+    let (code, list) = api
+        .get("snapshots?labelSelector=cobalt.io/volume%3Ddb")
+        .await;
+    assert_eq!(
+        (code, list["kind"].as_str()),
+        (StatusCode::OK, Some("SnapshotList"))
+    );
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 
     // The volume cannot be deleted while it has a snapshot; the message names it.

@@ -70,3 +70,58 @@ fn a_snapshot_is_read_only_on_disk() {
     assert!(std::fs::write(on_disk.join("new"), b"x").is_err());
     assert_eq!(std::fs::read(on_disk.join("file")).unwrap(), b"kept");
 }
+
+/// `/sys/fs/btrfs/<fsid>/qgroups` of the pool.
+fn qgroups_sysfs(pool: &std::path::Path) -> std::path::PathBuf {
+    let o = std::process::Command::new("btrfs")
+        .args(["filesystem", "show"])
+        .arg(pool)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let uuid = text
+        .split("uuid: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("a uuid");
+    std::path::Path::new("/sys/fs/btrfs")
+        .join(uuid)
+        .join("qgroups")
+}
+
+#[test]
+fn the_pool_always_accounts_dropped_snapshots_and_rescans_if_the_kernel_did_not() {
+    use cobalt_agent::backend::conformance::{fill, record};
+    use cobalt_agent::backend::Backend;
+    let pool = Pool::new();
+    let b = pool.open();
+    let sysfs = qgroups_sysfs(pool.0.path());
+    let threshold = sysfs.join("drop_subtree_threshold");
+    assert_eq!(
+        std::fs::read_to_string(&threshold).unwrap().trim(),
+        "8",
+        "opening the pool makes the kernel account every dropped tree"
+    );
+    // Make the kernel skip the accounting of any dropped shared tree (it marks the qgroups
+    // inconsistent instead): the backend must rescan so the hard limits hold again. A snapshot
+    // of many files of which one changed shares almost its whole tree with the volume.
+    std::fs::write(&threshold, "0").unwrap();
+    b.create(&record("u1", 64 << 20)).unwrap();
+    for i in 0..3000 {
+        std::fs::write(b.path("u1").join(format!("f{i}")), i.to_string()).unwrap();
+    }
+    b.snapshot("u1", "s1").unwrap();
+    std::fs::write(b.path("u1").join("f0"), "changed").unwrap();
+    b.delete_snapshot("u1", "s1").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(sysfs.join("inconsistent"))
+            .unwrap()
+            .trim(),
+        "0",
+        "qgroups are consistent after the delete"
+    );
+    assert!(
+        fill(&b, "u1", "more", 64 << 20).is_err(),
+        "the hard limit holds after the delete"
+    );
+}

@@ -105,6 +105,30 @@ nix::ioctl_read!(ioc_subvol_getflags, 0x94, 25, u64);
 nix::ioctl_write_ptr!(ioc_qgroup_create, 0x94, 42, QgroupCreateArgs);
 nix::ioctl_read!(ioc_qgroup_limit, 0x94, 43, QgroupLimitArgs);
 nix::ioctl_none!(ioc_quota_rescan_wait, 0x94, 46);
+nix::ioctl_write_ptr!(ioc_quota_rescan, 0x94, 44, QuotaRescanArgs);
+nix::ioctl_read!(ioc_fs_info, 0x94, 31, FsInfoArgs);
+
+/// `struct btrfs_ioctl_quota_rescan_args`.
+#[repr(C)]
+struct QuotaRescanArgs {
+    flags: u64,
+    progress: u64,
+    reserved: [u64; 6],
+}
+
+/// `struct btrfs_ioctl_fs_info_args` (1024 bytes); only the fsid is read.
+#[repr(C)]
+struct FsInfoArgs {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    rest: [u8; 1024 - 32],
+}
+
+/// The highest tree level there is: with `qgroups/drop_subtree_threshold` at this, the kernel
+/// always accounts a dropped subvolume's extents instead of marking every qgroup inconsistent
+/// (which stops the hard limits from holding until a rescan; see ARCHITECTURE.md "Snapshots").
+const BTRFS_MAX_LEVEL: u8 = 8;
 
 /// A BTRFS pool: a mounted BTRFS directory.
 #[derive(Debug, Clone)]
@@ -161,7 +185,67 @@ impl BtrfsBackend {
             .map_err(errno("wait for quota rescan", &pool))?;
         let volumes = pool.join("volumes");
         std::fs::create_dir_all(&volumes).map_err(io("create volumes directory", &volumes))?;
-        Ok(BtrfsBackend { pool })
+        let backend = BtrfsBackend { pool };
+        // Best effort: kernels without the knob account dropped subvolumes anyway.
+        if let Some(dir) = backend.qgroups_sysfs() {
+            let _ = std::fs::write(
+                dir.join("drop_subtree_threshold"),
+                BTRFS_MAX_LEVEL.to_string(),
+            );
+        }
+        Ok(backend)
+    }
+
+    /// `/sys/fs/btrfs/<fsid>/qgroups`, where the kernel says whether qgroups are consistent.
+    fn qgroups_sysfs(&self) -> Option<PathBuf> {
+        let dir = File::open(&self.pool).ok()?;
+        let mut args = FsInfoArgs {
+            max_id: 0,
+            num_devices: 0,
+            fsid: [0; 16],
+            rest: [0; 1024 - 32],
+        };
+        // SAFETY: valid btrfs_ioctl_fs_info_args; the kernel fills it.
+        unsafe { ioc_fs_info(dir.as_raw_fd(), &mut args) }.ok()?;
+        let hex: String = args.fsid.iter().map(|b| format!("{b:02x}")).collect();
+        let fsid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        );
+        Some(PathBuf::from("/sys/fs/btrfs").join(fsid).join("qgroups"))
+    }
+
+    /// After a subvolume is dropped: if the kernel marked the qgroups inconsistent (it does so
+    /// instead of accounting a large dropped tree, and then no hard limit holds), rescans and
+    /// waits, so limits are enforced again when this returns.
+    fn keep_qgroups_consistent(&self) -> Result<()> {
+        let Some(dir) = self.qgroups_sysfs() else {
+            return Ok(());
+        };
+        let inconsistent =
+            std::fs::read_to_string(dir.join("inconsistent")).is_ok_and(|v| v.trim() == "1");
+        if !inconsistent {
+            return Ok(());
+        }
+        let pool = File::open(&self.pool).map_err(io("open pool", &self.pool))?;
+        let args = QuotaRescanArgs {
+            flags: 0,
+            progress: 0,
+            reserved: [0; 6],
+        };
+        // SAFETY: valid btrfs_ioctl_quota_rescan_args; EINPROGRESS means one already runs.
+        match unsafe { ioc_quota_rescan(pool.as_raw_fd(), &args) } {
+            Ok(_) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(errno("start quota rescan", &self.pool)(e)),
+        }
+        // SAFETY: takes no argument.
+        unsafe { ioc_quota_rescan_wait(pool.as_raw_fd()) }
+            .map_err(errno("wait for quota rescan", &self.pool))?;
+        Ok(())
     }
 
     fn volumes_dir(&self) -> PathBuf {
@@ -459,7 +543,8 @@ impl Backend for BtrfsBackend {
         let path = self.existing(uid)?;
         self.delete_all_under(&self.snapshots_dir(uid))?;
         self.delete_all_under(&self.staging_dir(uid))?;
-        self.delete_subvolume(&path)
+        self.delete_subvolume(&path)?;
+        self.keep_qgroups_consistent()
     }
 
     fn resize(&self, uid: &str, size_bytes: u64) -> Result<()> {
@@ -544,7 +629,7 @@ impl Backend for BtrfsBackend {
         }
         self.delete_subvolume(&path)?;
         let _ = std::fs::remove_dir(self.snapshots_dir(uid));
-        Ok(())
+        self.keep_qgroups_consistent()
     }
 
     fn snapshot_usage(
