@@ -74,7 +74,7 @@ async fn a_snapshot_restores_old_content_over_nfs_blocks_delete_and_moves_and_sc
     assert!(st.size_bytes.unwrap() >= DATA as u64, "{st:?}");
     assert_eq!(
         c.machine(&on).snapshots_on_disk(&db.metadata.uid),
-        [snap.metadata.uid.clone()]
+        std::slice::from_ref(&snap.metadata.uid)
     );
     let on_disk = c
         .machine(&on)
