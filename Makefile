@@ -5,7 +5,8 @@ CARGO ?= cargo
 # Debian packages the tests and the demo use (real etcd, btrfs, nfs-ganesha, libnfs client),
 # and protoc + includes that etcd-client needs at build time.
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
-                   protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux
+                   protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux \
+                   e2fsprogs xfsprogs
 
 .PHONY: help deps build test e2e lint schemas bench demo demo-down clean
 

@@ -219,6 +219,10 @@ pub enum Capability {
     SendReceive,
     /// Online defragmentation (`cobalt.io/defragment`).
     Defragment,
+    /// Shrinking a volume online (a smaller `spec.size`).
+    Shrink,
+    /// Growing a volume online (a larger `spec.size`).
+    Grow,
 }
 
 impl Capability {
@@ -229,6 +233,8 @@ impl Capability {
             Capability::Snapshot => "snapshot",
             Capability::SendReceive => "sendReceive",
             Capability::Defragment => "defragment",
+            Capability::Shrink => "shrink",
+            Capability::Grow => "grow",
         }
     }
 }

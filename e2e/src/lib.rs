@@ -45,6 +45,8 @@ pub struct Machine {
     agent: Option<Daemon>,
     /// Extra flags for the agent, kept across restarts (e.g. `--move-rate-limit 8Mi`).
     pub agent_args: Vec<String>,
+    /// With the loop backend: its images' directory and filesystem (else the BTRFS `pool`).
+    pub loop_backend: Option<(cobalt_testkit::loopdir::LoopDir, String)>,
 }
 
 impl Machine {
@@ -72,8 +74,17 @@ impl Machine {
             .arg(NFS_PORT.to_string())
             .arg("--lease-ttl")
             .arg(format!("{}s", TTL.as_secs()))
-            .arg("--pool")
-            .arg(self.pool.path())
+            .args(match &self.loop_backend {
+                Some((dir, fs)) => vec![
+                    "--backend".into(),
+                    "loop".into(),
+                    "--filesystem".into(),
+                    fs.into(),
+                    "--pool".into(),
+                    dir.pool().into_os_string(),
+                ],
+                None => vec!["--pool".into(), self.pool.path().as_os_str().to_owned()],
+            })
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--listen")
@@ -157,23 +168,29 @@ impl Cluster {
     /// etcd, two controllers (`placement`), three machines m1 (disk=ssd), m2 (disk=ssd),
     /// m3 (disk=hdd), and a client host.
     pub async fn start(placement: &str) -> Cluster {
-        Self::launch(placement, false, 1024, &[]).await
+        Self::launch(placement, false, 1024, &[], None).await
+    }
+
+    /// Like [`Cluster::start`], but m3 runs the loop backend with `filesystem` (ext4, xfs), its
+    /// images under /tmp.
+    pub async fn start_with_loop_machine(placement: &str, filesystem: &str) -> Cluster {
+        Self::launch(placement, false, 1024, &[], Some(filesystem)).await
     }
 
     /// Like [`Cluster::start`] with extra flags for every agent.
     pub async fn start_with_agent_args(placement: &str, args: &[&str]) -> Cluster {
-        Self::launch(placement, false, 1024, args).await
+        Self::launch(placement, false, 1024, args, None).await
     }
 
     /// Like [`Cluster::start`] with `pool_mib` MiB pools (sparse images), for benchmarks.
     pub async fn start_with_pools(placement: &str, pool_mib: u64) -> Cluster {
-        Self::launch(placement, false, pool_mib, &[]).await
+        Self::launch(placement, false, pool_mib, &[], None).await
     }
 
     /// Like [`Cluster::start`] but etcd is down while the daemons start
     /// (`etcd.start_again()` brings it up).
     pub async fn start_with_etcd_down(placement: &str) -> Cluster {
-        Self::launch(placement, true, 1024, &[]).await
+        Self::launch(placement, true, 1024, &[], None).await
     }
 
     async fn launch(
@@ -181,6 +198,7 @@ impl Cluster {
         etcd_down: bool,
         pool_mib: u64,
         agent_args: &[&str],
+        loop_m3: Option<&str>,
     ) -> Cluster {
         cobalt_testkit::require("nsenter");
         cobalt_testkit::require("ganesha.nfsd");
@@ -209,6 +227,12 @@ impl Cluster {
                 labels: labels.to_string(),
                 agent: None,
                 agent_args: Vec::new(),
+                loop_backend: match (i, loop_m3) {
+                    (2, Some(fs)) => {
+                        Some((cobalt_testkit::loopdir::LoopDir::new(), fs.to_string()))
+                    }
+                    _ => None,
+                },
             };
             machines.push(m);
         }

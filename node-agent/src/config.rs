@@ -31,9 +31,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendConfig {
+    /// `btrfs` (default) or `loop`.
     #[serde(default = "btrfs")]
     pub kind: String,
+    /// btrfs: the mounted BTRFS directory; loop: the directory holding the images.
     pub pool: PathBuf,
+    /// loop: `ext4` (default) or `xfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
 }
 
 fn btrfs() -> String {
@@ -164,9 +169,15 @@ pub struct Flags {
     /// State directory (lock file); one agent per directory.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Mounted BTRFS directory holding the volumes.
+    /// Backend: btrfs (default) or loop.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// btrfs: the mounted BTRFS directory holding the volumes; loop: the images' directory.
     #[arg(long)]
     pub pool: Option<PathBuf>,
+    /// loop backend: the filesystem of each volume, ext4 (default) or xfs.
+    #[arg(long)]
+    pub filesystem: Option<String>,
     /// Exporter: ganesha, kernel or none.
     #[arg(long, value_enum)]
     pub exporter: Option<ExporterKind>,
@@ -267,6 +278,7 @@ impl AgentConfig {
                 backend: BackendConfig {
                     kind: btrfs(),
                     pool: PathBuf::new(),
+                    filesystem: None,
                 },
                 exporter: ExporterConfig::default(),
                 listen: listen(),
@@ -296,6 +308,12 @@ impl AgentConfig {
         if let Some(p) = &flags.pool {
             c.backend.pool = p.clone();
         }
+        if let Some(k) = &flags.backend {
+            c.backend.kind = k.clone();
+        }
+        if let Some(f) = &flags.filesystem {
+            c.backend.filesystem = Some(f.clone());
+        }
         if let Some(e) = flags.exporter {
             c.exporter.kind = e;
         }
@@ -323,15 +341,27 @@ impl AgentConfig {
         if let Some(p) = cobalt_api::validate::dns1123_label_problem(&c.machine) {
             return invalid(format!("machine name {p}; set --machine"));
         }
-        if c.backend.kind != "btrfs" {
-            return invalid(format!(
-                "backend.kind {:?} is not supported; use btrfs",
-                c.backend.kind
-            ));
+        match (c.backend.kind.as_str(), c.backend.filesystem.as_deref()) {
+            ("btrfs", None) => {}
+            ("btrfs", Some(_)) => {
+                return invalid(
+                    "backend.filesystem applies to the loop backend only (btrfs volumes are subvolumes)".into(),
+                )
+            }
+            ("loop", fs) => {
+                if let Err(e) = crate::backend::loopdev::Filesystem::parse(fs.unwrap_or("ext4")) {
+                    return invalid(format!("backend.filesystem: {e}"));
+                }
+            }
+            (other, _) => {
+                return invalid(format!(
+                    "backend.kind {other:?} is not supported; use btrfs or loop"
+                ))
+            }
         }
         if c.backend.pool.as_os_str().is_empty() {
             return invalid(
-                "no pool given: set backend.pool or --pool to a mounted BTRFS directory".into(),
+                "no pool given: set backend.pool or --pool (btrfs: a mounted BTRFS directory; loop: a directory for the images)".into(),
             );
         }
         if c.exporter.kind != ExporterKind::None && c.address.is_empty() {

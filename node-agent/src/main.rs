@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use cobalt_agent::backend::btrfs::BtrfsBackend;
+use cobalt_agent::backend::loopdev::{Filesystem, LoopBackend};
 use cobalt_agent::backend::Backend;
 use cobalt_agent::config::{AgentConfig, Cli, Command, ExporterKind, PoolCommand};
 use cobalt_agent::exporter::batch::Exports;
@@ -45,7 +46,18 @@ async fn main() -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state_dir)?;
     let backend: Arc<dyn Backend> = {
         let pool = config.backend.pool.clone();
-        Arc::new(tokio::task::spawn_blocking(move || BtrfsBackend::open(pool)).await??)
+        match config.backend.kind.as_str() {
+            "loop" => {
+                let fs = Filesystem::parse(config.backend.filesystem.as_deref().unwrap_or("ext4"))
+                    .map_err(anyhow::Error::msg)?;
+                let mounts = config.state_dir.join("loop");
+                Arc::new(
+                    tokio::task::spawn_blocking(move || LoopBackend::open(pool, mounts, fs))
+                        .await??,
+                )
+            }
+            _ => Arc::new(tokio::task::spawn_blocking(move || BtrfsBackend::open(pool)).await??),
+        }
     };
     let store = Store::connect(&config.etcd)
         .await

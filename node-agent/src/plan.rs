@@ -358,7 +358,7 @@ pub struct Report {
     /// The hard limit in force after the steps.
     pub limit_bytes: u64,
     /// A shrink the backend refused (the data does not fit the smaller size).
-    pub resize_blocked: Option<String>,
+    pub resize_blocked: Option<(&'static str, String)>,
     /// The defragment token that finished, if one ran.
     pub defragmented: Option<String>,
     pub export: ExportState,
@@ -437,7 +437,7 @@ pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
         ExportState::Unexported => set(&mut s, "Exported", false, "Unexported", "not exported"),
     }
     match &report.resize_blocked {
-        Some(message) => set(&mut s, "ResizeBlocked", true, "InUse", message),
+        Some((reason, message)) => set(&mut s, "ResizeBlocked", true, reason, message),
         None => s.conditions.retain(|c| c.type_ != "ResizeBlocked"),
     }
     if report.plan.unsupported.is_empty() {
@@ -919,7 +919,7 @@ mod tests {
             Utc::now(),
         );
         let mut r = report(&v, plan(&v, "m1", &seen(on_disk(&v))));
-        r.resize_blocked = Some("cannot shrink".into());
+        r.resize_blocked = Some(("InUse", "cannot shrink".into()));
         r.export = ExportState::Exported {
             endpoint: Endpoint {
                 server: "10.0.0.1".into(),

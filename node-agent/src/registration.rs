@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use cobalt_api::{
-    set_condition, Capacity, ConditionStatus, Machine, MachineSpec, Volume, BACKEND_LABEL,
-};
+use cobalt_api::{set_condition, Capacity, ConditionStatus, Machine, MachineSpec, Volume};
 use cobalt_reconcile::{Cache, CancellationToken};
 use cobalt_store::Store;
 
@@ -52,17 +50,19 @@ pub struct Identity {
 }
 
 /// Creates the Machine if it does not exist; an existing one (declared by a user, or by an
-/// earlier run) keeps everything a user set, and gains the backend label if it lacks it.
+/// earlier run) keeps everything a user set, and gains the backend's labels
+/// (`cobalt.io/backend`, and the loop backend's `cobalt.io/filesystem`) where they differ.
 pub async fn register(
     store: &Store,
     me: &Identity,
-    backend_kind: &str,
+    backend_labels: &BTreeMap<String, String>,
 ) -> Result<(), cobalt_store::Error> {
     if let Some(mut m) = store.get::<Machine>(&me.name).await? {
-        if m.metadata.labels.get(BACKEND_LABEL).map(String::as_str) != Some(backend_kind) {
-            m.metadata
-                .labels
-                .insert(BACKEND_LABEL.into(), backend_kind.into());
+        if backend_labels
+            .iter()
+            .any(|(k, v)| m.metadata.labels.get(k) != Some(v))
+        {
+            m.metadata.labels.extend(backend_labels.clone());
             store.replace(&m).await?;
         }
         return Ok(());
@@ -75,9 +75,7 @@ pub async fn register(
         },
     );
     m.metadata.labels = me.labels.clone();
-    m.metadata
-        .labels
-        .insert(BACKEND_LABEL.into(), backend_kind.into());
+    m.metadata.labels.extend(backend_labels.clone());
     match store.create(&m).await {
         Ok(_) | Err(cobalt_store::Error::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
@@ -123,7 +121,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
-    while let Err(e) = register(&store, &me, backend.kind()).await {
+    while let Err(e) = register(&store, &me, &backend.labels()).await {
         tracing::warn!(error = %e, "cannot register the machine yet; retrying");
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -324,9 +324,13 @@ impl Reconciler<Volume> for VolumeAgent {
                             used_bytes,
                             new_bytes,
                         })) => {
-                            report.resize_blocked = Some(format!(
-                                "cannot shrink to {new_bytes} bytes: {used_bytes} bytes are in use; the limit stays {from_bytes}"
+                            report.resize_blocked = Some((
+                                "InUse",
+                                format!("cannot shrink to {new_bytes} bytes: {used_bytes} bytes are in use; the limit stays {from_bytes}"),
                             ));
+                        }
+                        Err(AgentError::Backend(BackendError::ResizeUnsupported { reason })) => {
+                            report.resize_blocked = Some(("ResizeUnsupported", reason));
                         }
                         Err(e) => return Err(e),
                     }

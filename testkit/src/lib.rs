@@ -11,6 +11,7 @@ pub mod btrfs;
 pub mod certs;
 pub mod etcd;
 pub mod lan;
+pub mod loopdir;
 pub mod netns;
 pub mod nfs;
 pub mod process;

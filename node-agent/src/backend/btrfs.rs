@@ -521,6 +521,8 @@ impl Backend for BtrfsBackend {
             Capability::Defragment,
             Capability::Snapshot,
             Capability::SendReceive,
+            Capability::Shrink,
+            Capability::Grow,
         ]
     }
 

@@ -15,6 +15,7 @@
 
 pub mod btrfs;
 pub mod conformance;
+pub mod loopdev;
 pub mod stream;
 
 use std::path::PathBuf;
@@ -65,6 +66,9 @@ pub enum BackendError {
     UnknownVolume(String),
     #[error("cannot shrink to {new_bytes} bytes: {used_bytes} bytes are in use; free space first or choose a larger size")]
     ResizeBlocked { used_bytes: u64, new_bytes: u64 },
+    /// The backend does not declare `shrink` (or `grow`) and was asked to.
+    #[error("{reason}")]
+    ResizeUnsupported { reason: String },
     #[error("the pool {path} cannot be used: {reason}")]
     InvalidPool { path: PathBuf, reason: String },
     #[error("this backend cannot {capability} (it does not declare the capability)")]
@@ -100,7 +104,9 @@ pub trait Backend: Send + Sync + 'static {
     fn create(&self, record: &VolumeRecord) -> Result<()>;
     /// Destroys a volume and everything in it. Unknown uid → [`BackendError::UnknownVolume`].
     fn destroy(&self, uid: &str) -> Result<()>;
-    /// Sets the hard limit. Shrinking below what is used → [`BackendError::ResizeBlocked`].
+    /// Sets the hard limit. Shrinking below what is used → [`BackendError::ResizeBlocked`];
+    /// shrinking (growing) on a backend without the `shrink` (`grow`) capability →
+    /// [`BackendError::ResizeUnsupported`] (the size stays).
     fn resize(&self, uid: &str, size_bytes: u64) -> Result<()>;
 
     /// Capability `clone`: creates `record` as a copy of `source_uid`'s current content with its
@@ -214,6 +220,15 @@ pub trait Backend: Send + Sync + 'static {
         })
     }
 
+    /// The labels the agent puts on its Machine for this backend, so manifests can select it:
+    /// `cobalt.io/backend` = [`Backend::kind`], and whatever else the backend adds.
+    fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        [(
+            cobalt_api::BACKEND_LABEL.to_string(),
+            self.kind().to_string(),
+        )]
+        .into()
+    }
     /// True when the backend declares `capability`.
     fn can(&self, capability: Capability) -> bool {
         self.capabilities().contains(&capability)
