@@ -60,6 +60,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench moves
 	$(CARGO) bench -p cobalt-e2e --bench drain
 	$(CARGO) bench -p cobalt-e2e --bench snapshots
+	$(CARGO) bench -p cobalt-e2e --bench loop_create
 
 demo: deps
 	bash scripts/demo.sh

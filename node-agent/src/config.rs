@@ -6,7 +6,7 @@
 //! address: 10.0.0.12              # where NFS clients reach this machine
 //! labels: {disk: ssd}
 //! stateDir: /var/lib/cobalt       # lock file; one agent per state directory
-//! backend: {kind: btrfs, pool: /srv/cobalt}
+//! backend: {kind: btrfs, pool: /srv/cobalt}   # or {kind: loop, pool: /srv/images, filesystem: xfs}
 //! exporter: {kind: ganesha, port: 2049}   # ganesha | kernel | none
 //! listen: 127.0.0.1:7421          # health, metrics, and move streams to peer agents
 //! leaseTTL: 10s
@@ -203,7 +203,7 @@ pub struct Flags {
 #[command(
     name = "cobalt-agent",
     version,
-    about = "Cobalt node agent: registers this machine, keeps its volumes as BTRFS subvolumes and exports them.",
+    about = "Cobalt node agent: registers this machine, keeps its volumes (BTRFS subvolumes, or ext4/xfs images on loop devices) and exports them.",
     after_help = "Examples:\n  cobalt-agent --etcd-endpoints http://127.0.0.1:2379 --machine node-1 --pool /srv/cobalt\n  cobalt-agent pool create --image /var/lib/cobalt/pool.img --size 10G --mount /srv/cobalt"
 )]
 pub struct Cli {
