@@ -42,7 +42,12 @@ async fn main() {
         ))
         .await;
         let o = c
-            .ctl(&["wait", &format!("volume/l{i}"), "--for=condition=Ready", "--timeout=60s"])
+            .ctl(&[
+                "wait",
+                &format!("volume/l{i}"),
+                "--for=condition=Ready",
+                "--timeout=60s",
+            ])
             .await;
         assert!(o.status.success(), "{}", out(&o));
         cobalt.push(t.elapsed());

@@ -424,4 +424,29 @@ mod tests {
         .to_string();
         assert!(err.contains("maxIncomming"), "{err}");
     }
+
+    #[test]
+    fn the_backend_flags_choose_loop_and_its_filesystem_and_bad_ones_are_named() {
+        let mut flags = example();
+        flags.backend = Some("loop".into());
+        flags.filesystem = Some("xfs".into());
+        let c = AgentConfig::load(&flags).unwrap();
+        assert_eq!(
+            (c.backend.kind.as_str(), c.backend.filesystem.as_deref()),
+            ("loop", Some("xfs"))
+        );
+        flags.filesystem = Some("zfs".into());
+        let err = AgentConfig::load(&flags).unwrap_err().to_string();
+        assert!(
+            err.contains("backend.filesystem") && err.contains("ext4 or xfs"),
+            "{err}"
+        );
+        flags.backend = Some("btrfs".into());
+        let err = AgentConfig::load(&flags).unwrap_err().to_string();
+        assert!(err.contains("loop backend only"), "{err}");
+        flags.backend = Some("zfs".into());
+        flags.filesystem = None;
+        let err = AgentConfig::load(&flags).unwrap_err().to_string();
+        assert!(err.contains("btrfs or loop"), "{err}");
+    }
 }

@@ -151,3 +151,40 @@ fn fifty_creates_at_once_all_attach_and_stale_attachments_are_cleaned() {
         b.destroy(&r.uid).unwrap();
     }
 }
+
+#[test]
+fn an_agent_killed_during_a_clone_leaves_the_source_intact_thawed_and_no_partial_copy() {
+    let dir = LoopDir::new();
+    let b = LoopBackend::open(dir.pool(), dir.mounts(), Filesystem::Ext4).unwrap();
+    b.create(&record("src", 16 * MIB)).unwrap();
+    std::fs::write(b.path("src").join("data"), b"the source's data").unwrap();
+    // What a kill mid-clone leaves: the source frozen, a partial copy beside the images.
+    let frozen = std::process::Command::new("fsfreeze")
+        .arg("-f")
+        .arg(b.path("src"))
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    std::fs::write(dir.pool().join(".copy.img.tmp"), b"partial").unwrap();
+    drop(b);
+    let b = LoopBackend::open(dir.pool(), dir.mounts(), Filesystem::Ext4).unwrap();
+    assert!(
+        !dir.pool().join(".copy.img.tmp").exists(),
+        "the partial copy is gone"
+    );
+    assert_eq!(
+        std::fs::read(b.path("src").join("data")).unwrap(),
+        b"the source's data"
+    );
+    std::fs::write(b.path("src").join("after"), b"writable again").unwrap();
+    assert!(b.get("copy").unwrap().is_none());
+    // The clone asked again is made whole.
+    b.clone_from("src", &record("copy", 16 * MIB)).unwrap();
+    assert_eq!(
+        std::fs::read(b.path("copy").join("data")).unwrap(),
+        b"the source's data"
+    );
+    for uid in ["copy", "src"] {
+        b.destroy(uid).unwrap();
+    }
+}

@@ -279,9 +279,20 @@ impl LoopBackend {
         Ok(())
     }
 
-    /// After a restart or a reboot: every volume attached and mounted, none left frozen (a clone
-    /// interrupted mid-copy), and loop devices on images without a record detached.
+    /// After a restart or a reboot: every volume attached and mounted, none left frozen and no
+    /// partial copy left (a clone interrupted mid-copy), and stale loop devices detached.
     fn recover(&self) -> Result<()> {
+        // Partial copies of an interrupted clone (never a volume's image: those have no dot).
+        for entry in std::fs::read_dir(&self.pool).map_err(io("list pool", &self.pool))? {
+            let path = entry.map_err(io("list pool", &self.pool))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with('.') && name.ends_with(".img.tmp") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         for r in self.list()? {
             self.bring_up(&r.uid)?;
             let _ = Command::new("fsfreeze")
