@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use cobalt_api::{Capability, Compression};
 
 use super::stream::SendStream;
+use super::{io, run};
 use super::{
     Backend, BackendError, PoolCapacity, Result, SnapshotUsage, VolumeRecord, VolumeUsage,
 };
@@ -134,14 +135,6 @@ const BTRFS_MAX_LEVEL: u8 = 8;
 #[derive(Debug, Clone)]
 pub struct BtrfsBackend {
     pool: PathBuf,
-}
-
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn errno<'a>(
@@ -1136,20 +1129,6 @@ fn check_btrfs(path: &Path) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().map_err(|e| BackendError::Command {
-        command: format!("{cmd:?}"),
-        stderr: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(BackendError::Command {
-            command: format!("{cmd:?}"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn c_path(path: &Path) -> std::io::Result<CString> {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use cobalt_api::Capability;
 
-use super::{Backend, BackendError, PoolCapacity, Result, VolumeRecord, VolumeUsage};
+use super::{io, run, Backend, BackendError, PoolCapacity, Result, VolumeRecord, VolumeUsage};
 
 /// The Machine label naming the loop backend's filesystem (`ext4`, `xfs`).
 pub const FILESYSTEM_LABEL: &str = "cobalt.io/filesystem";
@@ -81,28 +81,6 @@ pub struct LoopBackend {
 
 /// Attempts at attaching an image when another process took the free device first.
 const ATTACH_ATTEMPTS: usize = 10;
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().map_err(|e| BackendError::Command {
-        command: format!("{cmd:?}"),
-        stderr: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(BackendError::Command {
-            command: format!("{cmd:?}"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io {
-        op,
-        path: path.into(),
-        source,
-    }
-}
 
 /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).
 fn has_cap_sys_resource() -> bool {

@@ -91,6 +91,33 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// Runs a command; its stdout, or [`BackendError::Command`] with its stderr.
+pub(crate) fn run(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output().map_err(|e| BackendError::Command {
+        command: format!("{cmd:?}"),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(BackendError::Command {
+            command: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Maps an I/O error of `op` on `path` to [`BackendError::Io`].
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// A place that holds volumes. Every method is idempotent where the name says so and safe to
 /// call again after a crash at any point.
 pub trait Backend: Send + Sync + 'static {
