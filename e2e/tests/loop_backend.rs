@@ -87,6 +87,22 @@ async fn loop_volumes_are_served_over_nfs_cloned_kept_across_a_reboot_and_delete
     .await;
     let o = c.ctl(&["move", "volume/lv", "--to", "m3"]).await;
     assert!(o.status.success(), "{}", out(&o));
+    let o = c.ctl(&["snapshot", "volume/lv", "--name", "lv-snap"]).await;
+    assert!(o.status.success(), "{}", out(&o));
+    until(
+        "the snapshot is refused",
+        Duration::from_secs(20),
+        || async {
+            let s: cobalt_api::Snapshot = c.store.get("lv-snap").await.ok()??;
+            let st = s.status?;
+            let ready = find_condition(&st.conditions, "Ready")?;
+            (st.phase == cobalt_api::SnapshotPhase::Failed && ready.reason == "SnapshotUnsupported")
+                .then_some(())
+        },
+    )
+    .await;
+    let o = c.ctl(&["delete", "snapshot/lv-snap"]).await;
+    assert!(o.status.success(), "{}", out(&o));
 
     // A grow: online where the kernel lets the agent (CAP_SYS_RESOURCE), else refused, Ready.
     c.apply_text(&yaml("lv", "", &client).replace("64Mi", "96Mi"))
