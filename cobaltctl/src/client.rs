@@ -223,6 +223,12 @@ impl Client {
             .1)
     }
 
+    /// The server's `/version`.
+    pub async fn server_version(&self) -> Result<Value, CtlError> {
+        let url = format!("{}/version", self.target.server.trim_end_matches('/'));
+        Ok(self.send(self.request(reqwest::Method::GET, url)).await?.1)
+    }
+
     pub async fn list(&self, kind: Kind, selector: Option<&str>) -> Result<Value, CtlError> {
         let mut r = self.request(reqwest::Method::GET, self.url(kind, None));
         if let Some(s) = selector {

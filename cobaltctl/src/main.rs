@@ -171,6 +171,13 @@ enum Verb {
         after_help = "Examples:\n  cobaltctl explain volume\n  cobaltctl explain volume.spec.export.clients"
     )]
     Explain { path: String },
+    /// Print the client's version and the server's.
+    #[command(after_help = "Example:\n  cobaltctl version\n  cobaltctl version --client")]
+    Version {
+        /// The client's version only (no server needed).
+        #[arg(long)]
+        client: bool,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  source <(cobaltctl completion bash)")]
     Completion { shell: clap_complete::Shell },
@@ -300,6 +307,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => commands::drain(&client()?, &name, pinned, wait, timeout).await,
         Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
         Verb::Explain { path } => commands::explain(&path),
+        Verb::Version {
+            client: only_client,
+        } => {
+            println!("Client Version: v{}", env!("CARGO_PKG_VERSION"));
+            if only_client {
+                return Ok(0);
+            }
+            let v = client()?.server_version().await?;
+            println!(
+                "Server Version: {} ({})",
+                v["gitVersion"].as_str().unwrap_or("unknown"),
+                v["platform"].as_str().unwrap_or("unknown")
+            );
+            Ok(0)
+        }
         Verb::Completion { shell } => {
             clap_complete::generate(
                 shell,

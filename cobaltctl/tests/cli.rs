@@ -428,3 +428,54 @@ fn every_verb_explains_itself_with_an_example() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("clients"));
 }
+
+#[tokio::test]
+async fn version_prints_the_client_and_the_servers_and_snapshot_commands_work() {
+    let env = Env::start().await;
+    let o = env.run(&["version"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let want = format!("v{}", env!("CARGO_PKG_VERSION"));
+    let t = text(&o);
+    assert!(t.contains(&format!("Client Version: {want}")), "{t}");
+    assert!(t.contains(&format!("Server Version: {want}")), "{t}");
+    let o = env.run(&["version", "--client"]).await;
+    assert!(text(&o).contains("Client Version") && !text(&o).contains("Server"));
+
+    // snapshot: needs volume/NAME; the volume must exist; the snapshot is listed.
+    let o = env.run(&["snapshot", "machine/m1"]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("volume/NAME"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["snapshot", "volume/db", "--name", "db-1"]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("does not exist"),
+        "{}",
+        text(&o)
+    );
+    let v = env.file(
+        "db.yaml",
+        "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {name: db}\nspec: {size: 1Gi}\n",
+    );
+    assert!(env.run(&["apply", "-f", &v]).await.status.success());
+    let o = env.run(&["snapshot", "volume/db", "--name", "db-1"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("snapshot/db-1 created"));
+    let o = env.run(&["get", "snap", "-o", "wide"]).await;
+    let t = text(&o);
+    assert!(
+        t.contains("VOLUME") && t.contains("EXCLUSIVE") && t.contains("db-1"),
+        "{t}"
+    );
+    let o = env.run(&["delete", "volume/db"]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("db-1"),
+        "{}",
+        text(&o)
+    );
+    // No agent runs here: the untaken snapshot has no finalizer and goes at once.
+    let o = env.run(&["delete", "volume/db", "--with-snapshots"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(env.store.get::<Volume>("db").await.unwrap().is_none());
+}

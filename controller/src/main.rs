@@ -17,6 +17,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 struct Cli {
     #[command(flatten)]
     flags: Flags,
+    /// Log format: text or json (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: cobalt_store::logging::LogFormat,
     /// Print the OpenAPI document and exit.
     #[arg(long, hide = true)]
     print_openapi: bool,
@@ -29,11 +32,7 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", cobalt_controller::openapi::document_text());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    cobalt_store::logging::init(cli.log_format);
     let config = ControllerConfig::load(&cli.flags)?;
     let store = Store::connect(&config.etcd)
         .await

@@ -63,6 +63,13 @@ pub fn document() -> Value {
         "/openapi.json".into(),
         plain_get("This document.", "application/json"),
     );
+    paths.insert(
+        "/version".into(),
+        plain_get(
+            "The server's version (major, minor, gitVersion, gitCommit, platform), as `kubectl version` reads it.",
+            "application/json",
+        ),
+    );
 
     json!({
         "openapi": "3.1.0",

@@ -211,6 +211,9 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub flags: Flags,
+    /// Log format: text or json (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: cobalt_store::logging::LogFormat,
 }
 
 #[derive(clap::Subcommand)]

@@ -37,11 +37,7 @@ async fn main() -> anyhow::Result<()> {
             PoolCommand::Destroy { image, mount } => pool::destroy(image, mount),
         }?);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    cobalt_store::logging::init(cli.log_format);
     let config = AgentConfig::load(&cli.flags)?;
     let _lock = StateLock::acquire(&config.state_dir)?;
     let backend: Arc<dyn Backend> = {

@@ -25,6 +25,7 @@ pub mod error;
 pub mod keys;
 pub mod lease;
 pub mod liveness;
+pub mod logging;
 pub mod objects;
 pub mod watch;
 

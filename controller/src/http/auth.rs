@@ -6,7 +6,8 @@
 //!   - {name: ci, token: 3f9a…, role: admin}
 //!   - {name: grafana, token: 77c1…, role: reader}
 //! ```
-//! Health probes (`/healthz`, `/readyz`) and `/openapi.json` need no token.
+//! Health probes (`/healthz`, `/readyz`), `/openapi.json` and `/version` need no token (like
+//! Kubernetes, which lets anyone read its version).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -73,7 +74,7 @@ pub async fn require_token(State(s): State<AppState>, request: Request, next: Ne
         return next.run(request).await;
     };
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/openapi.json") {
+    if matches!(path, "/healthz" | "/readyz" | "/openapi.json" | "/version") {
         return next.run(request).await;
     }
     let presented = request

@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .route("/version", get(version))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -110,6 +111,24 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The server's version, in the shape `kubectl version` reads.
+pub fn version_info() -> serde_json::Value {
+    let v = env!("CARGO_PKG_VERSION");
+    let mut parts = v.split('.');
+    serde_json::json!({
+        "major": parts.next().unwrap_or("0"),
+        "minor": parts.next().unwrap_or("0"),
+        "gitVersion": format!("v{v}"),
+        "gitCommit": option_env!("COBALT_GIT_COMMIT").unwrap_or("unknown"),
+        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+        "compiler": "rustc",
+    })
+}
+
+async fn version() -> Response {
+    axum::Json(version_info()).into_response()
 }
 
 async fn openapi() -> Response {
