@@ -6,7 +6,7 @@ CARGO ?= cargo
 # and protoc + includes that etcd-client needs at build time.
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
                    protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux \
-                   e2fsprogs xfsprogs
+                   e2fsprogs xfsprogs systemd
 
 .PHONY: help deps build test e2e lint schemas bench demo demo-down clean
 
