@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-v
                    protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux \
                    e2fsprogs xfsprogs systemd
 
-.PHONY: help deps build test e2e lint schemas bench demo demo-down clean
+.PHONY: help deps build test e2e lint schemas bench demo demo-down release clean
 
 help:
 	@echo "make demo     run Cobalt end to end here: etcd, pool, controller, agent, a volume over NFS"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint     rustfmt and clippy, warnings are errors"
 	@echo "make schemas  regenerate schemas/*.json from the Rust types"
 	@echo "make bench    benchmarks against real components (see bench/README.md)"
+	@echo "make release  static x86_64 binaries and SHA256SUMS in dist/"
 
 deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \
@@ -67,6 +68,19 @@ demo: deps
 
 demo-down:
 	bash scripts/demo-down.sh
+
+# Static binaries (musl: no glibc needed on the target machine) and their checksums.
+RELEASE_TARGET := x86_64-unknown-linux-musl
+RELEASE_BINS := cobalt-controller cobalt-agent cobaltctl
+release:
+	@command -v musl-gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools)
+	rustup target add $(RELEASE_TARGET)
+	$(CARGO) build --release --locked --target $(RELEASE_TARGET) -p cobalt-controller -p cobalt-agent -p cobaltctl
+	rm -rf dist && mkdir -p dist
+	for b in $(RELEASE_BINS); do cp target/$(RELEASE_TARGET)/release/$$b dist/; done
+	cd dist && sha256sum $(RELEASE_BINS) > SHA256SUMS
+	@for b in $(RELEASE_BINS); do file dist/$$b | grep -q "statically linked" || { echo "dist/$$b is not static"; exit 1; }; done
+	@cat dist/SHA256SUMS
 
 clean:
 	$(CARGO) clean
