@@ -79,7 +79,7 @@ release:
 	rm -rf dist && mkdir -p dist
 	for b in $(RELEASE_BINS); do cp target/$(RELEASE_TARGET)/release/$$b dist/; done
 	cd dist && sha256sum $(RELEASE_BINS) > SHA256SUMS
-	@for b in $(RELEASE_BINS); do file dist/$$b | grep -q "statically linked" || { echo "dist/$$b is not static"; exit 1; }; done
+	@for b in $(RELEASE_BINS); do file dist/$$b | grep -Eq "static(-pie)? linked|statically linked" || { echo "dist/$$b is not static"; exit 1; }; done
 	@cat dist/SHA256SUMS
 
 clean:
