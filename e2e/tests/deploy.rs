@@ -34,7 +34,11 @@ fn the_units_verify_cleanly_and_use_only_flags_that_exist() {
         let built = binary(name);
         // The flags: the binary accepts them all (clap refuses an unknown one before --help).
         let args: Vec<&str> = words.collect();
-        let o = Command::new(&built).args(&args).arg("--help").output().unwrap();
+        let o = Command::new(&built)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
         assert!(
             o.status.success(),
             "{}: {exec}: {}",
