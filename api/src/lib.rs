@@ -19,6 +19,7 @@
 
 pub mod condition;
 pub mod duration;
+pub mod event;
 pub mod machine;
 pub mod manifest;
 pub mod meta;
@@ -26,6 +27,7 @@ pub mod quantity;
 pub mod schema;
 pub mod selector;
 pub mod snapshot;
+pub mod table;
 pub mod validate;
 pub mod volume;
 

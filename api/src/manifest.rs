@@ -71,6 +71,26 @@ pub fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, ManifestError> {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
+/// Applies a JSON merge patch (RFC 7386) to `target`: objects merge key by key, `null` removes
+/// a key, anything else (arrays included) replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let Value::Object(t) = target else { return };
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 /// Converts a generic document into a typed object, naming the offending field on failure.
 pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -130,6 +150,37 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7386() {
+        // The RFC's own worked example.
+        let mut target = serde_json::json!({
+            "title": "Goodbye!",
+            "author": {"givenName": "John", "familyName": "Doe"},
+            "tags": ["example", "sample"],
+            "content": "This will be unchanged"
+        });
+        let patch = serde_json::json!({
+            "title": "Hello!",
+            "phoneNumber": "+01-123-456-7890",
+            "author": {"familyName": null},
+            "tags": ["example"]
+        });
+        merge_patch(&mut target, &patch);
+        assert_eq!(
+            target,
+            serde_json::json!({
+                "title": "Hello!",
+                "author": {"givenName": "John"},
+                "tags": ["example"],
+                "content": "This will be unchanged",
+                "phoneNumber": "+01-123-456-7890"
+            })
+        );
+        let mut scalar = serde_json::json!("a");
+        merge_patch(&mut scalar, &serde_json::json!({"b": {"c": null, "d": 1}}));
+        assert_eq!(scalar, serde_json::json!({"b": {"d": 1}}));
+    }
 
     const VOLUME: &str =
         "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {name: a}\nspec: {size: 1Gi}\n";

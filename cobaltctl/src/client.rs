@@ -229,6 +229,16 @@ impl Client {
         Ok(self.send(self.request(reqwest::Method::GET, url)).await?.1)
     }
 
+    /// Events (`/api/v1/events`), narrowed by a field selector such as
+    /// `involvedObject.kind=Volume,involvedObject.name=web`.
+    pub async fn events(&self, field_selector: &str) -> Result<Value, CtlError> {
+        let url = format!("{}/api/v1/events", self.target.server.trim_end_matches('/'));
+        let r = self
+            .request(reqwest::Method::GET, url)
+            .query(&[("fieldSelector", field_selector)]);
+        Ok(self.send(r).await?.1)
+    }
+
     pub async fn list(&self, kind: Kind, selector: Option<&str>) -> Result<Value, CtlError> {
         let mut r = self.request(reqwest::Method::GET, self.url(kind, None));
         if let Some(s) = selector {

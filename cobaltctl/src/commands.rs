@@ -222,6 +222,61 @@ pub async fn describe(c: &Client, what: &str, name: Option<String>) -> anyhow::R
             println!();
         }
         print!("{}", output::describe(kind, &v));
+        // The last few events of this very object (by uid: not those of an earlier namesake).
+        let selector = format!(
+            "involvedObject.kind={},involvedObject.name={n},involvedObject.uid={}",
+            kind.kind(),
+            v.pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        );
+        match c.events(&selector).await {
+            Ok(list) => print!("{}", output::describe_events(&list, DESCRIBE_EVENTS)),
+            Err(e) => println!("Events:         <cannot be read: {e}>"),
+        }
+    }
+    Ok(0)
+}
+
+/// How many events `describe` shows (the most recent).
+const DESCRIBE_EVENTS: usize = 10;
+
+/// `cobaltctl events [kind[/name]] [--warnings]`.
+pub async fn events(
+    c: &Client,
+    what: Option<&str>,
+    name: Option<String>,
+    warnings: bool,
+    format: Option<Format>,
+) -> anyhow::Result<i32> {
+    let mut terms = Vec::new();
+    if let Some(what) = what {
+        let (kind, from_ref) = Kind::parse_ref(what).map_err(anyhow::Error::msg)?;
+        terms.push(format!("involvedObject.kind={}", kind.kind()));
+        if let Some(n) = name.or(from_ref) {
+            terms.push(format!("involvedObject.name={n}"));
+        }
+    }
+    if warnings {
+        terms.push("type=Warning".into());
+    }
+    let list = c.events(&terms.join(",")).await?;
+    match format {
+        Some(Format::Json) => println!("{}", serde_json::to_string_pretty(&list)?),
+        Some(Format::Yaml) => print!("{}", output::yaml(&list)),
+        Some(Format::Name) => {
+            for e in list["items"].as_array().into_iter().flatten() {
+                println!("event/{}", e["metadata"]["name"].as_str().unwrap_or(""));
+            }
+        }
+        None | Some(Format::Wide) => {
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                eprintln!("No events found.");
+            } else {
+                print!("{}", output::event_table(&items));
+            }
+        }
     }
     Ok(0)
 }

@@ -37,6 +37,15 @@ impl Kind {
         }
     }
 
+    /// The manifest `kind`: `Volume`, `Machine`, `Snapshot`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Kind::Volume => "Volume",
+            Kind::Machine => "Machine",
+            Kind::Snapshot => "Snapshot",
+        }
+    }
+
     pub fn singular(self) -> &'static str {
         match self {
             Kind::Volume => "volume",

@@ -171,6 +171,21 @@ enum Verb {
         after_help = "Examples:\n  cobaltctl explain volume\n  cobaltctl explain volume.spec.export.clients"
     )]
     Explain { path: String },
+    /// Show recent events: all of them, or those of one object (bound, moved, failed, machine
+    /// lost and back, …). Events live an hour after they last happened.
+    #[command(
+        after_help = "Examples:\n  cobaltctl events\n  cobaltctl events volume/media\n  cobaltctl events machine m1 --warnings"
+    )]
+    Events {
+        /// `kind`, `kind/name`, or nothing for every event.
+        what: Option<String>,
+        name: Option<String>,
+        /// Warnings only.
+        #[arg(long)]
+        warnings: bool,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
+    },
     /// Print the client's version and the server's.
     #[command(after_help = "Example:\n  cobaltctl version\n  cobaltctl version --client")]
     Version {
@@ -230,6 +245,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             watch,
         } => commands::get(&client()?, &kind, name, output, selector.as_deref(), watch).await,
         Verb::Describe { kind, name } => commands::describe(&client()?, &kind, name).await,
+        Verb::Events {
+            what,
+            name,
+            warnings,
+            output,
+        } => commands::events(&client()?, what.as_deref(), name, warnings, output).await,
         Verb::Delete {
             kind,
             name,

@@ -4,6 +4,17 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::kinds::Kind;
+pub use cobalt_api::table::{age, bytes, condition, human_duration, s};
+
+/// The table columns of `kind`.
+pub fn header(kind: Kind, wide: bool) -> Vec<&'static str> {
+    cobalt_api::table::header(kind.kind(), wide)
+}
+
+/// One table row of `v`.
+pub fn row(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
+    cobalt_api::table::row(kind.kind(), v, wide)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -11,227 +22,6 @@ pub enum Format {
     Yaml,
     Json,
     Name,
-}
-
-fn s<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
-}
-
-pub fn age(v: &Value) -> String {
-    let Some(t) = v
-        .pointer("/metadata/creationTimestamp")
-        .and_then(Value::as_str)
-        .and_then(|t| t.parse::<DateTime<Utc>>().ok())
-    else {
-        return "<unknown>".into();
-    };
-    human_duration((Utc::now() - t).num_seconds())
-}
-
-pub fn human_duration(secs: i64) -> String {
-    let secs = secs.max(0);
-    match secs {
-        0..=119 => format!("{secs}s"),
-        120..=7199 => format!("{}m", secs / 60),
-        7200..=172_799 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86400),
-    }
-}
-
-fn bytes(v: Option<u64>) -> String {
-    match v {
-        Some(b) => cobalt_api::Quantity::from_bytes(b)
-            .round_up_mib()
-            .to_string(),
-        None => "-".into(),
-    }
-}
-
-pub fn header(kind: Kind, wide: bool) -> Vec<&'static str> {
-    match (kind, wide) {
-        (Kind::Volume, false) => vec!["NAME", "SIZE", "MACHINE", "PHASE", "ENDPOINT", "AGE"],
-        (Kind::Volume, true) => vec![
-            "NAME",
-            "SIZE",
-            "MACHINE",
-            "PHASE",
-            "ENDPOINT",
-            "AGE",
-            "USED",
-            "COMPRESSION",
-            "SELECTOR",
-            "READY",
-        ],
-        (Kind::Machine, false) => vec!["NAME", "STATUS", "CAPACITY", "RESERVED", "VOLUMES", "AGE"],
-        (Kind::Machine, true) => vec![
-            "NAME",
-            "STATUS",
-            "CAPACITY",
-            "RESERVED",
-            "VOLUMES",
-            "AGE",
-            "ADDRESS",
-            "USED",
-            "LABELS",
-            "SCHEDULABLE",
-        ],
-        (Kind::Snapshot, false) => vec!["NAME", "VOLUME", "READY", "MACHINE", "SIZE", "AGE"],
-        (Kind::Snapshot, true) => vec![
-            "NAME",
-            "VOLUME",
-            "READY",
-            "MACHINE",
-            "SIZE",
-            "AGE",
-            "EXCLUSIVE",
-            "PHASE",
-            "SCHEDULED",
-        ],
-    }
-}
-
-pub fn row(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
-    match kind {
-        Kind::Volume => {
-            let machine = v
-                .pointer("/status/machine")
-                .or_else(|| v.pointer("/spec/machine"))
-                .and_then(Value::as_str)
-                .unwrap_or("<none>");
-            let endpoint = match v.pointer("/status/endpoint") {
-                Some(e) => format!("{}:{}", s(e, "/server"), s(e, "/path")),
-                None => "<none>".into(),
-            };
-            let phase = match s(v, "/status/phase") {
-                "" => "Pending",
-                p => p,
-            };
-            let mut r = vec![
-                s(v, "/metadata/name").into(),
-                s(v, "/spec/size").into(),
-                machine.into(),
-                phase.into(),
-                endpoint,
-                age(v),
-            ];
-            if wide {
-                let selector = v
-                    .pointer("/spec/placement/selector")
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    });
-                let ready = condition(v, "Ready")
-                    .map(|c| s(c, "/status").to_string())
-                    .unwrap_or_else(|| "Unknown".into());
-                r.extend([
-                    bytes(v.pointer("/status/usage/usedBytes").and_then(Value::as_u64)),
-                    match s(v, "/spec/compression") {
-                        "" => "none".to_string(),
-                        c => c.to_string(),
-                    },
-                    selector
-                        .filter(|x| !x.is_empty())
-                        .unwrap_or_else(|| "<none>".into()),
-                    ready,
-                ]);
-            }
-            r
-        }
-        Kind::Machine => {
-            let mut r = vec![
-                s(v, "/metadata/name").into(),
-                match s(v, "/status/phase") {
-                    "" => "NotReady".into(),
-                    p => p.into(),
-                },
-                bytes(
-                    v.pointer("/status/capacity/totalBytes")
-                        .and_then(Value::as_u64),
-                ),
-                bytes(
-                    v.pointer("/status/capacity/reservedBytes")
-                        .and_then(Value::as_u64),
-                ),
-                v.pointer("/status/volumes")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    .to_string(),
-                age(v),
-            ];
-            if wide {
-                let labels = v
-                    .pointer("/metadata/labels")
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    });
-                r.extend([
-                    match s(v, "/spec/address") {
-                        "" => "<none>".into(),
-                        a => a.into(),
-                    },
-                    bytes(
-                        v.pointer("/status/capacity/usedBytes")
-                            .and_then(Value::as_u64),
-                    ),
-                    labels
-                        .filter(|x| !x.is_empty())
-                        .unwrap_or_else(|| "<none>".into()),
-                    (!v.pointer("/spec/unschedulable")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false))
-                    .to_string(),
-                ]);
-            }
-            r
-        }
-        Kind::Snapshot => {
-            let mut r = vec![
-                s(v, "/metadata/name").into(),
-                s(v, "/spec/volume").into(),
-                v.pointer("/status/readyToUse")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false)
-                    .to_string(),
-                match s(v, "/status/machine") {
-                    "" => "<none>".into(),
-                    m => m.into(),
-                },
-                bytes(v.pointer("/status/sizeBytes").and_then(Value::as_u64)),
-                age(v),
-            ];
-            if wide {
-                r.extend([
-                    bytes(v.pointer("/status/exclusiveBytes").and_then(Value::as_u64)),
-                    match s(v, "/status/phase") {
-                        "" => "Pending".into(),
-                        p => p.into(),
-                    },
-                    v.pointer(&format!(
-                        "/metadata/labels/{}",
-                        cobalt_api::snapshot::SCHEDULED_LABEL.replace('/', "~1")
-                    ))
-                    .is_some()
-                    .to_string(),
-                ]);
-            }
-            r
-        }
-    }
-}
-
-pub fn condition<'a>(v: &'a Value, type_: &str) -> Option<&'a Value> {
-    v.pointer("/status/conditions")?
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 /// Aligned columns like kubectl's.
@@ -258,6 +48,70 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push(line(r.iter().map(String::as_str).collect()));
     }
     out.join("\n") + "\n"
+}
+
+fn since(t: &str) -> String {
+    t.parse::<DateTime<Utc>>()
+        .map(|t| human_duration((Utc::now() - t).num_seconds()))
+        .unwrap_or_else(|_| "<unknown>".into())
+}
+
+fn event_age(e: &Value) -> String {
+    let last = since(s(e, "/lastTimestamp"));
+    match e.get("count").and_then(Value::as_u64) {
+        Some(n) if n > 1 => format!("{last} (x{n} over {})", since(s(e, "/firstTimestamp"))),
+        _ => last,
+    }
+}
+
+/// `cobaltctl events`: LAST SEEN, TYPE, REASON, OBJECT, MESSAGE, oldest first.
+pub fn event_table(items: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            vec![
+                event_age(e),
+                s(e, "/type").into(),
+                s(e, "/reason").into(),
+                format!(
+                    "{}/{}",
+                    s(e, "/involvedObject/kind").to_ascii_lowercase(),
+                    s(e, "/involvedObject/name")
+                ),
+                s(e, "/message").into(),
+            ]
+        })
+        .collect();
+    table(&["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], &rows)
+}
+
+/// The `Events:` section of `describe`: the `last` most recent, as kubectl shows them.
+pub fn describe_events(list: &Value, last: usize) -> String {
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return "Events:         <none>\n".into();
+    }
+    let shown = &items[items.len().saturating_sub(last)..];
+    let rows: Vec<Vec<String>> = shown
+        .iter()
+        .map(|e| {
+            vec![
+                s(e, "/type").into(),
+                s(e, "/reason").into(),
+                event_age(e),
+                s(e, "/source/component").into(),
+                s(e, "/message").into(),
+            ]
+        })
+        .collect();
+    let t = table(&["TYPE", "REASON", "AGE", "FROM", "MESSAGE"], &rows);
+    let mut out = String::from("Events:\n");
+    for line in t.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 pub fn yaml(v: &Value) -> String {

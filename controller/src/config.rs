@@ -66,6 +66,17 @@ pub struct ControllerConfig {
     /// When and how the leader evens out machine fill (drains run regardless).
     #[serde(default)]
     pub rebalance: crate::scheduler::rebalance::Policy,
+    /// How long events live after their last occurrence; 0 records none.
+    #[serde(
+        default = "default_event_ttl",
+        rename = "eventTTL",
+        with = "cobalt_api::duration::serde_duration"
+    )]
+    pub event_ttl: Duration,
+}
+
+fn default_event_ttl() -> Duration {
+    cobalt_store::DEFAULT_EVENT_TTL
 }
 
 fn default_listen() -> SocketAddr {
@@ -90,6 +101,7 @@ impl Default for ControllerConfig {
             insecure: false,
             name: None,
             rebalance: Default::default(),
+            event_ttl: default_event_ttl(),
         }
     }
 }
@@ -133,6 +145,9 @@ pub struct Flags {
     /// Do not move volumes to even out machine fill (drains still run).
     #[arg(long)]
     pub no_rebalance: bool,
+    /// How long events live after their last occurrence, e.g. 1h; 0s records none.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub event_ttl: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +209,9 @@ impl ControllerConfig {
         }
         if flags.no_rebalance {
             c.rebalance.enabled = false;
+        }
+        if let Some(t) = flags.event_ttl {
+            c.event_ttl = t;
         }
         c.check()?;
         Ok(c)

@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             lease_ttl: config.lease_ttl,
             resync: std::time::Duration::from_secs(60),
             rebalance: config.rebalance.clone(),
+            event_ttl: config.event_ttl,
         },
         scheduler_metrics,
         reconcile_metrics,

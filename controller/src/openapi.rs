@@ -13,6 +13,120 @@ pub fn document_text() -> String {
     text
 }
 
+/// The document as kubectl reads it from `/openapi/v3/apis/cobalt.io/v1alpha1`: each kind's
+/// schema carries `x-kubernetes-group-version-kind`, which `kubectl explain` looks kinds up by.
+pub fn group_version_document() -> Value {
+    let mut doc = document();
+    let gvk = |kind: &str| json!({"group": "cobalt.io", "version": "v1alpha1", "kind": kind});
+    for kind in ["Volume", "Machine", "Snapshot"] {
+        if let Some(schema) = doc.pointer_mut(&format!("/components/schemas/{kind}")) {
+            schema["x-kubernetes-group-version-kind"] = json!([gvk(kind)]);
+        }
+    }
+    // kubectl finds out whether PATCH takes `fieldValidation` (then validation is the
+    // server's) from the operation's own GVK extension and inline parameters.
+    let parameters = doc
+        .pointer("/components/parameters")
+        .cloned()
+        .unwrap_or_default();
+    let inline = |p: &Value| -> Value {
+        p.get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/components/parameters/"))
+            .and_then(|name| parameters.get(name).cloned())
+            .unwrap_or_else(|| p.clone())
+    };
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for (plural, kind) in [
+            ("volumes", "Volume"),
+            ("machines", "Machine"),
+            ("snapshots", "Snapshot"),
+        ] {
+            let base = format!("{}/{plural}", crate::http::API_PREFIX);
+            for path in [base.clone(), format!("{base}/{{name}}")] {
+                let Some(ops) = paths.get_mut(&path).and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                for (method, op) in ops.iter_mut() {
+                    if method == "parameters" {
+                        continue;
+                    }
+                    op["x-kubernetes-group-version-kind"] = gvk(kind);
+                    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                        for p in params.iter_mut() {
+                            *p = inline(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    downlevel(&mut doc);
+    doc["openapi"] = json!("3.0.0");
+    doc
+}
+
+/// Rewrites JSON Schema 2020-12 forms kubectl's OpenAPI 3.0 reader cannot take into their 3.0
+/// equivalents: `type: [T, "null"]` → `type: T, nullable: true`; `anyOf: [S, {type: null}]`
+/// → S (as `allOf: [S]` when S is a reference) with `nullable: true`; `const: v` → `enum: [v]`.
+fn downlevel(v: &mut Value) {
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(downlevel),
+        Value::Object(o) => {
+            if let Some(Value::Array(types)) = o.get("type").cloned() {
+                let real: Vec<Value> = types.into_iter().filter(|t| t != "null").collect();
+                if real.len() == 1 {
+                    o.insert("type".into(), real[0].clone());
+                    o.insert("nullable".into(), json!(true));
+                } else {
+                    o.remove("type");
+                }
+            }
+            if let Some(c) = o.remove("const") {
+                o.insert("enum".into(), json!([c]));
+            }
+            for key in ["anyOf", "oneOf"] {
+                let Some(Value::Array(alts)) = o.get(key).cloned() else {
+                    continue;
+                };
+                let real: Vec<Value> = alts
+                    .iter()
+                    .filter(|a| a.get("type") != Some(&json!("null")))
+                    .cloned()
+                    .collect();
+                if real.len() == 1 && real.len() < alts.len() {
+                    o.remove(key);
+                    o.insert("nullable".into(), json!(true));
+                    match real[0].as_object() {
+                        Some(inner) if inner.contains_key("$ref") => {
+                            o.insert("allOf".into(), json!([real[0].clone()]));
+                        }
+                        Some(inner) => {
+                            for (k, x) in inner {
+                                o.entry(k.clone()).or_insert(x.clone());
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            o.values_mut().for_each(downlevel);
+        }
+        _ => {}
+    }
+}
+
+/// `/openapi/v3`: where the group version's document is. The hash changes with the document,
+/// so clients caching it see a new one after an upgrade.
+pub fn v3_index() -> Value {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    document_text().hash(&mut h);
+    json!({"paths": {"apis/cobalt.io/v1alpha1": {
+        "serverRelativeURL": format!("/openapi/v3/apis/cobalt.io/v1alpha1?hash={:016X}", h.finish())
+    }}})
+}
+
 pub fn document() -> Value {
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| {
@@ -64,6 +178,20 @@ pub fn document() -> Value {
         plain_get("This document.", "application/json"),
     );
     paths.insert(
+        "/openapi/v3".into(),
+        plain_get(
+            "The index of OpenAPI v3 documents per group version, where kubectl looks (kubectl explain, apply).",
+            "application/json",
+        ),
+    );
+    paths.insert(
+        "/openapi/v3/apis/cobalt.io/v1alpha1".into(),
+        plain_get(
+            "This document, as the cobalt.io/v1alpha1 group version's.",
+            "application/json",
+        ),
+    );
+    paths.insert(
         "/version".into(),
         plain_get(
             "The server's version (major, minor, gitVersion, gitCommit, platform), as `kubectl version` reads it.",
@@ -89,6 +217,8 @@ pub fn document() -> Value {
                 "labelSelector": {"name": "labelSelector", "in": "query", "required": false, "description": "key=value, key!=value, key, !key joined by commas.", "schema": {"type": "string"}},
                 "watch": {"name": "watch", "in": "query", "required": false, "description": "Stream newline-delimited WatchEvents instead of a list.", "schema": {"type": "boolean"}},
                 "resourceVersion": {"name": "resourceVersion", "in": "query", "required": false, "description": "With watch: continue after this revision (410 if compacted). With delete: precondition.", "schema": {"type": "string"}},
+                "fieldValidation": {"name": "fieldValidation", "in": "query", "required": false, "description": "Accepted for kubectl; Cobalt always rejects unknown and duplicate fields (Strict), whatever the value.", "schema": {"type": "string", "enum": ["Strict", "Warn", "Ignore"]}},
+                "fieldManager": {"name": "fieldManager", "in": "query", "required": false, "description": "Accepted for kubectl and ignored: Cobalt does not track field managers.", "schema": {"type": "string"}},
                 "timeoutSeconds": {"name": "timeoutSeconds", "in": "query", "required": false, "description": "With watch: end the stream after this long (default 1800, at most 3600).", "schema": {"type": "integer", "minimum": 1}}
             }
         }
@@ -173,6 +303,13 @@ fn item_path(plural: &str, schema: &str) -> Value {
             "parameters": [param("dryRun")],
             "requestBody": body(schema),
             "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token."), ("404", "Not found."), ("409", "Conflict: stale resourceVersion."), ("422", "Invalid.")]), "200", "Replaced.", r(schema), "application/json")
+        },
+        "patch": {
+            "operationId": format!("patch_{plural}"),
+            "summary": "Apply a JSON merge patch (RFC 7386) to metadata and spec; status is not patched. A resourceVersion in the patch is a precondition.",
+            "parameters": [param("dryRun"), param("fieldValidation"), param("fieldManager")],
+            "requestBody": {"required": true, "content": {"application/merge-patch+json": {"schema": {"type": "object"}}}},
+            "responses": with(error_responses(&[("400", "Malformed patch."), ("403", "Reader token."), ("404", "Not found."), ("409", "Conflict: the resourceVersion precondition failed, or the object kept changing."), ("415", "Not a merge patch (strategic merge, JSON patch and apply patches are not supported)."), ("422", "The patched object is invalid.")]), "200", "Patched.", r(schema), "application/json")
         },
         "delete": {
             "operationId": format!("delete_{plural}"),

@@ -627,3 +627,284 @@ fn the_checked_in_openapi_document_is_current_and_valid_openapi_3() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What kubectl reads first: discovery, and the OpenAPI v3 document it validates and explains
+/// with. The kinds are cluster-scoped with their short names; the PATCH operations say they take
+/// `fieldValidation` (so kubectl leaves validation to the server); no JSON Schema 2020-12 forms
+/// kubectl cannot read are left.
+#[tokio::test]
+async fn discovery_and_openapi_v3_are_what_kubectl_reads() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (code, core) = api.get("/api").await;
+    assert_eq!(code, 200);
+    assert_eq!(core["kind"], "APIVersions");
+    let (_, core_v1) = api.get("/api/v1").await;
+    assert_eq!(core_v1["resources"][0]["name"], "events");
+    let (_, groups) = api.get("/apis").await;
+    assert_eq!(groups["groups"][0]["name"], "cobalt.io");
+    assert_eq!(
+        groups["groups"][0]["preferredVersion"]["groupVersion"],
+        "cobalt.io/v1alpha1"
+    );
+    let (code, group) = api.get("/apis/cobalt.io").await;
+    assert_eq!(
+        (code, group["kind"].as_str()),
+        (StatusCode::OK, Some("APIGroup"))
+    );
+    let (_, resources) = api.get("/apis/cobalt.io/v1alpha1").await;
+    assert_eq!(resources["groupVersion"], "cobalt.io/v1alpha1");
+    let list = resources["resources"].as_array().unwrap();
+    for (plural, kind, short) in [
+        ("volumes", "Volume", "vol"),
+        ("machines", "Machine", "mach"),
+        ("snapshots", "Snapshot", "snap"),
+    ] {
+        let r = list.iter().find(|r| r["name"] == plural).unwrap();
+        assert_eq!(r["kind"], kind);
+        assert_eq!(r["namespaced"], false);
+        assert_eq!(r["shortNames"][0], short);
+        assert!(r["verbs"].as_array().unwrap().iter().any(|v| v == "patch"));
+        assert!(list.iter().any(|r| r["name"] == format!("{plural}/status")));
+    }
+    let (_, index) = api.get("/openapi/v3").await;
+    let url = index["paths"]["apis/cobalt.io/v1alpha1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap();
+    let (code, doc) = api.get(url).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        doc["components"]["schemas"]["Volume"]["x-kubernetes-group-version-kind"][0]["kind"],
+        "Volume"
+    );
+    let patch = &doc["paths"]["/apis/cobalt.io/v1alpha1/volumes/{name}"]["patch"];
+    assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "Volume");
+    assert!(patch["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "fieldValidation" && p["in"] == "query"));
+    fn no_type_arrays(v: &Value, at: &str) {
+        match v {
+            Value::Object(o) => {
+                assert!(
+                    !o.get("type").is_some_and(Value::is_array),
+                    "type array at {at}"
+                );
+                assert!(!o.contains_key("const"), "const at {at}");
+                for (k, x) in o {
+                    no_type_arrays(x, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| no_type_arrays(x, at)),
+            _ => {}
+        }
+    }
+    no_type_arrays(&doc, "");
+}
+
+#[tokio::test]
+async fn merge_patch_changes_spec_and_labels_but_not_status_and_honours_preconditions() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let mut v = volume("web", "1Gi");
+    v["metadata"]["labels"] = json!({"app": "web", "tier": "gold"});
+    assert_eq!(api.post("volumes", &v).await.0, 201);
+    let patch = |body: Value, content_type: &'static str| {
+        api.req(reqwest::Method::PATCH, "volumes/web")
+            .header("content-type", content_type)
+            .body(body.to_string())
+    };
+    const MERGE: &str = "application/merge-patch+json";
+    let (code, patched) = api
+        .send(patch(
+            json!({"metadata": {"labels": {"tier": null}}, "spec": {"size": "2Gi"}, "status": {"phase": "Ready"}}),
+            MERGE,
+        ))
+        .await;
+    assert_eq!(code, 200, "{patched}");
+    assert_eq!(patched["spec"]["size"], "2Gi");
+    assert_eq!(patched["metadata"]["labels"], json!({"app": "web"}));
+    assert_eq!(patched["metadata"]["generation"], 2);
+    let (_, read) = api.get("volumes/web").await;
+    assert_ne!(read["status"]["phase"], "Ready", "status is not patched");
+    // A stale resourceVersion in the patch is a precondition that fails.
+    let (code, _) = api
+        .send(patch(
+            json!({"metadata": {"resourceVersion": "1"}, "spec": {"size": "3Gi"}}),
+            MERGE,
+        ))
+        .await;
+    assert_eq!(code, 409);
+    // The patched object is validated like a replace: every problem named.
+    let (code, body) = api
+        .send(patch(
+            json!({"spec": {"size": "-1Gi", "compression": "lz9"}}),
+            MERGE,
+        ))
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("spec"), "{body}");
+    let (code, body) = api
+        .send(patch(
+            json!({"spec": {"size": "3Gi"}}),
+            "application/strategic-merge-patch+json",
+        ))
+        .await;
+    assert_eq!(code, 415);
+    assert!(
+        body["message"].as_str().unwrap().contains("--type=merge"),
+        "{body}"
+    );
+    let (code, _) = api
+        .send(patch(json!([{"op": "remove", "path": "/spec"}]), MERGE))
+        .await;
+    assert_eq!(code, 400, "a merge patch is an object");
+    let (code, _) = api
+        .send(
+            api.req(reqwest::Method::PATCH, "volumes/nope")
+                .header("content-type", MERGE)
+                .body("{}"),
+        )
+        .await;
+    assert_eq!(code, 404);
+    let (_, read) = api.get("volumes/web").await;
+    assert_eq!(read["spec"]["size"], "2Gi", "nothing half-applied");
+}
+
+#[tokio::test]
+async fn field_selectors_tables_and_watch_lists_serve_kubectl() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    for n in ["a", "b"] {
+        assert_eq!(api.post("volumes", &volume(n, "1Gi")).await.0, 201);
+    }
+    let (code, list) = api.get("volumes?fieldSelector=metadata.name%3Db").await;
+    assert_eq!(code, 200);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(
+        (items.len(), items[0]["metadata"]["name"].as_str()),
+        (1, Some("b"))
+    );
+    let (code, body) = api.get("volumes?fieldSelector=spec.size%3D1Gi").await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("metadata.name"),
+        "{body}"
+    );
+
+    const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+    let (code, table) = api
+        .send(
+            api.req(reqwest::Method::GET, "volumes")
+                .header("accept", TABLE),
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(table["kind"], "Table");
+    let columns = table["columnDefinitions"].as_array().unwrap();
+    assert_eq!(columns[0]["name"], "Name");
+    assert_eq!(columns[0]["priority"], 0);
+    assert_eq!(
+        columns.last().unwrap()["priority"],
+        1,
+        "wide columns are priority 1"
+    );
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["cells"][0], "a");
+    assert_eq!(rows[0]["cells"][3], "Pending");
+    assert_eq!(rows[0]["object"]["metadata"]["name"], "a");
+    let (_, one) = api
+        .send(
+            api.req(reqwest::Method::GET, "volumes/b")
+                .header("accept", TABLE),
+        )
+        .await;
+    assert_eq!(one["rows"][0]["cells"][0], "b");
+
+    // client-go's watch list: the initial events, then a bookmark marking their end, as JSON.
+    let mut resp = api
+        .req(
+            reqwest::Method::GET,
+            "volumes?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&fieldSelector=metadata.name%3Da",
+        )
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let mut buf = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let chunk = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            resp.chunk(),
+        )
+        .await
+        .expect("initial events in time")
+        .unwrap()
+        .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        let lines: Vec<Value> = buf
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+    };
+    assert_eq!(lines[0]["type"], "ADDED");
+    assert_eq!(lines[0]["object"]["metadata"]["name"], "a");
+    assert_eq!(lines[1]["type"], "BOOKMARK");
+    assert_eq!(
+        lines[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+}
+
+#[tokio::test]
+async fn recorded_events_are_served_as_core_v1_events_by_field_selector() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let (_, created) = api.post("volumes", &volume("web", "1Gi")).await;
+    let web: cobalt_api::Volume = serde_json::from_value(created).unwrap();
+    let recorder = cobalt_store::Recorder::start(
+        api.store.clone(),
+        "cobalt-test",
+        "here",
+        Duration::from_secs(600),
+    );
+    recorder.warning(&web, "Unschedulable", "no machine has room");
+    let path = format!(
+        "/api/v1/namespaces/default/events?fieldSelector=involvedObject.kind%3DVolume,involvedObject.name%3Dweb,involvedObject.namespace%3D,involvedObject.uid%3D{}",
+        web.metadata.uid
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let (code, list) = api.get(&path).await;
+        assert_eq!(code, 200, "{list}");
+        if !list["items"].as_array().unwrap().is_empty() {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "the event was not served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(list["kind"], "EventList");
+    let e = &list["items"][0];
+    assert_eq!(
+        (e["type"].as_str(), e["reason"].as_str()),
+        (Some("Warning"), Some("Unschedulable"))
+    );
+    assert_eq!(e["involvedObject"]["name"], "web");
+    assert_eq!(e["count"], 1);
+    let (_, other) = api
+        .get("/api/v1/events?fieldSelector=involvedObject.name%3Ddb")
+        .await;
+    assert!(other["items"].as_array().unwrap().is_empty());
+    let (code, _) = api.get("/api/v1/events?fieldSelector=spec.size%3D1").await;
+    assert_eq!(code, 400);
+    let (code, _) = api.get("/api/v1/events?watch=true").await;
+    assert_eq!(code, 405);
+}

@@ -89,6 +89,7 @@ fn run_scheduler(store: &Store, strategy: PlacementStrategy) -> InProcess {
         resync: Duration::from_secs(30),
         // These tests stand in for agents without streams: nothing could move anyway.
         rebalance: Default::default(),
+        event_ttl: Duration::from_secs(600),
     };
     tokio::spawn(scheduler::run(
         store.clone(),

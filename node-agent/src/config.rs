@@ -103,6 +103,13 @@ pub struct AgentConfig {
         with = "cobalt_api::duration::serde_duration"
     )]
     pub lease_ttl: Duration,
+    /// How long events live after their last occurrence; 0 records none.
+    #[serde(
+        default = "event_ttl",
+        rename = "eventTTL",
+        with = "cobalt_api::duration::serde_duration"
+    )]
+    pub event_ttl: Duration,
     /// How often volume usage is read (one pass over the pool) and changed figures reported.
     #[serde(
         default = "usage_refresh",
@@ -143,6 +150,10 @@ fn state_dir() -> PathBuf {
 
 fn listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7421))
+}
+
+fn event_ttl() -> Duration {
+    cobalt_store::DEFAULT_EVENT_TTL
 }
 
 fn lease_ttl() -> Duration {
@@ -197,6 +208,9 @@ pub struct Flags {
     /// Bytes per second this machine sends to move volumes away, e.g. 100Mi (0: unlimited).
     #[arg(long)]
     pub move_rate_limit: Option<cobalt_api::Quantity>,
+    /// How long events live after their last occurrence, e.g. 1h; 0s records none.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub event_ttl: Option<Duration>,
 }
 
 #[derive(Parser)]
@@ -286,6 +300,7 @@ impl AgentConfig {
                 exporter: ExporterConfig::default(),
                 listen: listen(),
                 lease_ttl: lease_ttl(),
+                event_ttl: event_ttl(),
                 usage_refresh: usage_refresh(),
                 moves: Default::default(),
             },
@@ -328,6 +343,9 @@ impl AgentConfig {
         }
         if let Some(t) = flags.lease_ttl {
             c.lease_ttl = t;
+        }
+        if let Some(t) = flags.event_ttl {
+            c.event_ttl = t;
         }
         if let Some(t) = flags.usage_refresh {
             c.usage_refresh = t;

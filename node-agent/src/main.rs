@@ -202,7 +202,10 @@ async fn main() -> anyhow::Result<()> {
         backend.clone(),
         volumes.clone(),
     );
+    let events =
+        cobalt_store::Recorder::start(store.clone(), "cobalt-agent", &name, config.event_ttl);
     let agent = VolumeAgent {
+        events: events.clone(),
         machine: name.clone(),
         address: config.address.clone(),
         store: store.clone(),

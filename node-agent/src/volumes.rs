@@ -36,6 +36,7 @@ pub struct VolumeAgent {
     pub moves: Arc<Moves>,
     /// Every Snapshot (restores read their source here).
     pub snapshots: cobalt_reconcile::Cache<cobalt_api::Snapshot>,
+    pub events: cobalt_store::Recorder,
 }
 
 /// Where clients mount volume `name` exported from `address` on NFS port `port`.
@@ -238,6 +239,33 @@ impl Reconciler<Volume> for VolumeAgent {
         volume: Arc<Volume>,
         ctx: Context<Volume>,
     ) -> Result<Action, AgentError> {
+        let result = self.reconcile_here(volume.clone(), ctx).await;
+        if let Err(e) = &result {
+            match e {
+                // Waiting for the other side of a move is not a failure.
+                AgentError::SourceNotReady(_) => {}
+                AgentError::HasSnapshots { .. } => {
+                    self.events
+                        .warning(&*volume, "DeleteBlocked", e.to_string())
+                }
+                _ => self.events.warning(
+                    &*volume,
+                    "Failed",
+                    format!("on machine {}: {e}; retrying with backoff", self.machine),
+                ),
+            }
+        }
+        result
+    }
+}
+
+impl VolumeAgent {
+    /// One reconcile of `volume` on this machine: plan, then carry out the plan's steps.
+    async fn reconcile_here(
+        &self,
+        volume: Arc<Volume>,
+        ctx: Context<Volume>,
+    ) -> Result<Action, AgentError> {
         self.moves.sync(&volume);
         let role = plan::role(&volume, &self.machine);
         if role == plan::Role::NotHere && !volume.metadata.is_deleting() {
@@ -299,6 +327,19 @@ impl Reconciler<Volume> for VolumeAgent {
                     }
                     report.limit_bytes = record.size_bytes;
                     tracing::info!(volume = %name, %uid, size = record.size_bytes, took = ?started.elapsed(), "provisioned");
+                    let how = match step {
+                        Step::Clone { .. } => "cloned",
+                        Step::Restore { .. } => "restored from a snapshot",
+                        _ => "created",
+                    };
+                    self.events.normal(
+                        &volume,
+                        "Provisioned",
+                        format!(
+                            "{how} on machine {}: {} bytes",
+                            self.machine, record.size_bytes
+                        ),
+                    );
                 }
                 Step::SeedClone { from, record } => {
                     if self.confirm(&volume, Confirm::Create).await?.is_none() {
@@ -319,6 +360,14 @@ impl Reconciler<Volume> for VolumeAgent {
                         Ok(()) => {
                             report.limit_bytes = *to_bytes;
                             tracing::info!(volume = %name, from = from_bytes, to = to_bytes, "resized");
+                            self.events.normal(
+                                &volume,
+                                "Resized",
+                                format!(
+                                    "limit {from_bytes} → {to_bytes} bytes on machine {}",
+                                    self.machine
+                                ),
+                            );
                         }
                         Err(AgentError::Backend(BackendError::ResizeBlocked {
                             used_bytes,
@@ -397,6 +446,21 @@ impl Reconciler<Volume> for VolumeAgent {
                         .await?;
                     ctx.wrote(update.written);
                     tracing::info!(volume = %name, "moved away: the copy here is destroyed");
+                    if let Some(last) = update
+                        .object
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.last_move.as_ref())
+                    {
+                        self.events.normal(
+                            &update.object,
+                            "MoveFinished",
+                            format!(
+                                "moved from machine {} to {}: {} bytes sent, writes paused {} ms at the cut-over; the old copy is destroyed",
+                                last.from, last.to, last.bytes_sent, last.cut_over_millis.unwrap_or(0)
+                            ),
+                        );
+                    }
                 }
                 Step::MarkDeleting => {
                     self.write_status(&ctx, &volume, |v| {
@@ -415,6 +479,14 @@ impl Reconciler<Volume> for VolumeAgent {
                         Ok(()) | Err(AgentError::Backend(BackendError::UnknownVolume(_))) => {}
                         Err(e) => return Err(e),
                     }
+                    self.events.normal(
+                        &volume,
+                        "Destroyed",
+                        format!(
+                            "the volume was deleted: its data on machine {} is destroyed",
+                            self.machine
+                        ),
+                    );
                 }
                 Step::RemoveFinalizer => {
                     volume.metadata.finalizers.retain(|f| f != FINALIZER);

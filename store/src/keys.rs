@@ -5,6 +5,7 @@
 //! <prefix>/<plural>/<name>/status   status (JSON), written by agents and controllers only
 //! <prefix>/machines/<name>/alive    bound to an agent's lease: present = alive
 //! <prefix>/election/<name>          etcd election keys
+//! <prefix>/events/<event name>       aggregated events, each on an expiring lease
 //! ```
 //! Names are DNS-1123 labels (validated before anything is written), so they never contain '/'.
 
@@ -61,6 +62,15 @@ impl Keys {
 
     pub fn election(&self, name: &str) -> String {
         format!("{}/election/{name}", self.prefix)
+    }
+
+    /// `<prefix>/events/`: every event.
+    pub fn events(&self) -> String {
+        format!("{}/events/", self.prefix)
+    }
+
+    pub fn event(&self, name: &str) -> String {
+        format!("{}/events/{name}", self.prefix)
     }
 
     /// Splits a key under `kind(plural)` into the object name and which part it is.

@@ -22,6 +22,7 @@
 pub mod connection;
 pub mod election;
 pub mod error;
+pub mod events;
 pub mod keys;
 pub mod lease;
 pub mod liveness;
@@ -32,6 +33,7 @@ pub mod watch;
 pub use connection::{EtcdConfig, EtcdFlags, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT};
 pub use election::{Fence, Leadership};
 pub use error::{Error, Result};
+pub use events::{Recorder, DEFAULT_EVENT_TTL};
 pub use lease::Lease;
 pub use objects::{Deleted, StatusUpdate, Stored};
 pub use watch::{ResourceWatch, WatchEvent};

@@ -721,3 +721,84 @@ async fn keys_attached_to_a_lease_vanish_when_it_is_revoked_or_expires() {
     })
     .await;
 }
+
+/// Waits until `f` holds, failing with `what` after `deadline`.
+async fn eventually<F, Fut>(deadline: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn events_aggregate_per_object_and_reason_and_expire_after_their_ttl() {
+    use cobalt_api::event::{EventType, FieldSelector, EVENT_FIELDS};
+    let etcd = Etcd::start();
+    let store = etcd.store().await;
+    let web = store.create(&volume("web", "1Gi")).await.unwrap();
+    let db = store.create(&volume("db", "1Gi")).await.unwrap();
+    let recorder =
+        cobalt_store::Recorder::start(store.clone(), "cobalt-test", "here", Duration::from_secs(3));
+    recorder.normal(&web, "Bound", "bound to machine m1");
+    recorder.normal(&web, "Bound", "bound to machine m2");
+    recorder.warning(&db, "Unschedulable", "no machine has room");
+    let about_web = FieldSelector::parse(
+        "involvedObject.kind=Volume,involvedObject.name=web",
+        EVENT_FIELDS,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "web's Bound event twice",
+        || async {
+            let (events, _) = store.list_events(&about_web).await.unwrap();
+            events.len() == 1 && events[0].count == 2
+        },
+    )
+    .await;
+    let (events, _) = store.list_events(&about_web).await.unwrap();
+    let e = &events[0];
+    assert_eq!(
+        e.message, "bound to machine m2",
+        "the latest message is kept"
+    );
+    assert_eq!(e.involved_object.uid, web.metadata.uid);
+    assert_eq!(e.source.component, "cobalt-test");
+    assert!(e.first_timestamp <= e.last_timestamp);
+    let (all, _) = store.list_events(&FieldSelector::default()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all
+        .iter()
+        .any(|e| e.type_ == EventType::Warning && e.involved_object.name == "db"));
+    // A volume created again under the same name starts its own count.
+    store.delete::<Volume>("web", None).await.unwrap();
+    let web2 = store.create(&volume("web", "1Gi")).await.unwrap();
+    recorder.normal(&web2, "Bound", "bound to machine m3");
+    eventually(
+        Duration::from_secs(10),
+        "the new web's own event",
+        || async {
+            let (events, _) = store.list_events(&about_web).await.unwrap();
+            events.len() == 1
+                && events[0].involved_object.uid == web2.metadata.uid
+                && events[0].count == 1
+        },
+    )
+    .await;
+    // Nothing keeps the leases alive: the events go by themselves.
+    eventually(Duration::from_secs(15), "events to expire", || async {
+        store
+            .list_events(&FieldSelector::default())
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    })
+    .await;
+    assert_eq!(recorder.dropped(), 0);
+}

@@ -6,7 +6,8 @@
 //!   - {name: ci, token: 3f9a…, role: admin}
 //!   - {name: grafana, token: 77c1…, role: reader}
 //! ```
-//! Health probes (`/healthz`, `/readyz`), `/openapi.json` and `/version` need no token (like
+//! Health probes (`/healthz`, `/readyz`), the OpenAPI documents (`/openapi.json`,
+//! `/openapi/v3…`) and `/version` need no token (like
 //! Kubernetes, which lets anyone read its version).
 
 use std::collections::HashMap;
@@ -74,7 +75,9 @@ pub async fn require_token(State(s): State<AppState>, request: Request, next: Ne
         return next.run(request).await;
     };
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/openapi.json" | "/version") {
+    if matches!(path, "/healthz" | "/readyz" | "/openapi.json" | "/version")
+        || path.starts_with("/openapi/v3")
+    {
         return next.run(request).await;
     }
     let presented = request

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cobalt_api::event::{FieldSelector, OBJECT_FIELDS};
 use cobalt_api::selector::LabelSelector;
 use cobalt_api::{Machine, Snapshot, Volume, API_VERSION};
 use cobalt_store::Deleted;
@@ -27,8 +28,13 @@ pub struct Params {
     pub watch: Option<String>,
     pub resource_version: Option<String>,
     pub label_selector: Option<String>,
+    /// `metadata.name=NAME` (what `kubectl wait` and `kubectl delete --wait` send).
+    pub field_selector: Option<String>,
     pub dry_run: Option<String>,
     pub timeout_seconds: Option<u64>,
+    /// With watch (client-go's "watch list"): end the initial ADDED events with a BOOKMARK
+    /// annotated `k8s.io/initial-events-end: "true"`.
+    pub send_initial_events: Option<bool>,
 }
 
 impl Params {
@@ -44,6 +50,11 @@ impl Params {
                 "dryRun={other:?} is not supported; use dryRun=All"
             ))),
         }
+    }
+
+    pub fn fields(&self) -> Result<FieldSelector, ApiError> {
+        FieldSelector::parse(self.field_selector.as_deref().unwrap_or(""), OBJECT_FIELDS)
+            .map_err(ApiError::bad_request)
     }
 
     pub fn selector(&self) -> Result<LabelSelector, ApiError> {
@@ -96,16 +107,27 @@ pub async fn collection_get(
     State(s): State<AppState>,
     Path(plural): Path<String>,
     Query(p): Query<Params>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if p.is_watch() {
-        return by_kind!(plural, watch_kind(s, p));
+        return by_kind!(plural, watch_kind(s, p, &headers));
     }
-    by_kind!(plural, list_kind(s, p))
+    by_kind!(plural, list_kind(s, p, &headers))
 }
 
-async fn list_kind<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiError> {
+async fn list_kind<R: ApiKind>(
+    s: AppState,
+    p: Params,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let selector = p.selector()?;
-    let (items, revision) = bounded(&s, s.store.list::<R>(&selector)).await?;
+    let fields = p.fields()?;
+    let (mut items, revision) = bounded(&s, s.store.list::<R>(&selector)).await?;
+    items.retain(|o| fields.matches_object(o.name()));
+    if super::table::wanted(headers) {
+        let refs: Vec<&R> = items.iter().collect();
+        return Ok(Json(super::table::table(&refs, Some(revision), true)).into_response());
+    }
     Ok(Json(json!({
         "apiVersion": API_VERSION,
         "kind": R::LIST_KIND,
@@ -115,8 +137,12 @@ async fn list_kind<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiEr
     .into_response())
 }
 
-async fn watch_kind<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiError> {
-    super::watch::serve::<R>(s, p).await
+async fn watch_kind<R: ApiKind>(
+    s: AppState,
+    p: Params,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    super::watch::serve::<R>(s, p, headers).await
 }
 
 pub async fn create(
@@ -176,15 +202,122 @@ async fn create_kind<R: ApiKind>(
 pub async fn get(
     State(s): State<AppState>,
     Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    by_kind!(plural, get_kind(s, &name))
+    let table = super::table::wanted(&headers);
+    by_kind!(plural, get_kind(s, &name, table))
 }
 
-async fn get_kind<R: ApiKind>(s: AppState, name: &str) -> Result<Response, ApiError> {
+async fn get_kind<R: ApiKind>(s: AppState, name: &str, table: bool) -> Result<Response, ApiError> {
     let object = bounded(&s, s.store.get::<R>(name))
         .await?
         .ok_or_else(|| not_found::<R>(name))?;
+    if table {
+        return Ok(Json(super::table::table(&[&object], None, true)).into_response());
+    }
     Ok(Json(object).into_response())
+}
+
+/// `PATCH`: a JSON merge patch (RFC 7386, `application/merge-patch+json`) of the object, what
+/// `kubectl apply` and `kubectl patch --type=merge` send for kinds kubectl has no Go types for.
+/// Applied to the stored object, then checked like a replace; retried on a concurrent change
+/// (at most [`PATCH_ATTEMPTS`] times) unless the patch names a `resourceVersion`, which is then
+/// a precondition. `status` cannot be patched here (it is the agents' and scheduler's).
+pub async fn patch(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/merge-patch+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "patch type {content_type:?} is not supported: Cobalt takes JSON merge patches (Content-Type: application/merge-patch+json; kubectl patch --type=merge)"
+            ),
+        ));
+    }
+    let patch: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    if !patch.is_object() {
+        return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+    }
+    by_kind!(plural, patch_kind(s, &name, p, &patch))
+}
+
+/// How many times a patch is re-applied when the object changed under it.
+pub const PATCH_ATTEMPTS: usize = 5;
+
+async fn patch_kind<R: ApiKind>(
+    s: AppState,
+    name: &str,
+    p: Params,
+    patch: &serde_json::Value,
+) -> Result<Response, ApiError> {
+    let dry_run = p.dry_run()?;
+    let precondition = patch
+        .pointer("/metadata/resourceVersion")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string);
+    let mut patch = patch.clone();
+    if let Some(o) = patch.as_object_mut() {
+        o.remove("status");
+    }
+    for _ in 0..PATCH_ATTEMPTS {
+        let current = bounded(&s, s.store.get_stored::<R>(name))
+            .await?
+            .ok_or_else(|| not_found::<R>(name))?;
+        let revision = current.object_mod_revision.to_string();
+        if let Some(rv) = &precondition {
+            if *rv != revision {
+                return Err(cobalt_store::Error::Conflict {
+                    kind: R::KIND,
+                    name: name.into(),
+                    sent: rv.clone(),
+                }
+                .into());
+            }
+        }
+        let mut target = serde_json::to_value(&current.object)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if let Some(o) = target.as_object_mut() {
+            o.remove("status");
+        }
+        cobalt_api::manifest::merge_patch(&mut target, &patch);
+        if let Some(m) = target.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            m.insert("resourceVersion".into(), json!(revision));
+        }
+        let object: R = cobalt_api::manifest::from_value(target)
+            .map_err(|cause| ApiError::invalid(R::KIND, name, vec![cause]))?;
+        if object.name() != name {
+            return Err(field_error::<R>(name, "metadata.name", "cannot be changed"));
+        }
+        object
+            .validate()
+            .map_err(|e| ApiError::invalid(R::KIND, name, e.0))?;
+        object
+            .validate_update(&current.object)
+            .map_err(|e| ApiError::invalid(R::KIND, name, e.0))?;
+        if dry_run {
+            return Ok(Json(object).into_response());
+        }
+        match bounded(&s, s.store.replace(&object)).await {
+            Ok(replaced) => return Ok(Json(replaced).into_response()),
+            Err(e) if e.status().code == 409 && precondition.is_none() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "Conflict",
+        format!("{} {name} kept changing while the patch was applied ({PATCH_ATTEMPTS} attempts); try again", R::KIND),
+    ))
 }
 
 pub async fn replace(
@@ -410,7 +543,7 @@ pub async fn get_status(
     State(s): State<AppState>,
     Path((plural, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    by_kind!(plural, get_kind(s, &name))
+    by_kind!(plural, get_kind(s, &name, false))
 }
 
 pub async fn replace_status(

@@ -11,11 +11,13 @@
 //! writes nothing to etcd, so re-applying an unchanged manifest leaves etcd's revision alone.
 
 pub mod auth;
+pub mod discovery;
 pub mod handlers;
 pub mod kinds;
 pub mod local;
 pub mod metrics;
 pub mod status;
+pub mod table;
 pub mod tls;
 pub mod watch;
 
@@ -56,6 +58,7 @@ pub struct AppState {
 /// Builds the whole router.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
+        .route("/", get(discovery::group_resources))
         .route(
             "/{plural}",
             get(handlers::collection_get).post(handlers::create),
@@ -64,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             "/{plural}/{name}",
             get(handlers::get)
                 .put(handlers::replace)
+                .patch(handlers::patch)
                 .delete(handlers::delete),
         )
         .route(
@@ -73,10 +77,27 @@ pub fn router(state: AppState) -> Router {
         .route("/{plural}/{name}/drainplan", get(handlers::drain_plan));
     Router::new()
         .nest(API_PREFIX, api)
+        .route("/api", get(discovery::core_versions))
+        .route("/api/v1", get(discovery::core_resources))
+        .route("/api/v1/events", get(discovery::list_events))
+        .route(
+            "/api/v1/namespaces/{namespace}/events",
+            get(discovery::list_events),
+        )
+        .route("/apis", get(discovery::groups))
+        .route("/apis/cobalt.io", get(discovery::group_doc))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .route(
+            "/openapi/v3",
+            get(|| async { axum::Json(crate::openapi::v3_index()) }),
+        )
+        .route(
+            "/openapi/v3/apis/cobalt.io/v1alpha1",
+            get(|| async { axum::Json(crate::openapi::group_version_document()) }),
+        )
         .route("/version", get(version))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(

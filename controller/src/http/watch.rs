@@ -40,8 +40,24 @@ const WATCH_BUFFER: usize = 256;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
-pub async fn serve<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiError> {
+pub async fn serve<R: ApiKind>(
+    s: AppState,
+    p: Params,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let selector = p.selector()?;
+    let fields = p.fields()?;
+    let table = super::table::wanted(headers);
+    // kubectl (client-go) reads a watch as `application/json`; other clients get ndjson.
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let content_type = if accept.contains("application/json") && !accept.contains("ndjson") {
+        "application/json"
+    } else {
+        "application/x-ndjson"
+    };
     let timeout = p
         .timeout_seconds
         .map(Duration::from_secs)
@@ -70,7 +86,12 @@ pub async fn serve<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiEr
     tokio::spawn(pump::<R>(
         watch,
         initial,
-        selector,
+        Filter {
+            labels: selector,
+            fields,
+            table,
+            initial_events_end: p.send_initial_events == Some(true),
+        },
         tx,
         timeout,
         s.bookmark_interval,
@@ -78,7 +99,23 @@ pub async fn serve<R: ApiKind>(s: AppState, p: Params) -> Result<Response, ApiEr
     ));
     let body =
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// Which objects a watch sends, and how.
+struct Filter {
+    labels: LabelSelector,
+    fields: cobalt_api::event::FieldSelector,
+    /// Each object as a one-row Table (kubectl get -w).
+    table: bool,
+    /// Mark the end of the initial events (`sendInitialEvents=true`).
+    initial_events_end: bool,
+}
+
+impl Filter {
+    fn matches<R: ApiKind>(&self, o: &R) -> bool {
+        self.labels.matches(&o.meta().labels) && self.fields.matches_object(o.name())
+    }
 }
 
 fn line(kind: &str, object: serde_json::Value, revision: i64) -> Bytes {
@@ -91,30 +128,49 @@ fn line(kind: &str, object: serde_json::Value, revision: i64) -> Bytes {
 async fn pump<R: ApiKind>(
     mut watch: cobalt_store::ResourceWatch<R>,
     initial: Vec<R>,
-    selector: LabelSelector,
+    filter: Filter,
     tx: mpsc::Sender<Bytes>,
     timeout: Duration,
     bookmark_every: Duration,
     shutdown: cobalt_reconcile::CancellationToken,
 ) {
-    let to_json = |o: &R| serde_json::to_value(o).unwrap_or_default();
+    // Tables carry their column definitions in the first event only, as Kubernetes sends them.
+    let mut first = true;
+    let mut to_json = |o: &R| {
+        if filter.table {
+            let t = super::table::table(&[o], None, first);
+            first = false;
+            t
+        } else {
+            serde_json::to_value(o).unwrap_or_default()
+        }
+    };
     // What the client already knows: for a resumed watch, the matching objects at its revision.
     let mut visible: HashSet<String> = watch
         .objects()
-        .filter(|o| initial.is_empty() && selector.matches(&o.meta().labels))
+        .filter(|o| initial.is_empty() && filter.matches(*o))
         .map(|o| o.name().to_string())
         .collect();
     let start_rev = watch.revision();
-    for object in initial
-        .iter()
-        .filter(|o| selector.matches(&o.meta().labels))
-    {
+    for object in initial.iter().filter(|o| filter.matches(*o)) {
         visible.insert(object.name().to_string());
         if tx
             .send(line("ADDED", to_json(object), start_rev))
             .await
             .is_err()
         {
+            return;
+        }
+    }
+    if filter.initial_events_end {
+        let mut b: serde_json::Value = json!({"apiVersion": API_VERSION, "kind": R::KIND, "metadata": {
+            "resourceVersion": start_rev.to_string(),
+            "annotations": {"k8s.io/initial-events-end": "true"},
+        }});
+        if filter.table {
+            b = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": b["metadata"].clone(), "rows": []});
+        }
+        if tx.send(line("BOOKMARK", b, start_rev)).await.is_err() {
             return;
         }
     }
@@ -127,12 +183,13 @@ async fn pump<R: ApiKind>(
             _ = &mut deadline => return,
             _ = tx.closed() => return,
             _ = shutdown.cancelled() => return,
-            _ = bookmarks.tick() => Some(bookmark::<R>(watch.revision())),
+            // Tables have no bookmark form kubectl reads; it does not ask for them.
+            _ = bookmarks.tick() => (!filter.table).then(|| bookmark::<R>(watch.revision())),
             event = watch.next() => match event {
-                Ok(WatchEvent::Progress { revision }) => Some(bookmark::<R>(revision)),
+                Ok(WatchEvent::Progress { revision }) => (!filter.table).then(|| bookmark::<R>(revision)),
                 Ok(WatchEvent::Added { object, revision } | WatchEvent::Modified { object, revision }) => {
                     let name = object.name().to_string();
-                    let matches = selector.matches(&object.meta().labels);
+                    let matches = filter.matches(&object);
                     let was = visible.contains(&name);
                     match (was, matches) {
                         (false, true) => { visible.insert(name); Some(line("ADDED", to_json(&object), revision)) }

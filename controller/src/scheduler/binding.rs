@@ -60,6 +60,13 @@ const OWN_WRITE_WAIT: Duration = Duration::from_secs(10);
 /// Binding writes in flight at once.
 const WRITE_CONCURRENCY: usize = 16;
 
+/// True unless the volume already says its machine is lost (so the event is said once).
+fn was_not_lost(v: &Volume) -> bool {
+    v.status
+        .as_ref()
+        .is_none_or(|s| s.phase != VolumePhase::Lost)
+}
+
 /// Machines whose agents are alive, refreshed by the liveness poller.
 pub type Alive = Arc<RwLock<BTreeSet<String>>>;
 
@@ -72,6 +79,7 @@ pub struct VolumeScheduler {
     pub metrics: SchedulerMetrics,
     /// Serialises placement; holds the revision of the last binding written.
     pub last_write: Mutex<i64>,
+    pub events: cobalt_store::Recorder,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +136,13 @@ impl Reconciler<Volume> for VolumeScheduler {
                     .store
                     .update_status_from(&*volume, |v: &Volume| Some(lost_status(v, &machine)))
                     .await?;
+                if update.written.is_some() && was_not_lost(&volume) {
+                    self.events.warning(
+                        &*volume,
+                        "MachineLost",
+                        format!("machine {machine}, which holds the data, is not ready; the data is kept there"),
+                    );
+                }
                 ctx.wrote(update.written);
             }
             return Ok(Action::Done);
@@ -289,6 +304,13 @@ impl VolumeScheduler {
         holder: &str,
     ) -> Result<Action, SchedulerError> {
         if !is_alive(&self.alive, holder) {
+            if was_not_lost(volume) {
+                self.events.warning(
+                    volume,
+                    "MachineLost",
+                    format!("machine {holder}, which holds the data, is not ready; the data is kept there"),
+                );
+            }
             let update = self
                 .store
                 .update_status_from(volume, |v: &Volume| {
@@ -406,6 +428,23 @@ impl VolumeScheduler {
         ctx.wrote(update.written);
         if let Some(w) = update.written {
             *last_write = (*last_write).max(w);
+            match &decision {
+                MoveDecision::Grant(g) => self.events.normal(
+                    volume,
+                    "MoveStarted",
+                    format!("moving from machine {} to {}", g.from, g.to),
+                ),
+                MoveDecision::Revoke => self.events.normal(
+                    volume,
+                    "MoveCancelled",
+                    "spec.machine changed before the cut-over: the data stays where it is",
+                ),
+                MoveDecision::Wait { reason, message } => {
+                    self.events
+                        .warning(volume, "MoveWaiting", format!("{reason}: {message}"))
+                }
+                MoveDecision::Nothing => {}
+            }
         }
         Ok(Action::Done)
     }
@@ -618,6 +657,7 @@ impl VolumeScheduler {
                     Err(e) => return Err(e),
                 };
                 self.metrics.decision("bound");
+                self.events.normal(&written, "Bound", message);
                 Ok(written.metadata.revision())
             }
             Decision::Unschedulable(message) => {
@@ -628,6 +668,10 @@ impl VolumeScheduler {
                         Some(scheduled_status(v, false, "Unschedulable", &message))
                     })
                     .await?;
+                if update.written.is_some() {
+                    self.events
+                        .warning(&update.object, "Unschedulable", message);
+                }
                 Ok(update.written.unwrap_or(0))
             }
         }

@@ -17,6 +17,7 @@ use super::binding::{Alive, SchedulerError};
 pub struct MachineLifecycle {
     pub store: Store,
     pub alive: Alive,
+    pub events: cobalt_store::Recorder,
 }
 
 impl Reconciler<Machine> for MachineLifecycle {
@@ -76,6 +77,26 @@ impl Reconciler<Machine> for MachineLifecycle {
             })
             .await?;
         ctx.wrote(update.written);
+        // Lost and back: phase changes from what this reconcile read, written by it.
+        let was = machine.status.as_ref().map(|s| s.phase);
+        let now = update.object.status.as_ref().map(|s| s.phase);
+        if update.written.is_some() && was != now {
+            match now {
+                Some(MachinePhase::NotReady) if was == Some(MachinePhase::Ready) => {
+                    self.events.warning(
+                        &update.object,
+                        "MachineLost",
+                        "the agent's liveness lease expired: its volumes are Lost until it returns",
+                    )
+                }
+                Some(MachinePhase::Ready) => self.events.normal(
+                    &update.object,
+                    "MachineReady",
+                    "the agent holds its lease and reports capacity: the machine takes volumes",
+                ),
+                _ => {}
+            }
+        }
         Ok(Action::Done)
     }
 }

@@ -41,6 +41,8 @@ pub struct SchedulerConfig {
     pub resync: Duration,
     /// Drain and rebalance policy.
     pub rebalance: rebalance::Policy,
+    /// How long events live; zero records none.
+    pub event_ttl: Duration,
 }
 
 /// Campaigns, leads while elected, campaigns again after losing; returns on shutdown.
@@ -155,6 +157,13 @@ async fn lead(
         ..Config::default()
     };
     let fenced_balancer = fenced.clone();
+    // The term's events go through the fenced store: a deposed leader's are refused too.
+    let events = cobalt_store::Recorder::start(
+        fenced.clone(),
+        "cobalt-controller",
+        &config.identity,
+        config.event_ttl,
+    );
     let scheduler = VolumeScheduler {
         store: fenced.clone(),
         machines: machines.clone(),
@@ -162,6 +171,7 @@ async fn lead(
         strategy: config.strategy,
         metrics,
         last_write: tokio::sync::Mutex::new(0),
+        events: events.clone(),
     };
     let volume_controller = Controller::new(volumes.clone(), scheduler, volume_config)
         .with_metrics(reconcile_metrics.clone())
@@ -186,6 +196,7 @@ async fn lead(
         MachineLifecycle {
             store: fenced,
             alive: alive.clone(),
+            events,
         },
         machine_config,
     )
