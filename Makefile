@@ -6,7 +6,7 @@ CARGO ?= cargo
 # and protoc + includes that etcd-client needs at build time.
 DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-vfs libnfs-utils \
                    protobuf-compiler libprotobuf-dev iproute2 procps curl util-linux \
-                   e2fsprogs xfsprogs systemd
+                   e2fsprogs xfsprogs systemd chromium chromium-driver
 
 # The kubectl the compatibility tests run (e2e/tests/kubectl.rs).
 KUBECTL_VERSION := 1.37.1

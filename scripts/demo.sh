@@ -68,8 +68,12 @@ cat <<MSG
 Cobalt is running: etcd, a controller, an agent for machine demo-node with nfs-ganesha,
 and volume media-site-42 (1Gi, zstd) exported over NFSv4 on port $NFS_PORT.
 
+Live dashboard (machines, volumes, moves and drains; updates itself):
+  $COBALT_SERVER/ui
+
 Try next:
   export COBALT_SERVER=$COBALT_SERVER
+  $BIN/cobaltctl events
   $BIN/cobaltctl get machines -o wide
   $BIN/cobaltctl describe volume media-site-42
   $BIN/cobaltctl get volumes -w           # then, in another shell, edit examples/volume.yaml

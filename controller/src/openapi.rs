@@ -192,6 +192,13 @@ pub fn document() -> Value {
         ),
     );
     paths.insert(
+        "/ui".into(),
+        plain_get(
+            "The live dashboard (HTML). It reads the API with the token given as /ui#token=TOKEN.",
+            "text/html",
+        ),
+    );
+    paths.insert(
         "/version".into(),
         plain_get(
             "The server's version (major, minor, gitVersion, gitCommit, platform), as `kubectl version` reads it.",

@@ -526,6 +526,19 @@ async fn tokens_gate_access_by_role() {
     std::fs::write(&file, "tokens:\n  - {name: ci, token: admin-token-0123456789, role: admin}\n  - {name: dash, token: reader-token-0123456789, role: reader}\n").unwrap();
     let mut api = Api::start(&etcd, Some(&file)).await;
     assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
+    // The dashboard's page is static and open; what it shows it reads with a token.
+    let (code, page) = api.get("/ui").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(
+        page.as_str().unwrap().contains("#token="),
+        "the page says how to pass a token"
+    );
+    assert_eq!(
+        api.get("/apis").await.0,
+        StatusCode::UNAUTHORIZED,
+        "discovery needs a token"
+    );
+    assert_eq!(api.get("/api/v1/events").await.0, StatusCode::UNAUTHORIZED);
     let (code, body) = api.get("volumes").await;
     assert_eq!(
         (code, body["reason"].as_str()),

@@ -7,7 +7,8 @@
 //!   - {name: grafana, token: 77c1…, role: reader}
 //! ```
 //! Health probes (`/healthz`, `/readyz`), the OpenAPI documents (`/openapi.json`,
-//! `/openapi/v3…`) and `/version` need no token (like
+//! `/openapi/v3…`), `/version` and the dashboard's page `/ui` (static: what it shows it reads
+//! from the API with the token it is given) need no token (like
 //! Kubernetes, which lets anyone read its version).
 
 use std::collections::HashMap;
@@ -75,8 +76,10 @@ pub async fn require_token(State(s): State<AppState>, request: Request, next: Ne
         return next.run(request).await;
     };
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/openapi.json" | "/version")
-        || path.starts_with("/openapi/v3")
+    if matches!(
+        path,
+        "/healthz" | "/readyz" | "/openapi.json" | "/version" | "/ui"
+    ) || path.starts_with("/openapi/v3")
     {
         return next.run(request).await;
     }

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(crate::openapi::group_version_document()) }),
         )
         .route("/version", get(version))
+        .route("/ui", get(ui))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -150,6 +151,19 @@ pub fn version_info() -> serde_json::Value {
 
 async fn version() -> Response {
     axum::Json(version_info()).into_response()
+}
+
+/// The live dashboard: one static page (no data in it), which reads the API with the token it
+/// is given in its URL fragment.
+async fn ui() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("ui.html"),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {
