@@ -32,6 +32,25 @@ pub fn human_duration(secs: i64) -> String {
     }
 }
 
+/// A string map at `pointer` as `k=v,k2=v2`, or `<none>`.
+fn pairs(v: &Value, pointer: &str) -> String {
+    let joined = v
+        .pointer(pointer)
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    if joined.is_empty() {
+        "<none>".into()
+    } else {
+        joined
+    }
+}
+
 pub fn bytes(v: Option<u64>) -> String {
     match v {
         Some(b) => crate::Quantity::from_bytes(b).round_up_mib().to_string(),
@@ -107,15 +126,7 @@ pub fn row(kind: &str, v: &Value, wide: bool) -> Vec<String> {
                 age(v),
             ];
             if wide {
-                let selector = v
-                    .pointer("/spec/placement/selector")
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    });
+                let selector = pairs(v, "/spec/placement/selector");
                 let ready = condition(v, "Ready")
                     .map(|c| s(c, "/status").to_string())
                     .unwrap_or_else(|| "Unknown".into());
@@ -125,9 +136,7 @@ pub fn row(kind: &str, v: &Value, wide: bool) -> Vec<String> {
                         "" => "none".to_string(),
                         c => c.to_string(),
                     },
-                    selector
-                        .filter(|x| !x.is_empty())
-                        .unwrap_or_else(|| "<none>".into()),
+                    selector,
                     ready,
                 ]);
             }
@@ -155,15 +164,7 @@ pub fn row(kind: &str, v: &Value, wide: bool) -> Vec<String> {
                 age(v),
             ];
             if wide {
-                let labels = v
-                    .pointer("/metadata/labels")
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    });
+                let labels = pairs(v, "/metadata/labels");
                 r.extend([
                     match s(v, "/spec/address") {
                         "" => "<none>".into(),
@@ -173,9 +174,7 @@ pub fn row(kind: &str, v: &Value, wide: bool) -> Vec<String> {
                         v.pointer("/status/capacity/usedBytes")
                             .and_then(Value::as_u64),
                     ),
-                    labels
-                        .filter(|x| !x.is_empty())
-                        .unwrap_or_else(|| "<none>".into()),
+                    labels,
                     (!v.pointer("/spec/unschedulable")
                         .and_then(Value::as_bool)
                         .unwrap_or(false))

@@ -151,6 +151,8 @@ impl Drop for Machine {
         if let Some(pid) = self.ganesha_pid() {
             kill_and_reap(pid);
         }
+        // Any other process started with its files here: a ganesha whose pid file was lost.
+        cobalt_testkit::process::kill_all_under(self.state.path());
         unmount_under(self.state.path());
     }
 }

@@ -117,3 +117,38 @@ pub fn kill_and_reap(pid: u32) {
         }
     }
 }
+
+/// Kills (and reaps) every process whose command line names a path under `dir`: what a test
+/// started with its files there (a machine's nfs-ganesha runs with `-f DIR/ganesha/…`), even
+/// one whose pid file was never written or was overwritten — e.g. an agent killed while it
+/// started its ganesha.
+pub fn kill_all_under(dir: &std::path::Path) {
+    let dir = dir.display().to_string();
+    let inside = format!("{dir}/");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let names_dir = cmdline
+            .split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .any(|arg| arg == dir || arg.starts_with(&inside));
+        if names_dir {
+            kill_and_reap(pid);
+        }
+    }
+}
