@@ -1,6 +1,7 @@
 //! The nfs-ganesha exporter: runs its own `ganesha.nfsd` (NFSv4 only, on its own port, pid file,
 //! log and recovery directory, so several can run side by side) with one export file per volume
-//! included from a main config, and reloads it with SIGHUP (≈0.2 s) when exports change.
+//! included from a main config, and reloads it with SIGHUP (≈0.2 s) when exports change, waiting
+//! for ganesha to log that the reload is done: an export reported applied is served.
 //!
 //! Ganesha cannot export a BTRFS subvolume under its parent (it would cross a subvolume
 //! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>.<dev>` and
@@ -30,6 +31,10 @@ use super::{stable_id, write_atomically, ExportError, ExportSet, ExportSpec, Exp
 /// How long a (re)started ganesha may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(15);
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long ganesha may take to confirm a reload (≈0.2 s normally).
+const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+/// What ganesha logs (at NIV_EVENT) once a SIGHUP's export reload is done.
+const RELOAD_DONE: &str = "Reread exports complete";
 
 enum Process {
     Started(Child),
@@ -44,6 +49,8 @@ pub struct GaneshaExporter {
     /// (an apply must stay cheap with thousands of exports). `None` — at start and after any
     /// error — means: look at the disk and /proc/mounts again.
     applied: Mutex<Option<OnDisk>>,
+    /// A reload was sent but not confirmed: the next apply reloads even if nothing changed.
+    reload_owed: std::sync::atomic::AtomicBool,
 }
 
 /// Export files (path → content, the main config included) and bind mounts in place.
@@ -223,8 +230,8 @@ impl GaneshaExporter {
             render_main(self.port, &self.dir.join("recovery"), &includes),
         )?;
         if self.running() || self.adopt() {
-            if changed {
-                self.reload();
+            if changed || self.reload_owed.load(std::sync::atomic::Ordering::SeqCst) {
+                self.reload()?;
             }
         } else {
             self.start()?;
@@ -254,6 +261,7 @@ impl GaneshaExporter {
             port,
             process: Mutex::new(None),
             applied: Mutex::new(None),
+            reload_owed: Default::default(),
         }
     }
 
@@ -378,9 +386,44 @@ impl GaneshaExporter {
         self.start()
     }
 
-    fn reload(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+    /// Sends SIGHUP and waits until ganesha logs that the export reload is done, so an export
+    /// reported as applied is served (a client mounting right after a volume turns Ready must
+    /// find it). Unconfirmed within [`RELOAD_DEADLINE`]: an error, and the next apply reloads.
+    fn reload(&self) -> Result<(), ExportError> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::sync::atomic::Ordering;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        self.reload_owed.store(true, Ordering::SeqCst);
+        let log = self.log_file();
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+        let start = Instant::now();
+        loop {
+            let mut tail = String::new();
+            if let Ok(mut f) = std::fs::File::open(&log) {
+                if f.seek(SeekFrom::Start(from)).is_ok() {
+                    let mut bytes = Vec::new();
+                    let _ = f.read_to_end(&mut bytes);
+                    tail = String::from_utf8_lossy(&bytes).into_owned();
+                }
+            }
+            if tail.contains(RELOAD_DONE) {
+                self.reload_owed.store(false, Ordering::SeqCst);
+                tracing::debug!(took = ?start.elapsed(), "nfs-ganesha reloaded its exports");
+                return Ok(());
+            }
+            if start.elapsed() > RELOAD_DEADLINE || !self.running() {
+                return Err(ExportError::Command {
+                    command: "ganesha.nfsd (SIGHUP)".into(),
+                    message: format!(
+                        "did not confirm the export reload within {RELOAD_DEADLINE:?} (see {})",
+                        log.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -706,12 +706,13 @@ impl Moves {
     /// finished here — after a fresh read confirms it (staging only; a live volume is never
     /// touched here).
     async fn discard_if_unwanted(&self, name: &str, uid: &str) {
+        let mut finished_here = false;
         let still = match self.store.get::<Volume>(name).await {
             Ok(Some(v)) => {
-                let served_here =
-                    v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&self.machine);
+                finished_here = v.metadata.uid == uid
+                    && v.status.as_ref().and_then(|s| s.machine.as_deref()) == Some(&self.machine);
                 v.metadata.uid == uid
-                    && !served_here
+                    && !finished_here
                     && v.moving()
                         .is_some_and(|m| m.to == self.machine && !v.metadata.is_deleting())
             }
@@ -734,6 +735,9 @@ impl Moves {
         })
         .await
         {
+            Ok(Ok(())) if finished_here => {
+                tracing::debug!(volume = %name, "the finished move's staging is cleared")
+            }
             Ok(Ok(())) => {
                 tracing::info!(volume = %name, "move dropped: discarded what was received")
             }
