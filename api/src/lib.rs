@@ -17,6 +17,7 @@
 //! assert_eq!(docs[0].name(), "media");
 //! ```
 
+pub mod claim;
 pub mod condition;
 pub mod duration;
 pub mod event;
@@ -31,6 +32,7 @@ pub mod table;
 pub mod validate;
 pub mod volume;
 
+pub use claim::{Claim, ClaimPhase, ClaimSpec, ClaimStatus, ClaimStrategy};
 pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
 pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
 pub use meta::{ObjectMeta, Resource, API_VERSION};

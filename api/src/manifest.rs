@@ -10,10 +10,12 @@
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::claim::Claim;
 use crate::machine::Machine;
 use crate::snapshot::Snapshot;
 use crate::validate::{
-    validate_machine, validate_snapshot, validate_volume, FieldError, ValidationErrors,
+    validate_claim, validate_machine, validate_snapshot, validate_volume, FieldError,
+    ValidationErrors,
 };
 use crate::volume::Volume;
 use crate::Resource;
@@ -25,6 +27,7 @@ pub enum Manifest {
     Volume(Volume),
     Machine(Machine),
     Snapshot(Snapshot),
+    Claim(Claim),
 }
 
 impl Manifest {
@@ -33,6 +36,7 @@ impl Manifest {
             Manifest::Volume(v) => v.name(),
             Manifest::Machine(m) => m.name(),
             Manifest::Snapshot(s) => s.name(),
+            Manifest::Claim(c) => c.name(),
         }
     }
 
@@ -42,6 +46,7 @@ impl Manifest {
             Manifest::Volume(_) => "volume",
             Manifest::Machine(_) => "machine",
             Manifest::Snapshot(_) => "snapshot",
+            Manifest::Claim(_) => "claim",
         }
     }
 }
@@ -53,7 +58,7 @@ pub enum ManifestError {
     Syntax(String),
     #[error("document {document}: {error}")]
     Shape { document: usize, error: FieldError },
-    #[error("document {document}: kind {kind:?} is unknown; expected Volume, Machine or Snapshot")]
+    #[error("document {document}: kind {kind:?} is unknown; expected Volume, Machine, Snapshot or Claim")]
     UnknownKind { document: usize, kind: String },
     #[error("document {document} ({kind}/{name}) is invalid: {errors}")]
     Invalid {
@@ -129,9 +134,10 @@ pub fn decode_manifest(document: usize, value: Value) -> Result<Manifest, Manife
         "Volume" => typed(document, value, validate_volume).map(Manifest::Volume),
         "Machine" => typed(document, value, validate_machine).map(Manifest::Machine),
         "Snapshot" => typed(document, value, validate_snapshot).map(Manifest::Snapshot),
+        "Claim" => typed(document, value, validate_claim).map(Manifest::Claim),
         "" => Err(shape(FieldError {
             field: "kind".into(),
-            message: "is missing; expected Volume, Machine or Snapshot".into(),
+            message: "is missing; expected Volume, Machine, Snapshot or Claim".into(),
         })),
         _ => Err(ManifestError::UnknownKind { document, kind }),
     }

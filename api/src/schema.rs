@@ -4,7 +4,7 @@
 //! the `# yaml-language-server: $schema=…` line in each example); a test fails when the checked-in
 //! files are stale.
 
-use crate::{Machine, Snapshot, Volume};
+use crate::{Claim, Machine, Snapshot, Volume};
 
 /// `(file name, pretty JSON)` for every schema this release publishes.
 pub fn all() -> Vec<(&'static str, String)> {
@@ -17,5 +17,6 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("volume.json", render(schemars::schema_for!(Volume))),
         ("machine.json", render(schemars::schema_for!(Machine))),
         ("snapshot.json", render(schemars::schema_for!(Snapshot))),
+        ("claim.json", render(schemars::schema_for!(Claim))),
     ]
 }

@@ -86,6 +86,11 @@ pub fn header(kind: &str, wide: bool) -> Vec<&'static str> {
             "LABELS",
             "SCHEDULABLE",
         ],
+        ("Claim", false) => vec!["NAME", "HOST", "PHASE", "VOLUME", "ORDINAL", "READY", "AGE"],
+        ("Claim", true) => vec![
+            "NAME", "HOST", "PHASE", "VOLUME", "ORDINAL", "READY", "AGE", "STRATEGY", "GROUP",
+            "SELECTOR", "MACHINE", "REASON",
+        ],
         (_, false) => vec!["NAME", "VOLUME", "READY", "MACHINE", "SIZE", "AGE"],
         (_, true) => vec![
             "NAME",
@@ -179,6 +184,50 @@ pub fn row(kind: &str, v: &Value, wide: bool) -> Vec<String> {
                         .and_then(Value::as_bool)
                         .unwrap_or(false))
                     .to_string(),
+                ]);
+            }
+            r
+        }
+        "Claim" => {
+            let or_none = |x: &str| {
+                if x.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    x.to_string()
+                }
+            };
+            let ready = condition(v, "Ready")
+                .map(|c| s(c, "/status").to_string())
+                .unwrap_or_else(|| "False".into());
+            let mut r = vec![
+                s(v, "/metadata/name").into(),
+                s(v, "/spec/host").into(),
+                match s(v, "/status/phase") {
+                    "" => "Pending".into(),
+                    p => p.into(),
+                },
+                or_none(s(v, "/status/volume")),
+                v.pointer("/status/ordinal")
+                    .and_then(Value::as_u64)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                ready,
+                age(v),
+            ];
+            if wide {
+                let reason = condition(v, "Bound")
+                    .filter(|c| s(c, "/status") != "True")
+                    .map(|c| s(c, "/reason").to_string())
+                    .unwrap_or_default();
+                r.extend([
+                    match s(v, "/spec/strategy") {
+                        "" => "any".into(),
+                        x => x.into(),
+                    },
+                    or_none(s(v, "/spec/group")),
+                    pairs(v, "/spec/selector"),
+                    or_none(s(v, "/status/machine")),
+                    or_none(&reason),
                 ]);
             }
             r

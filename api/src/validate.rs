@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use crate::claim::{Claim, ClaimStrategy, HOLD_SECONDS};
 use crate::machine::Machine;
 use crate::meta::{ObjectMeta, API_VERSION};
 use crate::quantity::MIB;
@@ -301,6 +302,70 @@ pub fn validate_volume_update(old: &Volume, new: &Volume) -> Result<(), Validati
         errors.push(
             "spec.source",
             format!("is immutable: the volume was created {was}; create a new volume instead"),
+        );
+    }
+    errors.into_result()
+}
+
+/// Checks a Claim; `Err` lists every problem (a template is checked as the Volume it makes).
+pub fn validate_claim(c: &Claim) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    check_header(&mut errors, &c.api_version, &c.kind, "Claim", &c.metadata);
+    if let Some(p) = export_host_problem(&c.spec.host) {
+        errors.push("spec.host", p);
+    }
+    check_labels(&mut errors, "spec.selector", c.spec.selector.iter());
+    match &c.spec.group {
+        Some(g) => {
+            if let Some(p) = label_value_problem(g).or_else(|| dns1123_label_problem(g)) {
+                errors.push("spec.group", p);
+            }
+        }
+        None if c.spec.strategy == ClaimStrategy::Ordinal => errors.push(
+            "spec.group",
+            "is required with strategy ordinal: ordinals are numbered per group",
+        ),
+        None => {}
+    }
+    if let Some(spec) = &c.spec.create {
+        let v = crate::volume::Volume::new(c.metadata.name.clone(), spec.clone());
+        if let Err(e) = validate_volume(&v) {
+            for fe in e.0 {
+                if let Some(rest) = fe.field.strip_prefix("spec.") {
+                    errors.push(format!("spec.create.{rest}"), fe.message);
+                }
+            }
+        }
+    }
+    if let Some(h) = c.spec.hold_seconds {
+        if !HOLD_SECONDS.contains(&h) {
+            errors.push(
+                "spec.holdSeconds",
+                format!(
+                    "{h} is out of range: {} to {} seconds",
+                    HOLD_SECONDS.start(),
+                    HOLD_SECONDS.end()
+                ),
+            );
+        }
+    }
+    errors.into_result()
+}
+
+/// Checks a change to a stored Claim: its strategy and group are fixed at creation (they decide
+/// which volume and number it holds).
+pub fn validate_claim_update(old: &Claim, new: &Claim) -> Result<(), ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    if old.spec.strategy != new.spec.strategy {
+        errors.push(
+            "spec.strategy",
+            "is immutable: delete the claim and create it again",
+        );
+    }
+    if old.spec.group != new.spec.group {
+        errors.push(
+            "spec.group",
+            "is immutable: delete the claim and create it again",
         );
     }
     errors.into_result()

@@ -383,6 +383,9 @@ pub struct VolumeStatus {
     /// Bytes held only by this volume's snapshots (counted in the machine's ledger).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub snapshot_bytes: u64,
+    /// Claims whose host the volume's export includes now (written by its agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<String>,
     #[serde(default)]
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

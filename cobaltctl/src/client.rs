@@ -273,6 +273,12 @@ impl Client {
         Ok(self.send(r).await?.1)
     }
 
+    /// Renews a held claim (`PUT claims/NAME/hold`); answers the claim.
+    pub async fn hold(&self, name: &str) -> Result<Value, CtlError> {
+        let url = format!("{}/hold", self.url(Kind::Claim, Some(name)));
+        Ok(self.send(self.request(reqwest::Method::PUT, url)).await?.1)
+    }
+
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<Value, CtlError> {
         Ok(self
             .send(self.request(reqwest::Method::DELETE, self.url(kind, Some(name))))

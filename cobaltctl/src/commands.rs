@@ -36,7 +36,7 @@ pub async fn apply(
         applied.insert((o.kind.plural(), o.name.clone()));
     }
     if let Some(selector) = prune {
-        for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot] {
+        for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot, Kind::Claim] {
             let list = c.list(kind, Some(selector)).await?;
             for item in list["items"].as_array().into_iter().flatten() {
                 let name = item["metadata"]["name"]
@@ -61,7 +61,7 @@ pub async fn apply(
     Ok(0)
 }
 
-async fn apply_one(
+pub(crate) async fn apply_one(
     c: &Client,
     o: &manifests::Object,
     dry_run: bool,

@@ -1,5 +1,5 @@
 //! Kind names as users type them: `volume`, `volumes`, `vol`, `machine`, `machines`, `mach`,
-//! `snapshot`, `snapshots`, `snap`,
+//! `snapshot`, `snapshots`, `snap`, `claim`, `claims`, `cl`,
 //! optionally with a name: `volume/media`.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -7,6 +7,7 @@ pub enum Kind {
     Volume,
     Machine,
     Snapshot,
+    Claim,
 }
 
 impl Kind {
@@ -15,8 +16,9 @@ impl Kind {
             "volume" | "volumes" | "vol" | "vols" => Ok(Kind::Volume),
             "machine" | "machines" | "mach" | "machs" => Ok(Kind::Machine),
             "snapshot" | "snapshots" | "snap" | "snaps" => Ok(Kind::Snapshot),
+            "claim" | "claims" | "cl" => Ok(Kind::Claim),
             other => Err(format!(
-                "unknown kind {other:?}; use volume(s)/vol, machine(s)/mach or snapshot(s)/snap"
+                "unknown kind {other:?}; use volume(s)/vol, machine(s)/mach, snapshot(s)/snap or claim(s)/cl"
             )),
         }
     }
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Volume => "volumes",
             Kind::Machine => "machines",
             Kind::Snapshot => "snapshots",
+            Kind::Claim => "claims",
         }
     }
 
@@ -43,6 +46,7 @@ impl Kind {
             Kind::Volume => "Volume",
             Kind::Machine => "Machine",
             Kind::Snapshot => "Snapshot",
+            Kind::Claim => "Claim",
         }
     }
 
@@ -51,6 +55,7 @@ impl Kind {
             Kind::Volume => "volume",
             Kind::Machine => "machine",
             Kind::Snapshot => "snapshot",
+            Kind::Claim => "claim",
         }
     }
 
@@ -59,6 +64,7 @@ impl Kind {
             "Volume" => Some(Kind::Volume),
             "Machine" => Some(Kind::Machine),
             "Snapshot" => Some(Kind::Snapshot),
+            "Claim" => Some(Kind::Claim),
             _ => None,
         }
     }

@@ -2,6 +2,7 @@
 //! The binary is argument parsing; the verbs live in [`commands`], the three-way merge behind
 //! `apply` in [`merge`], output in [`output`].
 
+pub mod claim;
 pub mod client;
 pub mod commands;
 pub mod kinds;

@@ -28,6 +28,8 @@ struct Cli {
     command: Verb,
 }
 
+// Parsed once per run: the size of the biggest variant (claim's options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Verb {
     /// Create or update objects from manifests so they match the files.
@@ -88,6 +90,61 @@ enum Verb {
         with_snapshots: bool,
         #[arg(long, default_value = "60s", value_parser = cobalt_api::duration::parse_duration)]
         timeout: Duration,
+    },
+    /// Claim a persistent volume for this host (at boot): bind, wait, mount, and optionally hold.
+    #[command(
+        after_help = "Examples:\n  cobaltctl claim web-7 --host 10.0.0.7 --selector app=web --create-size 10Gi --wait\n  cobaltctl claim kafka-3 --host 10.0.0.13 --strategy ordinal --group kafka --create-size 50Gi --mount /var/lib/kafka --hold\n  cobaltctl claim -f /etc/cobalt/claim.yaml   (the same options as YAML: name, host, strategy, group, selector, create, hold, mount, ...)\n  cobaltctl get claims; cobaltctl delete claim/web-7 (releases the volume; its data is kept)"
+    )]
+    Claim {
+        /// The claim's name (e.g. the host's name).
+        name: Option<String>,
+        /// The claim options as YAML (flags win over it).
+        #[arg(short = 'f', long = "filename")]
+        file: Option<std::path::PathBuf>,
+        /// The address this host mounts from; the volume is exported to it.
+        #[arg(long)]
+        host: Option<String>,
+        /// Labels the volume must carry: k=v[,k=v].
+        #[arg(long)]
+        selector: Option<String>,
+        /// any (a free matching volume) or ordinal (the group's lowest free number).
+        #[arg(long)]
+        strategy: Option<String>,
+        /// The claim group (ordinals are numbered per group).
+        #[arg(long)]
+        group: Option<String>,
+        /// rw or ro.
+        #[arg(long)]
+        access: Option<String>,
+        /// Map the host's root to an anonymous user (true|false; default true).
+        #[arg(long)]
+        root_squash: Option<bool>,
+        /// Create a volume of this size when none is free.
+        #[arg(long)]
+        create_size: Option<String>,
+        /// Create a volume from this Volume manifest's spec when none is free.
+        #[arg(long)]
+        create_from: Option<std::path::PathBuf>,
+        /// Wait until the volume is bound and served to the host.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Mount it here once served (mount -t nfs4; idempotent).
+        #[arg(long)]
+        mount: Option<std::path::PathBuf>,
+        /// Extra mount options (e.g. hard,noatime).
+        #[arg(long)]
+        mount_options: Option<String>,
+        /// Print the mount command.
+        #[arg(long)]
+        print_mount: bool,
+        /// Keep renewing the claim while this process runs; it is released after --hold-seconds
+        /// without a renewal.
+        #[arg(long)]
+        hold: bool,
+        #[arg(long)]
+        hold_seconds: Option<u32>,
     },
     /// Take a snapshot of a volume (a Snapshot object; its machine's agent takes it).
     #[command(
@@ -271,6 +328,76 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
             )
             .await
+        }
+        Verb::Claim {
+            name,
+            file,
+            host,
+            selector,
+            strategy,
+            group,
+            access,
+            root_squash,
+            create_size,
+            create_from,
+            wait,
+            timeout,
+            mount,
+            mount_options,
+            print_mount,
+            hold,
+            hold_seconds,
+        } => {
+            use cobaltctl::claim::{size_template, ClaimOptions};
+            // Enum flags parse as their YAML form does (any|ordinal, rw|ro).
+            fn word<T: serde::de::DeserializeOwned>(
+                flag: &str,
+                allowed: &str,
+                v: Option<String>,
+            ) -> anyhow::Result<Option<T>> {
+                v.map(|v| {
+                    serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                        anyhow::anyhow!("--{flag}: {v:?} is not allowed; use {allowed}")
+                    })
+                })
+                .transpose()
+            }
+            let strategy = word("strategy", "any or ordinal", strategy)?;
+            let access = word("access", "rw or ro", access)?;
+            let mut labels = std::collections::BTreeMap::new();
+            for pair in selector
+                .iter()
+                .flat_map(|s| s.split(','))
+                .filter(|p| !p.is_empty())
+            {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--selector: {pair:?} is not key=value"))?;
+                labels.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let flags = ClaimOptions {
+                name,
+                host,
+                selector: labels,
+                strategy,
+                group,
+                access,
+                root_squash,
+                create: create_size.as_deref().map(size_template).transpose()?,
+                create_from,
+                hold: hold.then_some(true),
+                hold_seconds,
+                wait: wait.then_some(true),
+                timeout,
+                mount,
+                mount_options,
+                print_mount: print_mount.then_some(true),
+            };
+            let options = match &file {
+                Some(f) => ClaimOptions::from_file(f)?.overlay(flags),
+                None => flags,
+            };
+            cobaltctl::claim::run(&client()?, options).await
         }
         Verb::Snapshot {
             target,

@@ -65,6 +65,7 @@ pub fn load(sources: &[String], recursive: bool) -> anyhow::Result<Vec<Object>> 
                 Manifest::Volume(v) => (Kind::Volume, serde_json::to_value(v)?),
                 Manifest::Machine(mm) => (Kind::Machine, serde_json::to_value(mm)?),
                 Manifest::Snapshot(sn) => (Kind::Snapshot, serde_json::to_value(sn)?),
+                Manifest::Claim(cl) => (Kind::Claim, serde_json::to_value(cl)?),
             };
             objects.push(Object {
                 kind,

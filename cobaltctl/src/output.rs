@@ -132,6 +132,7 @@ pub fn describe(kind: Kind, v: &Value) -> String {
             Kind::Volume => "Volume".into(),
             Kind::Machine => "Machine".into(),
             Kind::Snapshot => "Snapshot".into(),
+            Kind::Claim => "Claim".into(),
         },
     );
     if let Some(labels) = v.pointer("/metadata/labels").and_then(Value::as_object) {

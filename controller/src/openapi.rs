@@ -2,7 +2,7 @@
 //! so it cannot drift. Served at `/openapi.json` and checked in as `schemas/openapi.json`
 //! (`make schemas`; a test fails when stale).
 
-use cobalt_api::{Machine, Snapshot, Volume};
+use cobalt_api::{Claim, Machine, Snapshot, Volume};
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 
@@ -18,7 +18,7 @@ pub fn document_text() -> String {
 pub fn group_version_document() -> Value {
     let mut doc = document();
     let gvk = |kind: &str| json!({"group": "cobalt.io", "version": "v1alpha1", "kind": kind});
-    for kind in ["Volume", "Machine", "Snapshot"] {
+    for kind in ["Volume", "Machine", "Snapshot", "Claim"] {
         if let Some(schema) = doc.pointer_mut(&format!("/components/schemas/{kind}")) {
             schema["x-kubernetes-group-version-kind"] = json!([gvk(kind)]);
         }
@@ -41,6 +41,7 @@ pub fn group_version_document() -> Value {
             ("volumes", "Volume"),
             ("machines", "Machine"),
             ("snapshots", "Snapshot"),
+            ("claims", "Claim"),
         ] {
             let base = format!("{}/{plural}", crate::http::API_PREFIX);
             for path in [base.clone(), format!("{base}/{{name}}")] {
@@ -137,11 +138,13 @@ pub fn document() -> Value {
     let volume = generator.subschema_for::<Volume>();
     let machine = generator.subschema_for::<Machine>();
     let snapshot = generator.subschema_for::<Snapshot>();
+    let claim = generator.subschema_for::<Claim>();
     let mut schemas: Map<String, Value> = generator.take_definitions(true);
     schemas.insert("Status".into(), status_schema());
     schemas.insert("VolumeList".into(), list_schema(&volume));
     schemas.insert("MachineList".into(), list_schema(&machine));
     schemas.insert("SnapshotList".into(), list_schema(&snapshot));
+    schemas.insert("ClaimList".into(), list_schema(&claim));
     schemas.insert("WatchEvent".into(), watch_event_schema());
 
     let mut paths = Map::new();
@@ -149,6 +152,7 @@ pub fn document() -> Value {
         ("volumes", "Volume"),
         ("machines", "Machine"),
         ("snapshots", "Snapshot"),
+        ("claims", "Claim"),
     ] {
         let base = format!("{}/{plural}", crate::http::API_PREFIX);
         paths.insert(base.clone(), collection_path(plural, schema));
@@ -211,7 +215,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Cobalt API",
             "version": "v1alpha1",
-            "description": "Declarative volumes on storage machines: Volumes, Machines and Snapshots with spec/status, stored in etcd."
+            "description": "Declarative volumes on storage machines: Volumes, Machines, Snapshots and Claims with spec/status, stored in etcd."
         },
         "security": [{"bearer": []}],
         "paths": paths,

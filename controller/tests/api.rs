@@ -119,7 +119,7 @@ async fn create_get_list_and_their_errors() {
     assert!(body["message"]
         .as_str()
         .unwrap()
-        .contains("volumes, machines and snapshots"));
+        .contains("volumes, machines, snapshots and claims"));
 
     let mut labelled = volume("b", "2Gi");
     labelled["metadata"]["labels"] = json!({"tier": "hot"});

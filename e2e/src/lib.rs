@@ -279,6 +279,22 @@ impl Cluster {
         }
     }
 
+    /// Waits until controller `i` accepts API connections (after [`Cluster::start_controller`]).
+    pub async fn controller_serving(&self, i: usize) {
+        let port = self.controllers[i].1;
+        cobalt_testkit::wait::until(
+            "the controller's API up",
+            Duration::from_secs(30),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
     /// The API of a running controller.
     pub fn api(&mut self) -> String {
         let port = self

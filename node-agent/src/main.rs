@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let volumes = Cache::<Volume>::new();
     let snapshots = Cache::<cobalt_api::Snapshot>::new();
+    let claims = Cache::<cobalt_api::Claim>::new();
     let mut tasks = vec![
         tokio::spawn(registration::keep_alive(
             store.clone(),
@@ -94,6 +95,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(reflect(
             store.clone(),
             snapshots.clone(),
+            Some(reconcile_metrics.clone()),
+            shutdown.clone(),
+        )),
+        tokio::spawn(reflect(
+            store.clone(),
+            claims.clone(),
             Some(reconcile_metrics.clone()),
             shutdown.clone(),
         )),
@@ -213,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         exports,
         moves,
         snapshots: snapshots.clone(),
+        claims: claims.clone(),
     };
     let controller_config = Config {
         name: "volume-agent".into(),
@@ -263,6 +271,14 @@ async fn main() -> anyhow::Result<()> {
                     .collect();
                 keys.push(s.spec.volume.clone());
                 keys
+            })
+            // A claim bound or released changes its volume's export.
+            .watches(claims, |c: &cobalt_api::Claim| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.volume.clone())
+                    .into_iter()
+                    .collect()
             })
             .with_metrics(reconcile_metrics)
             .run(shutdown.clone()),

@@ -362,6 +362,8 @@ pub struct Report {
     /// The defragment token that finished, if one ran.
     pub defragmented: Option<String>,
     pub export: ExportState,
+    /// Claims whose host the applied export includes.
+    pub claims: Vec<String>,
 }
 
 /// The status to write for `v` after the plan ran: starts from the current status, so fields
@@ -415,6 +417,10 @@ pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
         &format!("on machine {machine}"),
     );
     s.endpoint = None;
+    s.claims = match &report.export {
+        ExportState::Exported { .. } => report.claims.clone(),
+        _ => Vec::new(),
+    };
     match &report.export {
         ExportState::Exported { endpoint, rules } => {
             s.endpoint = Some(endpoint.clone());
@@ -893,6 +899,7 @@ mod tests {
 
     fn report(v: &Volume, plan: Plan) -> Report {
         Report {
+            claims: Vec::new(),
             machine: v
                 .status
                 .as_ref()

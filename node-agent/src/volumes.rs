@@ -36,6 +36,8 @@ pub struct VolumeAgent {
     pub moves: Arc<Moves>,
     /// Every Snapshot (restores read their source here).
     pub snapshots: cobalt_reconcile::Cache<cobalt_api::Snapshot>,
+    /// Every Claim: a volume is exported to the hosts of the claims bound to it.
+    pub claims: cobalt_reconcile::Cache<cobalt_api::Claim>,
     pub events: cobalt_store::Recorder,
 }
 
@@ -62,6 +64,31 @@ pub fn export_spec(volume: &Volume, backend: &dyn Backend) -> ExportSpec {
             .map(|e| e.clients.clone())
             .unwrap_or_default(),
     }
+}
+
+/// Adds the hosts of the claims bound to `volume` to its export (a host the Volume lists itself
+/// keeps the Volume's rules); returns the names of those claims, sorted.
+pub fn add_claim_clients(
+    spec: &mut ExportSpec,
+    volume: &Volume,
+    claims: &[Arc<cobalt_api::Claim>],
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for c in claims {
+        if c.bound_volume() != Some((&volume.metadata.name, &volume.metadata.uid)) {
+            continue;
+        }
+        if !spec.clients.iter().any(|x| x.host == c.spec.host) {
+            spec.clients.push(cobalt_api::volume::ExportClient {
+                host: c.spec.host.clone(),
+                access: c.spec.access,
+                root_squash: c.spec.root_squash,
+            });
+        }
+        names.push(c.metadata.name.clone());
+    }
+    names.sort();
+    names
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +321,7 @@ impl VolumeAgent {
             resize_blocked: None,
             defragmented: None,
             export: ExportState::Unexported,
+            claims: Vec::new(),
         };
         for step in &plan.steps {
             match step {
@@ -398,7 +426,8 @@ impl VolumeAgent {
                     self.exports.set(&name, None).await?;
                 }
                 Step::Export => {
-                    let spec = export_spec(&volume, self.backend.as_ref());
+                    let mut spec = export_spec(&volume, self.backend.as_ref());
+                    report.claims = add_claim_clients(&mut spec, &volume, &self.claims.list());
                     report.export = match (self.exports.exporter.port(), spec.clients.is_empty()) {
                         (0, _) => ExportState::NoExporter,
                         (_, true) => ExportState::NoClients,

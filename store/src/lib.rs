@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod claims;
 pub mod connection;
 pub mod election;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod objects;
 pub mod watch;
 
+pub use claims::{Bind, ClaimRef};
 pub use connection::{EtcdConfig, EtcdFlags, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT};
 pub use election::{Fence, Leadership};
 pub use error::{Error, Result};

@@ -25,6 +25,7 @@ const RESOURCES: &[(&str, &str, &str, &[&str])] = &[
     ("volumes", "volume", "Volume", &["vol"]),
     ("machines", "machine", "Machine", &["mach"]),
     ("snapshots", "snapshot", "Snapshot", &["snap"]),
+    ("claims", "claim", "Claim", &["cl"]),
 ];
 
 fn server_addresses() -> Value {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cobalt_api::event::{FieldSelector, OBJECT_FIELDS};
 use cobalt_api::selector::LabelSelector;
-use cobalt_api::{Machine, Snapshot, Volume, API_VERSION};
+use cobalt_api::{Claim, Machine, Snapshot, Volume, API_VERSION};
 use cobalt_store::Deleted;
 use serde::Deserialize;
 use serde_json::json;
@@ -73,8 +73,9 @@ macro_rules! by_kind {
             "volumes" => $f::<Volume>($($arg),*).await,
             "machines" => $f::<Machine>($($arg),*).await,
             "snapshots" => $f::<Snapshot>($($arg),*).await,
+            "claims" => $f::<Claim>($($arg),*).await,
             other => Err(ApiError::not_found(format!(
-                "the API has no resource {other:?}; it serves volumes, machines and snapshots"
+                "the API has no resource {other:?}; it serves volumes, machines, snapshots and claims"
             ))),
         }
     };
@@ -484,6 +485,38 @@ pub struct DrainPlanQuery {
 /// `GET machines/NAME/drainplan[?pinned=true]`: where a drain of the machine would move each of
 /// its volumes now (the planner with no concurrency bound), and what would block it. Changes
 /// nothing.
+/// `PUT claims/NAME/hold`: renews a held claim (`spec.holdSeconds`) — keeps its etcd lease
+/// alive, or starts a new one — and answers the claim. `cobaltctl claim --hold` calls this every
+/// third of the hold time; when the calls stop, the lease expires and the claim is released.
+pub async fn hold(
+    State(s): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if plural != "claims" {
+        return Err(ApiError::not_found("hold exists for claims only"));
+    }
+    let Some(claim) = bounded(&s, s.store.get::<Claim>(&name)).await? else {
+        return Err(not_found::<Claim>(&name));
+    };
+    let Some(secs) = claim.spec.hold_seconds else {
+        return Err(ApiError::invalid(
+            "Claim",
+            &name,
+            vec![cobalt_api::FieldError {
+                field: "spec.holdSeconds".into(),
+                message: "is not set: only a held claim can be renewed".into(),
+            }],
+        ));
+    };
+    bounded(
+        &s,
+        s.store
+            .hold_claim(&name, std::time::Duration::from_secs(secs.into())),
+    )
+    .await?;
+    Ok(axum::Json(claim).into_response())
+}
+
 pub async fn drain_plan(
     State(s): State<AppState>,
     Path((plural, name)): Path<(String, String)>,

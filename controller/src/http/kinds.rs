@@ -3,10 +3,10 @@
 use axum::http::HeaderMap;
 use cobalt_api::manifest::from_value;
 use cobalt_api::validate::{
-    validate_machine, validate_snapshot, validate_snapshot_update, validate_volume,
-    validate_volume_update, ValidationErrors,
+    validate_claim, validate_claim_update, validate_machine, validate_snapshot,
+    validate_snapshot_update, validate_volume, validate_volume_update, ValidationErrors,
 };
-use cobalt_api::{FieldError, Machine, Resource, Snapshot, Volume};
+use cobalt_api::{Claim, FieldError, Machine, Resource, Snapshot, Volume};
 use serde_json::Value;
 
 use super::status::ApiError;
@@ -62,6 +62,16 @@ impl ApiKind for Snapshot {
     }
     fn requires_volume(&self) -> Option<(&str, &'static str)> {
         Some((&self.spec.volume, "spec.volume"))
+    }
+}
+
+impl ApiKind for Claim {
+    const LIST_KIND: &'static str = "ClaimList";
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        validate_claim(self)
+    }
+    fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
+        validate_claim_update(old, self)
     }
 }
 

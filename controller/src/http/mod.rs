@@ -74,7 +74,8 @@ pub fn router(state: AppState) -> Router {
             "/{plural}/{name}/status",
             get(handlers::get_status).put(handlers::replace_status),
         )
-        .route("/{plural}/{name}/drainplan", get(handlers::drain_plan));
+        .route("/{plural}/{name}/drainplan", get(handlers::drain_plan))
+        .route("/{plural}/{name}/hold", axum::routing::put(handlers::hold));
     Router::new()
         .nest(API_PREFIX, api)
         .route("/api", get(discovery::core_versions))

@@ -1,6 +1,6 @@
 //! The leader-elected scheduler (the seeds' "single master" engine). Every controller campaigns;
-//! the leader runs [`binding::VolumeScheduler`] and [`lifecycle::MachineLifecycle`] on the reconcile
-//! library, writing only through a store fenced by its leadership — a deposed or partitioned
+//! the leader runs [`binding::VolumeScheduler`], [`lifecycle::MachineLifecycle`] and
+//! [`claims::ClaimBinder`] on the reconcile library, writing only through a store fenced by its leadership — a deposed or partitioned
 //! leader's writes fail. When the leader's lease is lost it stops at once and campaigns again;
 //! when its process dies, another controller wins after the lease TTL.
 //!
@@ -8,6 +8,7 @@
 
 pub mod balancer;
 pub mod binding;
+pub mod claims;
 pub mod lifecycle;
 pub mod metrics;
 pub mod moves;
@@ -17,7 +18,7 @@ pub mod rebalance;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cobalt_api::{Machine, Volume};
+use cobalt_api::{Claim, Machine, Volume};
 use cobalt_reconcile::reflector::reflect;
 use cobalt_reconcile::{Cache, CancellationToken, Config, Controller, Metrics};
 use cobalt_store::Store;
@@ -115,6 +116,7 @@ async fn lead(
 ) {
     let volumes = Cache::<Volume>::new();
     let machines = Cache::<Machine>::new();
+    let claims = Cache::<Claim>::new();
     // Liveness must be known before any decision: an empty set would make every machine look
     // gone and every unprovisioned volume look orphaned.
     let initial = loop {
@@ -143,6 +145,12 @@ async fn lead(
             Some(reconcile_metrics.clone()),
             term.clone(),
         )),
+        tokio::spawn(reflect(
+            store.clone(),
+            claims.clone(),
+            Some(reconcile_metrics.clone()),
+            term.clone(),
+        )),
     ];
     let volume_config = Config {
         name: "volume-scheduler".into(),
@@ -156,7 +164,14 @@ async fn lead(
         resync: config.resync,
         ..Config::default()
     };
+    let claim_config = Config {
+        name: "claim-binder".into(),
+        concurrency: 4,
+        resync: config.resync,
+        ..Config::default()
+    };
     let fenced_balancer = fenced.clone();
+    let fenced_claims = fenced.clone();
     // The term's events go through the fenced store: a deposed leader's are refused too.
     let events = cobalt_store::Recorder::start(
         fenced.clone(),
@@ -191,6 +206,23 @@ async fn lead(
                     .collect()
             }
         });
+    let held: claims::Held = Default::default();
+    let claim_controller = Controller::new(
+        claims.clone(),
+        claims::ClaimBinder {
+            store: fenced_claims.clone(),
+            volumes: volumes.clone(),
+            alive: alive.clone(),
+            held: held.clone(),
+            events: events.clone(),
+        },
+        claim_config,
+    )
+    .with_metrics(reconcile_metrics.clone())
+    .watches(volumes.clone(), {
+        let claims = claims.clone();
+        move |v: &Volume| claims::claims_for_volume(&claims, v)
+    });
     let machine_controller = Controller::new(
         machines.clone(),
         MachineLifecycle {
@@ -218,6 +250,15 @@ async fn lead(
     let requeue_machines = machine_controller.requeue_handle();
     tasks.push(tokio::spawn(volume_controller.run(term.clone())));
     tasks.push(tokio::spawn(machine_controller.run(term.clone())));
+    tasks.push(tokio::spawn(claims::poll_holds(
+        store.clone(),
+        fenced_claims,
+        claims,
+        held,
+        claim_controller.requeue_handle(),
+        term.clone(),
+    )));
+    tasks.push(tokio::spawn(claim_controller.run(term.clone())));
     tasks.push(tokio::spawn(poll_liveness(
         store,
         alive,
