@@ -67,6 +67,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench drain
 	$(CARGO) bench -p cobalt-e2e --bench snapshots
 	$(CARGO) bench -p cobalt-e2e --bench loop_create
+	$(CARGO) bench -p cobalt-e2e --bench claims
 
 demo: deps
 	bash scripts/demo.sh

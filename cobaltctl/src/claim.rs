@@ -202,15 +202,35 @@ fn mounted(dir: &Path, source: &str) -> bool {
         })
 }
 
-fn has_nfs_client() -> bool {
-    [
+/// What keeps this host from mounting NFSv4, if anything: the mount helper missing, or a kernel
+/// without the NFS client (no `nfs4` filesystem and no module to load).
+pub fn nfs_client_problem() -> Option<String> {
+    let helper = [
         "/sbin/mount.nfs4",
         "/usr/sbin/mount.nfs4",
         "/sbin/mount.nfs",
         "/usr/sbin/mount.nfs",
     ]
     .iter()
-    .any(|p| Path::new(p).exists())
+    .any(|p| Path::new(p).exists());
+    if !helper {
+        return Some("mount.nfs4 is not installed (Debian: apt install nfs-common; RHEL: dnf install nfs-utils)".into());
+    }
+    let loaded = std::fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("nfs4"));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let module = Path::new("/lib/modules")
+        .join(release.trim())
+        .join("kernel/fs/nfs")
+        .exists();
+    if !loaded && !module {
+        return Some(
+            "the kernel has no NFS client (no nfs4 filesystem, no nfs module to load)".into(),
+        );
+    }
+    None
 }
 
 fn ready(claim: &Value) -> bool {
@@ -309,9 +329,11 @@ pub async fn run(c: &Client, o: ClaimOptions) -> anyhow::Result<i32> {
         if let Some(dir) = &o.mount {
             if mounted(dir, &cmd[5]) {
                 println!("{} is already mounted on {}", cmd[5], dir.display());
-            } else if !has_nfs_client() {
+            } else if let Some(problem) = nfs_client_problem() {
                 bail!(
-                    "cannot mount: this host has no NFS client (mount.nfs4 not found); install nfs-common (Debian) or nfs-utils, or use --print-mount to see the command"
+                    "cannot mount on {}: this host has no NFS client: {problem}; the volume is bound and served, mount it with: {}",
+                    dir.display(),
+                    cmd.join(" ")
                 );
             } else {
                 std::fs::create_dir_all(dir)
@@ -331,11 +353,30 @@ pub async fn run(c: &Client, o: ClaimOptions) -> anyhow::Result<i32> {
             }
         }
     }
+    notify_ready();
     let Some(every) = every else {
         return Ok(0);
     };
     println!("holding claim/{name}: renewing every {every:?}; stop this process to let the claim lapse after {:?}", hold.unwrap_or_default());
     hold_forever(c, &name, every).await
+}
+
+/// Tells systemd the claim is served (and mounted, with `--mount`) when run as a `Type=notify`
+/// unit (`$NOTIFY_SOCKET` set): units ordered after it start only then. Best effort.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    if let (Ok(addr), Ok(sock)) = (addr, UnixDatagram::unbound()) {
+        let _ = sock.send_to_addr(b"READY=1", &addr);
+    }
 }
 
 /// Renews until SIGINT/SIGTERM. A failed renewal is retried at the same pace (the hold lapses

@@ -479,3 +479,113 @@ async fn version_prints_the_client_and_the_servers_and_snapshot_commands_work() 
     assert!(o.status.success(), "{}", text(&o));
     assert!(env.store.get::<Volume>("db").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_takes_flags_or_a_file_names_bad_options_and_says_why_it_waits() {
+    let env = Env::start().await;
+    let o = env.run(&["claim", "web-1"]).await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("host: is required"), "{}", text(&o));
+    let typo = env.file("typo.yaml", "name: web-1\nhots: 10.0.0.1\n");
+    let o = env.run(&["claim", "-f", &typo]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("hots") && text(&o).contains("allowed keys"),
+        "{}",
+        text(&o)
+    );
+    let o = env
+        .run(&[
+            "claim",
+            "web-1",
+            "--host",
+            "10.0.0.7",
+            "--strategy",
+            "first",
+        ])
+        .await;
+    assert!(
+        text(&o).contains("--strategy") && text(&o).contains("any or ordinal"),
+        "{}",
+        text(&o)
+    );
+    let o = env
+        .run(&[
+            "claim",
+            "web-1",
+            "--host",
+            "10.0.0.7",
+            "--strategy",
+            "ordinal",
+        ])
+        .await;
+    assert!(text(&o).contains("spec.group"), "{}", text(&o));
+    assert!(
+        env.store
+            .get::<cobalt_api::Claim>("web-1")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing written"
+    );
+
+    // A file, a flag over it; no scheduler here, so the wait ends saying why.
+    let f = env.file(
+        "claim.yaml",
+        "name: web-1\nhost: 10.0.0.1\nselector: {app: web}\n",
+    );
+    let o = env
+        .run(&[
+            "claim",
+            "-f",
+            &f,
+            "--host",
+            "10.0.0.7",
+            "--wait",
+            "--timeout",
+            "1s",
+        ])
+        .await;
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("claim/web-1 created") && t.contains("not ready after 1s"),
+        "{t}"
+    );
+    assert!(
+        t.contains("no status yet (is a controller running?)"),
+        "{t}"
+    );
+    let stored: cobalt_api::Claim = env.store.get("web-1").await.unwrap().unwrap();
+    assert_eq!(stored.spec.host, "10.0.0.7", "the flag wins over the file");
+    assert_eq!(
+        stored.spec.selector.get("app").map(String::as_str),
+        Some("web")
+    );
+    let o = env.run(&["get", "claims"]).await;
+    let t = text(&o);
+    assert!(
+        t.starts_with("NAME") && t.contains("HOST") && t.contains("ORDINAL"),
+        "{t}"
+    );
+    assert!(
+        t.contains("web-1") && t.contains("10.0.0.7") && t.contains("Pending"),
+        "{t}"
+    );
+
+    // --hold renews through the API before it waits: the claim's lease is there.
+    let o = env
+        .run(&[
+            "claim",
+            "web-2",
+            "--host",
+            "10.0.0.8",
+            "--hold",
+            "--hold-seconds",
+            "5",
+            "--timeout",
+            "1s",
+        ])
+        .await;
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(env.store.held_claims().await.unwrap().contains("web-2"));
+}

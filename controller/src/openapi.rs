@@ -163,6 +163,17 @@ pub fn document() -> Value {
         );
     }
     paths.insert(
+        format!("{}/claims/{{name}}/hold", crate::http::API_PREFIX),
+        json!({
+            "parameters": [param("name")],
+            "put": {
+                "operationId": "hold_claims",
+                "summary": "Renew a held claim (spec.holdSeconds): keeps its etcd lease alive, or starts a new one. Without renewals for holdSeconds the claim is released.",
+                "responses": with(error_responses(&[("403", "Reader token."), ("404", "Not found."), ("422", "The claim has no spec.holdSeconds.")]), "200", "Renewed; the claim.", r("Claim"), "application/json")
+            }
+        }),
+    );
+    paths.insert(
         "/healthz".into(),
         plain_get("Liveness: the process serves HTTP.", "text/plain"),
     );

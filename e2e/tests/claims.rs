@@ -423,6 +423,28 @@ async fn a_held_claim_lapses_when_its_holder_dies_and_ordinals_stay_put() {
         "the data survived the holder's death byte for byte"
     );
 
+    // --mount: on a host whose kernel has no NFS client (this one) it fails saying so, with the
+    // command to use elsewhere; the claim stays bound.
+    if let Some(problem) = cobaltctl::claim::nfs_client_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = ordinal_args("kafka-b", &b_host.addr.to_string());
+        args.extend(["--mount".into(), dir.path().display().to_string()]);
+        let args: Vec<&str> = std::iter::once("claim")
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let o = c.ctl(&args).await;
+        let text = out(&o);
+        assert!(!o.status.success(), "{text}");
+        assert!(
+            text.contains("has no NFS client") && text.contains(&problem),
+            "{text}"
+        );
+        assert!(
+            text.contains("mount -t nfs4 -o vers=4.1,port=2049"),
+            "{text}"
+        );
+    }
+
     // More hosts: ordinals 2 and 3, each its own volume.
     claim_all(
         &mut c,

@@ -14,7 +14,7 @@ fn units() -> Vec<std::path::PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "service"))
         .collect();
     units.sort();
-    assert_eq!(units.len(), 2, "{units:?}");
+    assert_eq!(units.len(), 3, "{units:?}");
     units
 }
 

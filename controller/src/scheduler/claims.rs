@@ -47,9 +47,27 @@ pub fn is_live(c: &Claim, held: &BTreeSet<String>) -> bool {
     !c.metadata.is_deleting() && (c.spec.hold_seconds.is_none() || held.contains(&c.metadata.name))
 }
 
+/// A stable 64-bit hash (FNV-1a, then mixed) of `claim` and `volume`: the rendezvous rank that spreads claims
+/// over equally good volumes.
+fn rank(claim: &str, volume: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in claim.bytes().chain([0]).chain(volume.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64's finaliser: names differing in one character land far apart.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 /// The free volume an `any` claim gets: one matching its selector and group that no claim
 /// holds and that is not being deleted — its previous volume first (a returning holder gets its
-/// data back), then volumes on ready machines, then by name.
+/// data back), then volumes on ready machines, then by the claim's rendezvous rank: the same
+/// claim always prefers the same volume, and claims booting together spread over the free
+/// volumes instead of all racing for the first.
 pub fn choose_volume<'a>(
     claim: &Claim,
     volumes: &'a [Arc<Volume>],
@@ -75,6 +93,7 @@ pub fn choose_volume<'a>(
             (
                 Some(v.metadata.uid.as_str()) != previous,
                 !on_ready,
+                rank(&claim.metadata.name, &v.metadata.name),
                 v.metadata.name.clone(),
             )
         })
@@ -634,40 +653,63 @@ mod tests {
     }
 
     #[test]
-    fn any_takes_a_free_matching_volume_on_a_ready_machine_first_then_by_name() {
-        let mut c = Claim::new("web-1", "10.0.0.7");
-        c.spec.selector.insert("app".into(), "web".into());
-        let vols = vec![
+    fn any_takes_a_free_matching_volume_on_a_ready_machine_and_claims_spread() {
+        let claim = |name: &str| {
+            let mut c = Claim::new(name, "10.0.0.7");
+            c.spec.selector.insert("app".into(), "web".into());
+            c
+        };
+        let mut vols = vec![
             vol("a", &[("app", "db")], Some("m1")),
             vol("b", &[("app", "web")], Some("m2")),
-            vol("c", &[("app", "web")], Some("m1")),
-            vol("d", &[("app", "web")], Some("m1")),
         ];
+        for i in 0..20 {
+            vols.push(vol(&format!("w{i:02}"), &[("app", "web")], Some("m1")));
+        }
         let alive = BTreeSet::from(["m1".to_string()]);
         let none = BTreeMap::new();
+        let c = claim("web-1");
+        let first = choose_volume(&c, &vols, &none, &alive).unwrap();
+        assert!(
+            first.metadata.name.starts_with('w'),
+            "matching, on a ready machine"
+        );
         assert_eq!(
             choose_volume(&c, &vols, &none, &alive)
                 .unwrap()
                 .metadata
                 .name,
-            "c"
+            first.metadata.name,
+            "deterministic"
         );
-        let taken = BTreeMap::from([("c".to_string(), r("other"))]);
-        assert_eq!(
-            choose_volume(&c, &vols, &taken, &alive)
-                .unwrap()
-                .metadata
-                .name,
-            "d"
+        let taken = BTreeMap::from([(first.metadata.name.clone(), r("other"))]);
+        let next = choose_volume(&c, &vols, &taken, &alive).unwrap();
+        assert_ne!(
+            next.metadata.name, first.metadata.name,
+            "a held volume is never offered"
         );
-        let all = BTreeMap::from([
-            ("b".to_string(), r("x")),
-            ("c".to_string(), r("y")),
-            ("d".to_string(), r("z")),
-        ]);
+        let firsts: BTreeSet<String> = (0..10)
+            .map(|i| {
+                choose_volume(&claim(&format!("host-{i}")), &vols, &none, &alive)
+                    .unwrap()
+                    .metadata
+                    .name
+                    .clone()
+            })
+            .collect();
+        assert!(
+            firsts.len() >= 5,
+            "claims booting together spread: {firsts:?}"
+        );
+        let web: Vec<String> = vols
+            .iter()
+            .filter(|v| v.metadata.labels["app"] == "web")
+            .map(|v| v.metadata.name.clone())
+            .collect();
+        let all: BTreeMap<String, ClaimRef> = web.into_iter().map(|n| (n, r("x"))).collect();
         assert!(
             choose_volume(&c, &vols, &all, &alive).is_none(),
-            "a held volume is never offered"
+            "none free: none offered"
         );
     }
 

@@ -166,7 +166,7 @@ async fn lead(
     };
     let claim_config = Config {
         name: "claim-binder".into(),
-        concurrency: 4,
+        concurrency: 8,
         resync: config.resync,
         ..Config::default()
     };
