@@ -38,7 +38,11 @@ fn ready(cl: &Claim) -> bool {
 /// Runs `cobaltctl claim ARGS…` for many hosts at once (each its own process, like hosts
 /// booting together); panics with the output of any that failed.
 async fn claim_all(c: &mut Cluster, runs: Vec<Vec<String>>) {
-    let api = c.api();
+    claim_all_at(c.api(), runs).await
+}
+
+/// Like [`claim_all`], against the API at `api`.
+async fn claim_all_at(api: String, runs: Vec<Vec<String>>) {
     tokio::task::spawn_blocking(move || {
         let children: Vec<_> = runs
             .iter()
@@ -137,10 +141,16 @@ async fn a_claim_storm_binds_each_volume_once_then_creates_the_rest_and_access_f
             ]
         })
         .collect();
-    let (first, second) = storm.split_at(15);
-    claim_all(&mut c, first.to_vec()).await;
+    // The hosts talk to the other controller's API; the leader dies once a few claims exist,
+    // while the rest are still being created and bound.
+    let other_api = format!("http://127.0.0.1:{}", c.controllers[1 - leader_index].1);
+    let hosts = tokio::spawn(claim_all_at(other_api, storm));
+    until("the storm under way", Duration::from_secs(30), || async {
+        (claims(&c).await.len() >= 5).then_some(())
+    })
+    .await;
     c.controllers[leader_index].0.kill();
-    claim_all(&mut c, second.to_vec()).await;
+    hosts.await.unwrap();
     let (bound, pending) = until(
         "20 claims Bound and 10 Pending with a reason",
         TTL * 4 + Duration::from_secs(30),
