@@ -921,3 +921,41 @@ async fn recorded_events_are_served_as_core_v1_events_by_field_selector() {
     let (code, _) = api.get("/api/v1/events?watch=true").await;
     assert_eq!(code, 405);
 }
+
+#[tokio::test]
+async fn malformed_or_repeated_query_parameters_are_status_objects_naming_them() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "volumes?watch=x"),
+        (reqwest::Method::GET, "volumes?watch=true&watch=false"),
+        (reqwest::Method::POST, "volumes?dryRun=All&dryRun=All"),
+        (reqwest::Method::GET, "claims?limit=-1&watch=maybe"),
+    ] {
+        let mut r = api.req(method.clone(), path);
+        if method == reqwest::Method::POST {
+            r = r.json(&volume("q", "1Gi"));
+        }
+        let (code, body) = api.send(r).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["kind"], "Status", "{path}: a JSON Status, got {body}");
+        assert_eq!(body["reason"], "BadRequest", "{path}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("query parameters:"),
+            "{path}: {message}"
+        );
+        assert!(
+            message.contains("watch") || message.contains("dryRun"),
+            "{path}: names the parameter: {message}"
+        );
+    }
+    assert!(
+        api.store
+            .get::<cobalt_api::Volume>("q")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing written"
+    );
+}

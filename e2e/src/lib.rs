@@ -147,6 +147,17 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.state.path().join("ganesha/ganesha.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- {} nfs-ganesha log (last 30 lines) ---\n{}",
+                self.name,
+                tail.join("\n")
+            );
+        }
         self.kill_agent();
         if let Some(pid) = self.ganesha_pid() {
             kill_and_reap(pid);

@@ -6,7 +6,9 @@
 //! form first (`Accept: …as=APIGroupDiscoveryList`, …, `application/json`) and reads the plain
 //! one when the answer is plain JSON, as it does with any older API server.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use super::query::Query;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cobalt_api::event::{FieldSelector, EVENT_FIELDS};

@@ -5,7 +5,9 @@
 use std::future::Future;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
+
+use super::query::Query;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -38,8 +40,15 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn is_watch(&self) -> bool {
-        matches!(self.watch.as_deref(), Some("true" | "1" | ""))
+    /// `watch=true|1|` (or `false|0`); anything else is a 400 naming the parameter.
+    pub fn is_watch(&self) -> Result<bool, ApiError> {
+        match self.watch.as_deref() {
+            None | Some("false" | "0" | "False" | "FALSE") => Ok(false),
+            Some("true" | "1" | "" | "True" | "TRUE") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "query parameters: watch={other:?} is not a boolean; use watch=true or watch=false"
+            ))),
+        }
     }
 
     fn dry_run(&self) -> Result<bool, ApiError> {
@@ -110,7 +119,7 @@ pub async fn collection_get(
     Query(p): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if p.is_watch() {
+    if p.is_watch()? {
         return by_kind!(plural, watch_kind(s, p, &headers));
     }
     by_kind!(plural, list_kind(s, p, &headers))

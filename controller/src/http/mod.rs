@@ -16,6 +16,7 @@ pub mod handlers;
 pub mod kinds;
 pub mod local;
 pub mod metrics;
+pub mod query;
 pub mod status;
 pub mod table;
 pub mod tls;

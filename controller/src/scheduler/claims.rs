@@ -334,6 +334,25 @@ impl ClaimBinder {
         Ok(Action::Done)
     }
 
+    /// For a bound ordinal claim: the number it holds, if its ordinal key now names another
+    /// claim.
+    async fn ordinal_taken_over(&self, c: &Claim) -> Result<Option<u32>, SchedulerError> {
+        let (Some(group), Some(n)) = (
+            c.spec
+                .group
+                .as_deref()
+                .filter(|_| c.spec.strategy == ClaimStrategy::Ordinal),
+            c.status.as_ref().and_then(|s| s.ordinal),
+        ) else {
+            return Ok(None);
+        };
+        let ordinals = self.store.claim_ordinals(group).await?;
+        Ok(match ordinals.get(&n) {
+            Some(r) if r.claim != c.metadata.name || r.claim_uid != c.metadata.uid => Some(n),
+            _ => None,
+        })
+    }
+
     async fn bind_any(
         &self,
         stored: &cobalt_store::Stored<Claim>,
@@ -550,6 +569,22 @@ impl Reconciler<Claim> for ClaimBinder {
             return Ok(Action::Done);
         }
         if let Some((volume, r)) = &mine {
+            if let Some(lost) = self.ordinal_taken_over(c).await? {
+                // Its number went to another claim while this one was not live (a holder back
+                // just after its hold lapsed): two live claims never share a number, so this one
+                // lets go of the volume and is numbered anew.
+                self.store.unbind_volume(volume, r).await?;
+                let mut s = unbound_status(
+                    c,
+                    ClaimPhase::Pending,
+                    None,
+                    "OrdinalTakenOver",
+                    &format!("ordinal {lost} went to another claim while this one was not held; taking a new number"),
+                );
+                s.ordinal = None;
+                self.write_status(&stored, s).await?;
+                return Ok(Action::RequeueAfter(RETRY_AFTER_RACE));
+            }
             return self.keep_bound(&stored, volume, r).await;
         }
         match c.spec.strategy {

@@ -4,12 +4,17 @@
 //! for ganesha to log that the reload is done: an export reported applied is served.
 //!
 //! Ganesha cannot export a BTRFS subvolume under its parent (it would cross a subvolume
-//! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>.<dev>` and
-//! that is exported, at pseudo path `/<name>`. `<dev>` is the subvolume's device number, so a
-//! volume that comes back to this machine after a move (a new subvolume under the same name)
-//! gets a new mount point and export id: ganesha keeps state of a removed export's filesystem
-//! for a while, and reusing its path answered lookups with "stale file handle". NFSv4 shows numeric owners (no idmapping) and starts
-//! without a grace period.
+//! boundary), so each exported subvolume is bind-mounted on `<dir>/exports/<name>.<dev>-<born>`
+//! and that is exported, at pseudo path `/<name>`. `<dev>-<born>` is the subvolume's device
+//! number and birth time, so a volume that comes back to this machine after a move (a new
+//! subvolume under the same name) gets a new mount point and export id: ganesha keeps state of
+//! a removed export's filesystem for a while, and reusing its path answered lookups with "stale
+//! file handle" — or, the kernel having reused the device number, was refused as a duplicate.
+//! NFSv4 shows numeric owners (no idmapping) and starts without a grace period.
+//!
+//! Ganesha's state can differ from the files: an agent killed between writing them and the
+//! SIGHUP. So the first apply of every agent reloads whatever it finds, and a reload counts only
+//! once ganesha logs it complete without refusing any export.
 //!
 //! Supervision: [`GaneshaExporter::ensure_running`] restarts a crashed ganesha. The process runs
 //! in its own session, so an agent that is killed leaves it serving; the next agent adopts it
@@ -93,10 +98,22 @@ impl OnDisk {
     }
 }
 
-/// Which subvolume `e.source` is now (its device number; 0 if it cannot be read).
-fn incarnation(e: &ExportSpec) -> u64 {
+/// Which subvolume `e.source` is now: its device number and birth time (0 if they cannot be
+/// read). The device number alone is not enough: the kernel reuses a destroyed subvolume's
+/// anonymous device for the next one, and ganesha refused the new export as a duplicate of the
+/// old one it still held ("Duplicate export id", the volume not served).
+fn incarnation(e: &ExportSpec) -> String {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(&e.source).map(|m| m.dev()).unwrap_or(0)
+    let Ok(m) = std::fs::metadata(&e.source) else {
+        return "0".into();
+    };
+    let born = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{born:x}", m.dev())
 }
 
 /// One volume's export block (pure).
@@ -235,6 +252,8 @@ impl GaneshaExporter {
             }
         } else {
             self.start()?;
+            self.reload_owed
+                .store(false, std::sync::atomic::Ordering::SeqCst);
         }
         // Mounts of exports gone (or of an earlier subvolume of the same name), after the
         // reload has let go of them.
@@ -261,7 +280,10 @@ impl GaneshaExporter {
             port,
             process: Mutex::new(None),
             applied: Mutex::new(None),
-            reload_owed: Default::default(),
+            // An adopted ganesha may not hold what the disk says: an agent killed between
+            // writing the export files and signalling left it with the old set. The first apply
+            // reloads whatever it finds.
+            reload_owed: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -410,6 +432,19 @@ impl GaneshaExporter {
                 }
             }
             if tail.contains(RELOAD_DONE) {
+                // A reload that refused part of the config ("Pseudo path … is a duplicate") still
+                // says complete: the refusal is an error, and the next apply reloads again.
+                let refused: Vec<&str> = tail
+                    .lines()
+                    .filter(|l| l.contains("CONFIG :CRIT"))
+                    .filter_map(|l| l.rsplit_once(":CRIT :").map(|(_, m)| m.trim()))
+                    .collect();
+                if !refused.is_empty() {
+                    return Err(ExportError::Command {
+                        command: "ganesha.nfsd (SIGHUP)".into(),
+                        message: format!("refused the exports: {}", refused.join("; ")),
+                    });
+                }
                 self.reload_owed.store(false, Ordering::SeqCst);
                 tracing::debug!(took = ?start.elapsed(), "nfs-ganesha reloaded its exports");
                 return Ok(());
