@@ -27,6 +27,7 @@ pub mod meta;
 pub mod quantity;
 pub mod schema;
 pub mod selector;
+pub mod shape;
 pub mod snapshot;
 pub mod table;
 pub mod validate;

@@ -107,6 +107,25 @@ pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
     })
 }
 
+/// Like [`from_value`], but a document that does not decode gets every shape problem at once
+/// ([`crate::shape::shape_errors`]), the first one serde met included.
+pub fn from_value_all<R: Resource + schemars::JsonSchema>(
+    value: Value,
+) -> Result<R, Vec<FieldError>> {
+    match from_value::<R>(value.clone()) {
+        Ok(object) => Ok(object),
+        Err(first) => {
+            let mut errors = crate::shape::shape_errors::<R>(&value);
+            // serde's own words for the field it stopped at (they list what is expected).
+            match errors.iter_mut().find(|e| e.field == first.field) {
+                Some(e) => *e = first,
+                None => errors.insert(0, first),
+            }
+            Err(errors)
+        }
+    }
+}
+
 /// Decodes and validates one document of any known kind.
 pub fn decode_manifest(document: usize, value: Value) -> Result<Manifest, ManifestError> {
     let kind = value
@@ -115,13 +134,31 @@ pub fn decode_manifest(document: usize, value: Value) -> Result<Manifest, Manife
         .unwrap_or_default()
         .to_string();
     let shape = |error| ManifestError::Shape { document, error };
-    fn typed<R: Resource>(
+    fn typed<R: Resource + schemars::JsonSchema>(
         document: usize,
         value: Value,
         validate: fn(&R) -> Result<(), ValidationErrors>,
     ) -> Result<R, ManifestError> {
-        let object: R =
-            from_value(value).map_err(|error| ManifestError::Shape { document, error })?;
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let object: R = from_value_all(value).map_err(|mut errors| {
+            if errors.len() == 1 {
+                ManifestError::Shape {
+                    document,
+                    error: errors.remove(0),
+                }
+            } else {
+                ManifestError::Invalid {
+                    document,
+                    kind: R::KIND,
+                    name,
+                    errors: ValidationErrors(errors),
+                }
+            }
+        })?;
         validate(&object).map_err(|errors| ManifestError::Invalid {
             document,
             kind: R::KIND,

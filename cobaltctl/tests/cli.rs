@@ -368,6 +368,18 @@ async fn bad_manifests_fail_with_the_field_path_or_line_and_column() {
         let err = text(&o);
         assert!(err.contains(file) && err.contains(expect), "{file}: {err}");
     }
+    // Several problems in one document: every one is named, in one round.
+    let several = VOLUME
+        .replace("  size: 1Gi", "  size: -1Gi\n  sise: 2Gi")
+        .replace("compression: zstd", "compression: gzip");
+    let o = env
+        .run(&["apply", "-f", &env.file("several.yaml", &several)])
+        .await;
+    assert!(!o.status.success());
+    let err = text(&o);
+    for expect in ["spec.sise", "spec.size", "spec.compression", "zstd"] {
+        assert!(err.contains(expect), "{expect} missing: {err}");
+    }
     assert!(
         env.store
             .list::<Volume>(&Default::default())

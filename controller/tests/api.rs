@@ -959,3 +959,36 @@ async fn malformed_or_repeated_query_parameters_are_status_objects_naming_them()
         "nothing written"
     );
 }
+
+#[tokio::test]
+async fn a_body_with_several_problems_gets_every_one_as_a_cause() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    let bad = json!({
+        "apiVersion": "cobalt.io/v1alpha1", "kind": "Volume",
+        "metadata": {"name": "Bad_Name"},
+        "spec": {"size": "-1Gi", "compression": "gzip"}
+    });
+    let (code, body) = api.post("volumes", &bad).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["reason"], "Invalid");
+    let causes = body["details"]["causes"].as_array().unwrap();
+    let fields: Vec<&str> = causes.iter().filter_map(|c| c["field"].as_str()).collect();
+    for f in ["metadata.name", "spec.size", "spec.compression"] {
+        assert!(fields.contains(&f), "{f} missing: {body}");
+    }
+    let compression = causes
+        .iter()
+        .find(|c| c["field"] == "spec.compression")
+        .unwrap();
+    assert!(
+        compression["message"].as_str().unwrap().contains("zstd"),
+        "the allowed values: {compression}"
+    );
+    assert!(api
+        .store
+        .get::<cobalt_api::Volume>("Bad_Name")
+        .await
+        .unwrap()
+        .is_none());
+}

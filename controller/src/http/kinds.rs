@@ -1,7 +1,6 @@
 //! The kinds the API serves, and how a request body becomes a valid object.
 
 use axum::http::HeaderMap;
-use cobalt_api::manifest::from_value;
 use cobalt_api::validate::{
     validate_claim, validate_claim_update, validate_machine, validate_snapshot,
     validate_snapshot_update, validate_volume, validate_volume_update, ValidationErrors,
@@ -12,7 +11,7 @@ use serde_json::Value;
 use super::status::ApiError;
 
 /// A kind served under `/apis/cobalt.io/v1alpha1/<plural>`.
-pub trait ApiKind: Resource {
+pub trait ApiKind: Resource + schemars::JsonSchema {
     /// `VolumeList`, `MachineList`.
     const LIST_KIND: &'static str;
     fn validate(&self) -> Result<(), ValidationErrors>;
@@ -96,8 +95,8 @@ pub fn decode_body<R: ApiKind>(headers: &HeaderMap, body: &[u8]) -> Result<R, Ap
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let object: R =
-        from_value(value).map_err(|cause| ApiError::invalid(R::KIND, &name, vec![cause]))?;
+    let object: R = cobalt_api::manifest::from_value_all(value)
+        .map_err(|causes| ApiError::invalid(R::KIND, &name, causes))?;
     object
         .validate()
         .map_err(|errors| ApiError::invalid(R::KIND, &name, errors.0))?;
