@@ -288,7 +288,11 @@ async fn dry_run_validates_and_checks_conflicts_but_writes_nothing() {
     let before = api.store.revision().await.unwrap();
 
     let (code, _) = api.post("volumes?dryRun=All", &volume("b", "1Gi")).await;
-    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        code,
+        StatusCode::CREATED,
+        "as documented (and as Kubernetes answers)"
+    );
     let (code, _) = api.post("volumes?dryRun=All", &volume("a", "1Gi")).await;
     assert_eq!(code, StatusCode::CONFLICT);
     let (code, _) = api.post("volumes?dryRun=All", &volume("b", "1")).await;
@@ -991,4 +995,46 @@ async fn a_body_with_several_problems_gets_every_one_as_a_cause() {
         .await
         .unwrap()
         .is_none());
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_asks_for_a_token_only_when_the_server_checks_one() {
+    let etcd = Etcd::start();
+    let open = Api::start(&etcd, None).await;
+    for path in ["/openapi.json", "/openapi/v3/apis/cobalt.io/v1alpha1"] {
+        let (code, doc) = open.get(path).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            doc["security"],
+            json!([]),
+            "{path}: no Authorization needed"
+        );
+        assert!(
+            !doc.to_string().contains("\"401\""),
+            "{path}: no operation answers 401"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    std::fs::write(
+        &file,
+        "tokens:\n  - {name: ci, token: admin-token-0123456789, role: admin}\n",
+    )
+    .unwrap();
+    let mut guarded = Api::start(&etcd, Some(&file)).await;
+    guarded.token = Some("admin-token-0123456789".into());
+    let (code, doc) = guarded.get("/openapi.json").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    assert!(
+        doc["paths"]["/apis/cobalt.io/v1alpha1/volumes"]["post"]["responses"]["401"].is_object()
+    );
+    let (code, _) = guarded
+        .send(
+            guarded
+                .client
+                .get(guarded.path("/apis/cobalt.io/v1alpha1/volumes")),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "and it does check");
 }

@@ -203,7 +203,8 @@ async fn create_kind<R: ApiKind>(
         m.generation = 1;
         m.resource_version.clear();
         m.uid.clear();
-        return Ok((StatusCode::OK, Json(object)).into_response());
+        // As Kubernetes answers a dry-run create: 201, the object as it would be stored.
+        return Ok((StatusCode::CREATED, Json(object)).into_response());
     }
     let created = bounded(&s, s.store.create(&object)).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())

@@ -98,7 +98,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/openapi/v3/apis/cobalt.io/v1alpha1",
-            get(|| async { axum::Json(crate::openapi::group_version_document()) }),
+            get(|State(s): State<AppState>| async move {
+                let doc = crate::openapi::group_version_document();
+                axum::Json(match s.tokens {
+                    Some(_) => doc,
+                    None => crate::openapi::without_auth(doc),
+                })
+            }),
         )
         .route("/version", get(version))
         .route("/ui", get(ui))
@@ -168,10 +174,15 @@ async fn ui() -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        crate::openapi::document_text(),
-    )
-        .into_response()
+/// The OpenAPI document as this server behaves: with tokens every operation needs a bearer
+/// token (401 without), without tokens none does.
+async fn openapi(State(s): State<AppState>) -> Response {
+    if s.tokens.is_some() {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            crate::openapi::document_text(),
+        )
+            .into_response();
+    }
+    axum::Json(crate::openapi::without_auth(crate::openapi::document())).into_response()
 }
