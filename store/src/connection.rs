@@ -4,6 +4,12 @@
 //! Connecting is lazy: [`Store::connect`] succeeds while etcd is down, and calls fail with
 //! [`Error::Unavailable`] until it is back. Daemons therefore start without etcd and become ready
 //! by themselves when it appears.
+//!
+//! With several endpoints the client balances calls over them — but it keeps sending calls to a
+//! member that crashed (each fails at once: "tcp connect error"). So a store given more than one
+//! endpoint asks each member for its status every [`ENDPOINT_PROBE`] (and at once when a call
+//! failed that way or timed out): a member that does not answer is taken out of the balancer
+//! until it answers again. A member's crash costs the calls of at most one probe interval.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,6 +23,8 @@ use crate::keys::Keys;
 
 /// Default deadline for one etcd call.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a store with several endpoints checks that each member answers.
+pub const ENDPOINT_PROBE: Duration = Duration::from_millis(500);
 
 /// `etcd:` in the daemons' config files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,6 +85,66 @@ pub struct Store {
     pub(crate) endpoints: String,
     pub(crate) timeout: Duration,
     pub(crate) fence: Option<crate::election::Fence>,
+    /// The endpoint prober of a multi-endpoint store; it stops when the last clone goes.
+    prober: Option<std::sync::Arc<Prober>>,
+}
+
+/// The task checking a multi-endpoint store's endpoints, and how calls wake it.
+struct Prober {
+    task: tokio::task::JoinHandle<()>,
+    suspect: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Keeps the balancer's endpoints to the members that answer (never fewer than one): every
+/// [`ENDPOINT_PROBE`], and at once when a call failed as a dead member makes it fail, each
+/// endpoint is asked for its status over its own long-lived connection (cheap, and no
+/// connection churn in etcd's logs).
+async fn probe_endpoints(
+    client: Client,
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    suspect: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
+    let mut down: std::collections::BTreeSet<String> = Default::default();
+    loop {
+        tokio::select! {
+            _ = suspect.notified() => {}
+            _ = tokio::time::sleep(ENDPOINT_PROBE) => {}
+        }
+        for (e, probe) in endpoints.iter().zip(probes.iter_mut()) {
+            if probe.is_none() {
+                let options = options
+                    .clone()
+                    .with_connect_timeout(ENDPOINT_PROBE)
+                    .with_timeout(ENDPOINT_PROBE);
+                *probe = Client::connect([e], Some(options)).await.ok();
+            }
+            let answers = match probe.as_mut() {
+                Some(c) => matches!(
+                    tokio::time::timeout(ENDPOINT_PROBE, c.status()).await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
+            let is_down = down.contains(e);
+            if !answers && !is_down && down.len() + 1 < endpoints.len() {
+                if client.remove_endpoint(e).await.is_ok() {
+                    tracing::warn!(endpoint = %e, "etcd endpoint does not answer; using the others");
+                    down.insert(e.clone());
+                }
+            } else if answers && is_down && client.add_endpoint(e).await.is_ok() {
+                tracing::info!(endpoint = %e, "etcd endpoint is back");
+                down.remove(e);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -105,6 +173,7 @@ impl Store {
         if let Some(tls) = &config.tls {
             options = options.with_tls(tls_options(tls)?);
         }
+        let probe_options = options.clone();
         let endpoints = config.endpoints.join(",");
         let client =
             tokio::time::timeout(timeout, Client::connect(&config.endpoints, Some(options)))
@@ -119,12 +188,25 @@ impl Store {
                     }
                     other => unavailable(&endpoints, timeout, other),
                 })?;
+        let prober = (config.endpoints.len() > 1).then(|| {
+            let suspect = std::sync::Arc::new(tokio::sync::Notify::new());
+            std::sync::Arc::new(Prober {
+                task: tokio::spawn(probe_endpoints(
+                    client.clone(),
+                    config.endpoints.clone(),
+                    probe_options.clone(),
+                    suspect.clone(),
+                )),
+                suspect,
+            })
+        });
         Ok(Store {
             client,
             keys: Keys::new(&config.prefix),
             endpoints,
             timeout,
             fence: None,
+            prober,
         })
     }
 
@@ -148,17 +230,32 @@ impl Store {
         F: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(unavailable(
-                &self.endpoints,
-                self.timeout,
-                "deadline exceeded",
-            )),
+            Err(_) => {
+                self.suspect_endpoints();
+                Err(unavailable(
+                    &self.endpoints,
+                    self.timeout,
+                    "deadline exceeded",
+                ))
+            }
             Ok(Err(e)) => Err(self.map_err(e)),
             Ok(Ok(v)) => Ok(v),
         }
     }
 
+    /// A call failed as a dead or unreachable member makes it fail: have the endpoints checked.
+    fn suspect_endpoints(&self) {
+        if let Some(p) = &self.prober {
+            p.suspect.notify_one();
+        }
+    }
+
     pub(crate) fn map_err(&self, e: etcd_client::Error) -> Error {
+        if matches!(e, etcd_client::Error::TransportError(_))
+            || e.to_string().contains("tcp connect error")
+        {
+            self.suspect_endpoints();
+        }
         if let etcd_client::Error::GRpcStatus(status) = &e {
             if status
                 .message()

@@ -32,7 +32,9 @@ pub mod objects;
 pub mod watch;
 
 pub use claims::{Bind, ClaimRef};
-pub use connection::{EtcdConfig, EtcdFlags, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT};
+pub use connection::{
+    EtcdConfig, EtcdFlags, Store, TlsFiles, DEFAULT_REQUEST_TIMEOUT, ENDPOINT_PROBE,
+};
 pub use election::{Fence, Leadership};
 pub use error::{Error, Result};
 pub use events::{Recorder, DEFAULT_EVENT_TTL};

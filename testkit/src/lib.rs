@@ -10,6 +10,7 @@
 pub mod btrfs;
 pub mod certs;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod lan;
 pub mod loopdir;
 pub mod netns;
