@@ -177,19 +177,24 @@ async fn an_export_permission_change_flips_client_access() {
     })
     .await;
     assert_eq!(c.nfs_cat(&srv, "shared/x.txt").unwrap(), "now yes\n");
-    let v: Volume = c.store.get("shared").await.unwrap().unwrap();
-    let exported = v
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Exported")
-        .unwrap();
-    assert!(
-        exported.message.contains(&format!("{client} rw")),
-        "watchers see the new rules: {}",
-        exported.message
-    );
+    // Watchers see the new rules (the status is written right after the export is applied).
+    until(
+        "the status shows the new rules",
+        Duration::from_secs(10),
+        || async {
+            let v: Volume = c.store.get("shared").await.ok()??;
+            let exported = v
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Exported")?;
+            exported
+                .message
+                .contains(&format!("{client} rw"))
+                .then_some(())
+        },
+    )
+    .await;
     let o = c.ctl(&["delete", "volume", "shared", "--wait"]).await;
     assert!(o.status.success(), "{}", out(&o));
     assert!(
