@@ -69,10 +69,31 @@ pub enum ManifestError {
     },
 }
 
+/// At most this many documents in one manifest file (a GitOps repository's bundle of every
+/// volume, say); the YAML parser's own default of 1,024 refused real repositories.
+pub const MAX_DOCUMENTS: usize = 100_000;
+
 /// Parses YAML text with one or more documents into generic values, skipping empty ones.
+/// The parser's budget is sized for [`MAX_DOCUMENTS`] manifests (still finite against hostile
+/// input); a file past it is refused saying so.
 pub fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, ManifestError> {
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: MAX_DOCUMENTS,
+            max_nodes: MAX_DOCUMENTS * 100,
+            max_events: MAX_DOCUMENTS * 400,
+        },
+    };
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("budget") {
+            ManifestError::Syntax(format!(
+                "the file is too large to read in one go ({text}): Cobalt reads up to {MAX_DOCUMENTS} manifests of ordinary size per file; split it into several files (apply -f DIR reads them all)"
+            ))
+        } else {
+            ManifestError::Syntax(text)
+        }
+    })?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
@@ -244,6 +265,18 @@ mod tests {
             panic!("{err:?}")
         };
         assert!(msg.contains("line 2 column 14"), "{msg}");
+    }
+
+    #[test]
+    fn a_file_of_thousands_of_manifests_is_read_whole() {
+        let one = |i: usize| VOLUME.replace("name: media", &format!("name: v{i}"));
+        let text: Vec<String> = (0..2_000).map(one).collect();
+        let docs = parse_manifests(&text.join("---\n")).unwrap();
+        assert_eq!(
+            docs.len(),
+            2_000,
+            "past the YAML parser's default of 1,024 documents"
+        );
     }
 
     #[test]
