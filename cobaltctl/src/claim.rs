@@ -234,11 +234,7 @@ pub fn nfs_client_problem() -> Option<String> {
 }
 
 fn ready(claim: &Value) -> bool {
-    claim["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    crate::output::condition(claim, "Ready").is_some_and(|c| c["status"] == "True")
 }
 
 fn why_waiting(claim: &Value) -> String {

@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cobalt_api::{Claim, ClaimPhase, Volume, VolumePhase};
+use cobalt_api::{Claim, ClaimPhase};
 use cobalt_e2e::{record_bench_section, Cluster};
 use cobalt_store::WatchEvent;
-use cobalt_testkit::wait::until;
 use serde_json::json;
 
 fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
@@ -41,19 +40,7 @@ async fn main() {
         .map(|i| format!("apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata: {{name: pool-{i:03}, labels: {{app: bench}}}}\nspec: {{size: 4Mi}}\n"))
         .collect();
     c.apply_text(&docs.join("---\n")).await;
-    until("the volumes Ready", Duration::from_secs(120), || async {
-        let (vs, _) = c.store.list::<Volume>(&Default::default()).await.ok()?;
-        (vs.iter()
-            .filter(|v| {
-                v.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == VolumePhase::Ready)
-            })
-            .count()
-            == n)
-            .then_some(())
-    })
-    .await;
+    c.volumes_ready(n, Duration::from_secs(120)).await;
 
     // Floor: n simultaneous etcd writes of a claim-sized value.
     let raw = c.store.raw();

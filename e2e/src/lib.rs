@@ -476,6 +476,41 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until exactly `n` volumes exist, every one Ready.
+    pub async fn volumes_ready(&self, n: usize, deadline: Duration) {
+        cobalt_testkit::wait::until(&format!("{n} volumes Ready"), deadline, || async {
+            let (vs, _) = self
+                .store
+                .list::<cobalt_api::Volume>(&Default::default())
+                .await
+                .ok()?;
+            let ready = vs
+                .iter()
+                .filter(|v| {
+                    v.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == cobalt_api::VolumePhase::Ready)
+                })
+                .count();
+            (vs.len() == n && ready == n).then_some(())
+        })
+        .await;
+    }
+
+    /// The index in `controllers` of the scheduler leader.
+    pub async fn leader_index(&self) -> usize {
+        let leader = self
+            .store
+            .leader("scheduler")
+            .await
+            .unwrap()
+            .expect("a scheduler leader");
+        leader
+            .trim_start_matches("controller-")
+            .parse()
+            .expect("a controller-N identity")
+    }
+
     /// `cobaltctl apply -f` of manifest text; panics with cobaltctl's output if it fails.
     pub async fn apply_text(&mut self, text: &str) {
         let dir = tempfile::tempdir().unwrap();

@@ -108,28 +108,10 @@ async fn a_claim_storm_binds_each_volume_once_then_creates_the_rest_and_access_f
     c.machines_ready(3).await;
     c.apply_text(&volume_docs((0..20).map(|i| format!("web-data-{i:02}"))))
         .await;
-    until("20 volumes Ready", Duration::from_secs(60), || async {
-        let (vs, _) = c.store.list::<Volume>(&Default::default()).await.ok()?;
-        (vs.iter()
-            .filter(|v| {
-                v.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == VolumePhase::Ready)
-            })
-            .count()
-            == 20)
-            .then_some(())
-    })
-    .await;
+    c.volumes_ready(20, Duration::from_secs(60)).await;
 
     // 30 hosts boot at once; the scheduler leader is killed while they claim.
-    let leader = c
-        .store
-        .leader("scheduler")
-        .await
-        .unwrap()
-        .expect("a leader");
-    let leader_index: usize = leader.trim_start_matches("controller-").parse().unwrap();
+    let leader_index = c.leader_index().await;
     let storm: Vec<Vec<String>> = (0..30)
         .map(|i| {
             vec![

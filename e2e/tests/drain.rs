@@ -104,13 +104,7 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
         vs.iter().any(|v| v.moving().is_some()).then_some(())
     })
     .await;
-    let leader = c
-        .store
-        .leader("scheduler")
-        .await
-        .unwrap()
-        .expect("a leader");
-    let index: usize = leader.trim_start_matches("controller-").parse().unwrap();
+    let index = c.leader_index().await;
     c.controllers[index].0.kill();
     let blocked = until(
         "the drain blocked on the pinned volume",

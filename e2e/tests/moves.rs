@@ -257,13 +257,7 @@ async fn a_move_waits_for_room_can_be_cancelled_and_outlives_the_leader_and_etcd
         m.bytes_done > 0
     })
     .await;
-    let leader = c
-        .store
-        .leader("scheduler")
-        .await
-        .unwrap()
-        .expect("a leader");
-    let index: usize = leader.trim_start_matches("controller-").parse().unwrap();
+    let index = c.leader_index().await;
     c.controllers[index].0.kill();
     settled_on(&mut c, "m2", "m3", &data).await;
 

@@ -22,8 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::connection::Store;
 use crate::error::{Error, Result};
-use crate::keys::Part;
-use crate::objects::{encode, Stored};
+use crate::objects::{as_new, encode, Stored};
 
 /// Who holds a binding key, and the key's revision (what a takeover compares).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +40,7 @@ pub struct Bind<'a> {
     pub claim: &'a Stored<Claim>,
     /// The status to write.
     pub status: cobalt_api::ClaimStatus,
-    /// Bind this volume: its key must be absent (a volume being created) or hold this claim.
+    /// Bind this volume: its binding key must be absent (no claim holds it).
     pub volume: Option<String>,
     /// Take this ordinal: (group, n, the revision its key had when read; 0 = absent).
     pub ordinal: Option<(String, u32, i64)>,
@@ -59,9 +58,6 @@ impl Store {
     }
     fn ordinals_prefix(&self, group: &str) -> String {
         format!("{}/claimbindings/ordinals/{group}/", self.keys.prefix())
-    }
-    fn held_key(&self, claim: &str) -> String {
-        format!("{}alive", self.keys.object_dir(Claim::PLURAL, claim))
     }
 
     async fn read_refs(&self, prefix: String) -> Result<BTreeMap<String, ClaimRef>> {
@@ -128,34 +124,15 @@ impl Store {
         let mut create = b.create.clone();
         let mut status = b.status.clone();
         if let Some(v) = create.as_mut() {
-            let m = &mut v.metadata;
-            m.uid = uuid::Uuid::new_v4().to_string();
-            m.creation_timestamp = Some(Utc::now());
-            m.generation = 1;
-            m.resource_version.clear();
-            m.deletion_timestamp = None;
-            v.status = None;
+            as_new(v);
             // The claim names the volume it made by uid, like any other.
-            status.volume_uid = Some(m.uid.clone());
+            status.volume_uid = Some(v.metadata.uid.clone());
         }
         let status = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut ops = vec![TxnOp::put(status_key, status, None)];
         if let Some(volume) = &b.volume {
             let key = self.binding_key(volume);
-            if b.create.is_none() {
-                // An existing binding must be this claim's own (the value compare); a free
-                // volume's key must not exist.
-                let held = self.read_refs(key.clone()).await?;
-                match held.get("") {
-                    Some(r) if r.claim == me.claim && r.claim_uid == me.claim_uid => guards.push(
-                        Compare::mod_revision(key.clone(), CompareOp::Equal, r.revision),
-                    ),
-                    Some(_) => return Ok(false),
-                    None => guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
-                }
-            } else {
-                guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-            }
+            guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
             ops.push(TxnOp::put(key, value.clone(), None));
         }
         if let Some((group, n, revision)) = &b.ordinal {
@@ -198,26 +175,10 @@ impl Store {
             .is_some())
     }
 
-    /// Deletes a group's ordinal key if it is still `held` (its claim is gone).
-    pub async fn forget_ordinal(&self, group: &str, n: u32, held: &ClaimRef) -> Result<bool> {
-        let key = format!("{}{n}", self.ordinals_prefix(group));
-        Ok(self
-            .commit(
-                vec![Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    held.revision,
-                )],
-                vec![TxnOp::delete(key, None)],
-            )
-            .await?
-            .is_some())
-    }
-
     /// Renews claim `name`'s hold for `ttl`: keeps its lease alive, or — when there is none, or
     /// it expired — grants a new one and attaches the claim's `alive` key to it.
     pub async fn hold_claim(&self, name: &str, ttl: Duration) -> Result<()> {
-        let key = self.held_key(name);
+        let key = self.keys.alive_of(Claim::PLURAL, name);
         let resp = self
             .call(self.client.kv_client().get(key.clone(), None))
             .await?;
@@ -248,23 +209,6 @@ impl Store {
 
     /// Names of the claims whose holder renews them now.
     pub async fn held_claims(&self) -> Result<BTreeSet<String>> {
-        let prefix = self.keys.kind(Claim::PLURAL);
-        let resp = self
-            .call(self.client.kv_client().get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ))
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let key = String::from_utf8_lossy(kv.key());
-                match self.keys.parse(Claim::PLURAL, &key) {
-                    Some((name, Part::Alive)) => Some(name.to_string()),
-                    _ => None,
-                }
-            })
-            .collect())
+        self.alive_names(Claim::PLURAL).await
     }
 }

@@ -57,7 +57,12 @@ impl Keys {
     }
 
     pub fn alive(&self, machine: &str) -> String {
-        format!("{}/machines/{machine}/alive", self.prefix)
+        self.alive_of("machines", machine)
+    }
+
+    /// `<prefix>/<plural>/<name>/alive`: present while a lease holds it.
+    pub fn alive_of(&self, plural: &str, name: &str) -> String {
+        format!("{}/{plural}/{name}/alive", self.prefix)
     }
 
     pub fn election(&self, name: &str) -> String {

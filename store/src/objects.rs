@@ -60,15 +60,7 @@ impl Store {
     pub async fn create<R: Resource>(&self, obj: &R) -> Result<R> {
         let mut obj = obj.clone();
         let name = obj.name().to_string();
-        {
-            let m = obj.meta_mut();
-            m.uid = uuid::Uuid::new_v4().to_string();
-            m.creation_timestamp = Some(Utc::now());
-            m.generation = 1;
-            m.resource_version.clear();
-            m.deletion_timestamp = None;
-        }
-        *obj.status_mut() = None;
+        as_new(&mut obj);
         let key = self.keys.object(R::PLURAL, &name);
         let txn = Txn::new()
             .when(self.with_fence(vec![Compare::create_revision(
@@ -538,6 +530,18 @@ pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// Makes `obj` what a create stores: a fresh uid, creationTimestamp now, generation 1, no
+/// resourceVersion, deletionTimestamp or status.
+pub(crate) fn as_new<R: Resource>(obj: &mut R) {
+    let m = obj.meta_mut();
+    m.uid = uuid::Uuid::new_v4().to_string();
+    m.creation_timestamp = Some(Utc::now());
+    m.generation = 1;
+    m.resource_version.clear();
+    m.deletion_timestamp = None;
+    *obj.status_mut() = None;
 }
 
 /// Serializes an object without its status (status lives in its own key).

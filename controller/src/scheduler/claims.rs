@@ -594,9 +594,9 @@ impl Reconciler<Claim> for ClaimBinder {
     }
 }
 
-/// Re-reads which claims are held; requeues every claim when that changes. Also frees the
-/// bindings of claims that no longer exist (a deleted claim has no finalizer: its volume is let
-/// go here, after a fresh read confirms the claim is gone).
+/// Re-reads which claims are held; requeues every claim when that changes. After the claims
+/// change, also frees the bindings of claims that no longer exist (a deleted claim has no
+/// finalizer: its volume is let go here, after a fresh read confirms the claim is gone).
 pub async fn poll_holds(
     store: Store,
     fenced: Store,
@@ -605,6 +605,7 @@ pub async fn poll_holds(
     requeue: RequeueHandle,
     term: CancellationToken,
 ) {
+    let mut swept_at = None;
     loop {
         match store.held_claims().await {
             Ok(now) => {
@@ -618,31 +619,59 @@ pub async fn poll_holds(
             }
             Err(e) => tracing::debug!(error = %e, "claim hold poll failed"),
         }
-        if claims.is_ready() {
-            if let Ok(bound) = store.claim_bindings().await {
-                for (volume, r) in bound {
-                    if claims
-                        .get(&r.claim)
-                        .is_some_and(|c| c.metadata.uid == r.claim_uid)
-                    {
-                        continue;
-                    }
-                    let gone = match store.get::<Claim>(&r.claim).await {
-                        Ok(Some(c)) => c.metadata.uid != r.claim_uid,
-                        Ok(None) => true,
-                        Err(_) => false,
-                    };
-                    if gone && matches!(fenced.unbind_volume(&volume, &r).await, Ok(true)) {
-                        tracing::info!(claim = %r.claim, %volume, "claim deleted: its volume is free again (data kept)");
-                    }
-                }
-            }
+        // Bindings of deleted claims only appear when claims change: sweep after a change (and
+        // once per term), not on every poll.
+        let revision = claims.revision();
+        if claims.is_ready()
+            && swept_at != Some(revision)
+            && free_bindings_of_deleted_claims(&store, &fenced, &claims).await
+        {
+            swept_at = Some(revision);
         }
         tokio::select! {
             _ = term.cancelled() => return,
             _ = tokio::time::sleep(HOLD_POLL) => {}
         }
     }
+}
+
+/// Frees the binding of every volume whose claim a fresh read shows gone. True when nothing was
+/// left undone.
+async fn free_bindings_of_deleted_claims(
+    store: &Store,
+    fenced: &Store,
+    claims: &Cache<Claim>,
+) -> bool {
+    let Ok(bound) = store.claim_bindings().await else {
+        return false;
+    };
+    let mut complete = true;
+    for (volume, r) in bound {
+        if claims
+            .get(&r.claim)
+            .is_some_and(|c| c.metadata.uid == r.claim_uid)
+        {
+            continue;
+        }
+        let gone = match store.get::<Claim>(&r.claim).await {
+            Ok(Some(c)) => c.metadata.uid != r.claim_uid,
+            Ok(None) => true,
+            Err(_) => {
+                complete = false;
+                false
+            }
+        };
+        if gone {
+            match fenced.unbind_volume(&volume, &r).await {
+                Ok(true) => {
+                    tracing::info!(claim = %r.claim, %volume, "claim deleted: its volume is free again (data kept)")
+                }
+                Ok(false) => {}
+                Err(_) => complete = false,
+            }
+        }
+    }
+    complete
 }
 
 /// Claims a volume change concerns: those bound to it, and every unbound claim (a new or freed
