@@ -68,6 +68,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench snapshots
 	$(CARGO) bench -p cobalt-e2e --bench loop_create
 	$(CARGO) bench -p cobalt-e2e --bench claims
+	$(CARGO) bench -p cobalt-e2e --bench gitops
 
 demo: deps
 	bash scripts/demo.sh

@@ -269,7 +269,7 @@ pub async fn run(c: &Client, o: ClaimOptions) -> anyhow::Result<i32> {
         name: name.clone(),
         value: serde_json::to_value(&claim)?,
     };
-    let verb = apply_one(c, &object, false).await?;
+    let verb = apply_one(c, &object, false, None).await?;
     println!("claim/{name} {verb}");
     let hold = claim
         .spec

@@ -1,7 +1,7 @@
 //! The verbs. Each returns the process exit code; errors bubble up as `anyhow` with the message
 //! a user needs.
 
-use std::collections::BTreeSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -17,57 +17,218 @@ use crate::output::{self, Format};
 /// Bound on conflict retries of one apply (another writer changed the object in between).
 const APPLY_RETRIES: usize = 5;
 
+/// Default number of requests `apply` and `diff` keep in flight (`--parallel`).
+pub const DEFAULT_PARALLEL: usize = 16;
+
+/// From this many objects of one kind, `apply` and `diff` read what the server holds with one
+/// list of the kind instead of one GET per object (a GitOps repository re-applied unchanged
+/// then costs one request per kind and no write). Below it, a list of a large cluster would
+/// cost more than the GETs.
+const LIST_FROM: usize = 8;
+
+/// The order in which kinds are applied: a Snapshot names a Volume the server wants to exist
+/// first; Claims may bind Volumes of the same apply. Within a kind, requests run in parallel.
+const APPLY_ORDER: [Kind; 4] = [Kind::Machine, Kind::Volume, Kind::Snapshot, Kind::Claim];
+
+/// What the server held of the objects about to be applied, read once per kind where there
+/// are many of them. An object of a kind that was not listed is read with its own GET.
+struct Live {
+    listed: HashMap<Kind, HashMap<String, Value>>,
+}
+
+impl Live {
+    async fn read(c: &Client, objects: &[manifests::Object]) -> anyhow::Result<Live> {
+        let mut counts: HashMap<Kind, usize> = HashMap::new();
+        for o in objects {
+            *counts.entry(o.kind).or_default() += 1;
+        }
+        let mut listed = HashMap::new();
+        for (kind, n) in counts {
+            if n < LIST_FROM {
+                continue;
+            }
+            let list = c.list(kind, None).await?;
+            let by_name = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|item| {
+                    let name = item.pointer("/metadata/name")?.as_str()?.to_string();
+                    Some((name, item.clone()))
+                })
+                .collect();
+            listed.insert(kind, by_name);
+        }
+        Ok(Live { listed })
+    }
+
+    /// `Some(live)` when the kind was listed (`Some(None)`: the server has no such object);
+    /// `None` when the object must be read on its own.
+    fn of(&self, o: &manifests::Object) -> Option<Option<&Value>> {
+        self.listed.get(&o.kind).map(|by_name| by_name.get(&o.name))
+    }
+
+    async fn get(&self, c: &Client, o: &manifests::Object) -> anyhow::Result<Option<Value>> {
+        match self.of(o) {
+            Some(known) => Ok(known.cloned()),
+            None => Ok(c.get(o.kind, &o.name).await?),
+        }
+    }
+}
+
+/// Runs `work` over `items` with at most `parallel` in flight, yielding results in the order
+/// of `items` (so output reads like the manifests).
+fn in_order<'a, T, F, Fut, R>(
+    items: &'a [T],
+    parallel: usize,
+    work: F,
+) -> impl futures::Stream<Item = (&'a T, R)> + 'a
+where
+    F: Fn(&'a T) -> Fut + 'a,
+    Fut: std::future::Future<Output = R> + 'a,
+    R: 'a,
+{
+    use futures::StreamExt;
+    futures::stream::iter(items)
+        .map(move |item| {
+            let fut = work(item);
+            async move { (item, fut.await) }
+        })
+        .buffered(parallel.max(1))
+}
+
+/// True when an apply error is about the object (the server answered), so the other objects
+/// are still worth applying; false when the server could not be reached at all.
+fn about_the_object(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<CtlError>(), Some(CtlError::Api(_)))
+}
+
 pub async fn apply(
     c: &Client,
     files: &[String],
     recursive: bool,
     dry_run: bool,
     prune: Option<&str>,
+    parallel: usize,
 ) -> anyhow::Result<i32> {
+    use futures::StreamExt;
     let objects = manifests::load(files, recursive)?;
     if objects.is_empty() {
         anyhow::bail!("no objects found in {}", files.join(", "));
     }
     let suffix = if dry_run { " (server dry run)" } else { "" };
-    let mut applied: BTreeSet<(&'static str, String)> = BTreeSet::new();
-    for o in &objects {
-        let verb = apply_one(c, o, dry_run).await?;
-        println!("{}/{} {verb}{suffix}", o.kind.singular(), o.name);
-        applied.insert((o.kind.plural(), o.name.clone()));
-    }
-    if let Some(selector) = prune {
-        for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot, Kind::Claim] {
-            let list = c.list(kind, Some(selector)).await?;
-            for item in list["items"].as_array().into_iter().flatten() {
-                let name = item["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let applied_before = item
-                    .pointer(&format!(
-                        "/metadata/annotations/{}",
-                        LAST_APPLIED.replace('/', "~1")
-                    ))
-                    .is_some();
-                if applied_before && !applied.contains(&(kind.plural(), name.clone())) {
-                    if !dry_run {
-                        c.delete(kind, &name).await?;
-                    }
-                    println!("{}/{name} pruned{suffix}", kind.singular());
+    let live = Live::read(c, &objects).await?;
+    let mut failed = 0usize;
+    for kind in APPLY_ORDER {
+        let batch: Vec<&manifests::Object> = objects.iter().filter(|o| o.kind == kind).collect();
+        let mut results = std::pin::pin!(in_order(&batch, parallel, |o| {
+            apply_one(c, o, dry_run, live.of(o).map(|v| v.cloned()))
+        }));
+        while let Some((o, result)) = results.next().await {
+            match result {
+                Ok(verb) => println!("{}/{} {verb}{suffix}", o.kind.singular(), o.name),
+                Err(e) if about_the_object(&e) => {
+                    eprintln!("error: {}/{}: {e:#}", o.kind.singular(), o.name);
+                    failed += 1;
                 }
+                Err(e) => return Err(e),
             }
         }
+    }
+    if failed > 0 {
+        let pruning = if prune.is_some() {
+            "; nothing was pruned"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "{failed} of {} objects were not applied{pruning}",
+            objects.len()
+        );
+    }
+    if let Some(selector) = prune {
+        prune_leftovers(c, &objects, &live, selector, dry_run, parallel).await?;
     }
     Ok(0)
 }
 
+/// `--prune -l SELECTOR`: deletes objects that carry the selector's labels and apply's
+/// annotation (apply made them) but are in none of the applied files. A kind apply listed is
+/// filtered here instead of being listed again.
+async fn prune_leftovers(
+    c: &Client,
+    objects: &[manifests::Object],
+    live: &Live,
+    selector: &str,
+    dry_run: bool,
+    parallel: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let parsed: cobalt_api::selector::LabelSelector = selector
+        .parse()
+        .map_err(|e| anyhow::anyhow!("-l/--selector: {e}"))?;
+    let applied: HashSet<(Kind, &str)> =
+        objects.iter().map(|o| (o.kind, o.name.as_str())).collect();
+    let suffix = if dry_run { " (server dry run)" } else { "" };
+    let annotation = format!("/metadata/annotations/{}", LAST_APPLIED.replace('/', "~1"));
+    for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot, Kind::Claim] {
+        let items: Vec<Value> = match live.listed.get(&kind) {
+            Some(by_name) => by_name
+                .values()
+                .filter(|item| {
+                    let labels = item
+                        .pointer("/metadata/labels")
+                        .and_then(|l| serde_json::from_value(l.clone()).ok())
+                        .unwrap_or_default();
+                    parsed.matches(&labels)
+                })
+                .cloned()
+                .collect(),
+            None => c.list(kind, Some(selector)).await?["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let mut leftovers: Vec<String> = items
+            .iter()
+            .filter(|item| item.pointer(&annotation).is_some())
+            .filter_map(|item| item.pointer("/metadata/name")?.as_str())
+            .filter(|name| !applied.contains(&(kind, *name)))
+            .map(str::to_string)
+            .collect();
+        leftovers.sort();
+        let mut results = std::pin::pin!(in_order(&leftovers, parallel, |name| async move {
+            if dry_run {
+                return Ok(());
+            }
+            match c.delete(kind, name).await {
+                Err(CtlError::Api(f)) if f.code == StatusCode::NOT_FOUND => Ok(()),
+                other => other.map(|_| ()),
+            }
+        }));
+        while let Some((name, result)) = results.next().await {
+            result?;
+            println!("{}/{name} pruned{suffix}", kind.singular());
+        }
+    }
+    Ok(())
+}
+
+/// Applies one object. `known` is what a list read of the kind said the server holds
+/// (`Some(None)`: absent); it is used for the first attempt only: a conflict or a lost create
+/// race re-reads the object on its own.
 pub(crate) async fn apply_one(
     c: &Client,
     o: &manifests::Object,
     dry_run: bool,
+    mut known: Option<Option<Value>>,
 ) -> anyhow::Result<&'static str> {
     for _ in 0..APPLY_RETRIES {
-        let Some(live) = c.get(o.kind, &o.name).await? else {
+        let live = match known.take() {
+            Some(live) => live,
+            None => c.get(o.kind, &o.name).await?,
+        };
+        let Some(live) = live else {
             let body = desired(&serde_json::json!({}), &o.value);
             match c.create(o.kind, &body, dry_run).await {
                 Ok(_) => return Ok("created"),
@@ -523,11 +684,19 @@ pub async fn wait_for(
 }
 
 /// `diff -f`: 0 when live equals what apply would make, 1 when different (diff printed).
-pub async fn diff(c: &Client, files: &[String], recursive: bool) -> anyhow::Result<i32> {
+pub async fn diff(
+    c: &Client,
+    files: &[String],
+    recursive: bool,
+    parallel: usize,
+) -> anyhow::Result<i32> {
+    use futures::StreamExt;
+    let objects = manifests::load(files, recursive)?;
+    let live = Live::read(c, &objects).await?;
     let mut different = false;
-    for o in manifests::load(files, recursive)? {
-        let live = c.get(o.kind, &o.name).await?;
-        let (before, after) = match &live {
+    let mut results = std::pin::pin!(in_order(&objects, parallel, |o| live.get(c, o)));
+    while let Some((o, live)) = results.next().await {
+        let (before, after) = match &live? {
             Some(l) => (
                 output::yaml(&strip(l)),
                 output::yaml(&strip(&desired(l, &o.value))),

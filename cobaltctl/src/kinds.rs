@@ -2,7 +2,7 @@
 //! `snapshot`, `snapshots`, `snap`, `claim`, `claims`, `cl`,
 //! optionally with a name: `volume/media`.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Volume,
     Machine,

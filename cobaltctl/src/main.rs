@@ -52,6 +52,10 @@ enum Verb {
         /// Label selector for --prune.
         #[arg(short = 'l', long)]
         selector: Option<String>,
+        /// Requests kept in flight (objects of one kind are applied in parallel; kinds in the
+        /// order Machine, Volume, Snapshot, Claim).
+        #[arg(long, default_value_t = commands::DEFAULT_PARALLEL, value_parser = parallel)]
+        parallel: usize,
     },
     /// List objects, or show one.
     #[command(
@@ -222,6 +226,9 @@ enum Verb {
         files: Vec<String>,
         #[arg(short = 'R', long)]
         recursive: bool,
+        /// Requests kept in flight.
+        #[arg(long, default_value_t = commands::DEFAULT_PARALLEL, value_parser = parallel)]
+        parallel: usize,
     },
     /// Describe a field of a kind, from the schemas.
     #[command(
@@ -268,6 +275,17 @@ async fn main() {
     std::process::exit(code);
 }
 
+/// `--parallel`: 1 to [`MAX_PARALLEL`].
+fn parallel(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_PARALLEL).contains(&n) => Ok(n),
+        _ => Err(format!("must be a number from 1 to {MAX_PARALLEL}")),
+    }
+}
+
+/// Bound on `--parallel`: more requests in flight than this only queue in the server.
+const MAX_PARALLEL: usize = 64;
+
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let client = || -> anyhow::Result<Client> {
         Ok(Client::new(Target::resolve(
@@ -283,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             dry_run,
             prune,
             selector,
+            parallel,
         } => {
             let selector = if prune { selector } else { None };
             commands::apply(
@@ -291,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 recursive,
                 dry_run.is_some(),
                 selector.as_deref(),
+                parallel,
             )
             .await
         }
@@ -453,7 +473,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             timeout,
             ..
         } => commands::drain(&client()?, &name, pinned, wait, timeout).await,
-        Verb::Diff { files, recursive } => commands::diff(&client()?, &files, recursive).await,
+        Verb::Diff {
+            files,
+            recursive,
+            parallel,
+        } => commands::diff(&client()?, &files, recursive, parallel).await,
         Verb::Explain { path } => commands::explain(&path),
         Verb::Version {
             client: only_client,

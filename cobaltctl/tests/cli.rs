@@ -601,3 +601,146 @@ async fn claim_takes_flags_or_a_file_names_bad_options_and_says_why_it_waits() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(env.store.held_claims().await.unwrap().contains("web-2"));
 }
+
+/// Requests the API has answered so far (from its own metrics), `/metrics` itself excluded.
+async fn requests_served(server: &str) -> u64 {
+    let text = reqwest::get(format!("{server}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("cobalt_http_requests_total{") && !l.contains("/metrics"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_repository_of_manifests_is_applied_in_parallel_and_reapplied_with_one_list() {
+    let env = Env::start().await;
+    let repo = env.dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    // The Snapshot's file sorts first, but it names a Volume of the same repository: kinds are
+    // applied in dependency order, so it is created after the volumes.
+    std::fs::write(
+        repo.join("a-snapshot.yaml"),
+        "apiVersion: cobalt.io/v1alpha1\nkind: Snapshot\nmetadata: {name: vol-07-before}\nspec: {volume: vol-07}\n",
+    )
+    .unwrap();
+    let n = 30;
+    for i in 0..n {
+        std::fs::write(
+            repo.join(format!("vol-{i:02}.yaml")),
+            VOLUME
+                .replace("name: media", &format!("name: vol-{i:02}"))
+                .replace("team: media", "set: repo"),
+        )
+        .unwrap();
+    }
+    let repo_arg = repo.display().to_string();
+    let o = env.run(&["apply", "-f", &repo_arg]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let mut want: Vec<String> = (0..n)
+        .map(|i| format!("volume/vol-{i:02} created"))
+        .collect();
+    want.push("snapshot/vol-07-before created".into());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        want,
+        "in manifest order within a kind, volumes before the snapshot naming one"
+    );
+
+    // Unchanged: no write, and one list of volumes instead of thirty GETs (the snapshot, alone
+    // of its kind, is read on its own).
+    let revision = env.store.revision().await.unwrap();
+    let served = requests_served(&env.server).await;
+    let o = env.run(&["apply", "-f", &repo_arg]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches(" unchanged")
+            .count(),
+        n + 1,
+        "{}",
+        text(&o)
+    );
+    assert_eq!(env.store.revision().await.unwrap(), revision, "no write");
+    assert_eq!(
+        requests_served(&env.server).await - served,
+        2,
+        "one list of volumes and one GET of the snapshot"
+    );
+    let served = requests_served(&env.server).await;
+    let o = env.run(&["diff", "-f", &repo_arg]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(requests_served(&env.server).await - served, 2);
+
+    // A change to some files, others removed: configured, pruned, the rest unchanged.
+    for i in 0..3 {
+        std::fs::write(
+            repo.join(format!("vol-{i:02}.yaml")),
+            VOLUME
+                .replace("name: media", &format!("name: vol-{i:02}"))
+                .replace("team: media", "set: repo")
+                .replace("1Gi", "2Gi"),
+        )
+        .unwrap();
+    }
+    for i in 25..n {
+        std::fs::remove_file(repo.join(format!("vol-{i:02}.yaml"))).unwrap();
+    }
+    let o = env
+        .run(&["apply", "-f", &repo_arg, "--prune", "-l", "set=repo"])
+        .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(out.matches(" configured").count(), 3, "{out}");
+    assert_eq!(out.matches(" pruned").count(), 5, "{out}");
+    assert!(out.contains("volume/vol-29 pruned"), "{out}");
+    let (left, _) = env.store.list::<Volume>(&Default::default()).await.unwrap();
+    assert_eq!(left.len(), 25);
+
+    // The server refuses one object (a snapshot's volume is fixed): the others are still
+    // applied, the failure names the object, the exit code says so, and nothing is pruned.
+    std::fs::write(
+        repo.join("a-snapshot.yaml"),
+        "apiVersion: cobalt.io/v1alpha1\nkind: Snapshot\nmetadata: {name: vol-07-before}\nspec: {volume: vol-08}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("vol-03.yaml"),
+        VOLUME
+            .replace("name: media", "name: vol-03")
+            .replace("team: media", "set: repo")
+            .replace("1Gi", "3Gi"),
+    )
+    .unwrap();
+    std::fs::remove_file(repo.join("vol-24.yaml")).unwrap();
+    let o = env
+        .run(&["apply", "-f", &repo_arg, "--prune", "-l", "set=repo"])
+        .await;
+    assert!(!o.status.success());
+    let err = text(&o);
+    assert!(
+        err.contains("snapshot/vol-07-before")
+            && err.contains("spec.volume")
+            && err.contains("1 of 25 objects were not applied; nothing was pruned"),
+        "{err}"
+    );
+    assert!(err.contains("volume/vol-03 configured"), "{err}");
+    let v: Volume = env.store.get("vol-24").await.unwrap().unwrap();
+    assert_eq!(v.metadata.name, "vol-24", "not pruned after a failure");
+
+    let o = env
+        .run(&["apply", "-f", &repo_arg, "--parallel", "0"])
+        .await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--parallel") && text(&o).contains("1 to 64"),
+        "{}",
+        text(&o)
+    );
+}
