@@ -73,6 +73,17 @@ pub struct ControllerConfig {
         with = "cobalt_api::duration::serde_duration"
     )]
     pub event_ttl: Duration,
+    /// How often the scheduler reconciles every volume, machine and claim again without a
+    /// change (the watch delivers changes at once; this is the safety net).
+    #[serde(
+        default = "default_resync",
+        with = "cobalt_api::duration::serde_duration"
+    )]
+    pub resync: Duration,
+}
+
+fn default_resync() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_event_ttl() -> Duration {
@@ -102,6 +113,7 @@ impl Default for ControllerConfig {
             name: None,
             rebalance: Default::default(),
             event_ttl: default_event_ttl(),
+            resync: default_resync(),
         }
     }
 }
@@ -148,6 +160,9 @@ pub struct Flags {
     /// How long events live after their last occurrence, e.g. 1h; 0s records none.
     #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
     pub event_ttl: Option<Duration>,
+    /// How often the scheduler reconciles everything again without a change, e.g. 1m.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub resync: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +228,9 @@ impl ControllerConfig {
         if let Some(t) = flags.event_ttl {
             c.event_ttl = t;
         }
+        if let Some(t) = flags.resync {
+            c.resync = t;
+        }
         c.check()?;
         Ok(c)
     }
@@ -220,6 +238,12 @@ impl ControllerConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.tokens_file.is_none() && !self.listen.ip().is_loopback() && !self.insecure {
             return Err(ConfigError::Insecure(self.listen));
+        }
+        if self.resync < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(format!(
+                "resync {:?} is too short; at least 1s",
+                self.resync
+            )));
         }
         if self.lease_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(format!(

@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
             identity: config.identity(),
             strategy: config.placement,
             lease_ttl: config.lease_ttl,
-            resync: std::time::Duration::from_secs(60),
+            resync: config.resync,
             rebalance: config.rebalance.clone(),
             event_ttl: config.event_ttl,
         },

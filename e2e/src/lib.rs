@@ -5,6 +5,9 @@
 //!
 //! The binaries are the workspace's own (`target/debug/…`); `make e2e` builds them first.
 
+pub mod chaos;
+pub mod soak;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -175,6 +178,8 @@ pub struct Cluster {
     pub store: Store,
     pub etcd: Etcd,
     pub lan: Lan,
+    /// Extra flags for every controller, kept across restarts (e.g. `--resync 1s`).
+    pub controller_args: Vec<String>,
 }
 
 impl Cluster {
@@ -195,6 +200,15 @@ impl Cluster {
         Self::launch(placement, false, 1024, args, None).await
     }
 
+    /// Like [`Cluster::start`] with extra flags for every agent and every controller.
+    pub async fn start_with_args(
+        placement: &str,
+        agent_args: &[&str],
+        controller_args: &[&str],
+    ) -> Cluster {
+        Self::launch_with(placement, false, 1024, agent_args, controller_args, None).await
+    }
+
     /// Like [`Cluster::start`] with `pool_mib` MiB pools (sparse images), for benchmarks.
     pub async fn start_with_pools(placement: &str, pool_mib: u64) -> Cluster {
         Self::launch(placement, false, pool_mib, &[], None).await
@@ -211,6 +225,17 @@ impl Cluster {
         etcd_down: bool,
         pool_mib: u64,
         agent_args: &[&str],
+        loop_m3: Option<&str>,
+    ) -> Cluster {
+        Self::launch_with(placement, etcd_down, pool_mib, agent_args, &[], loop_m3).await
+    }
+
+    async fn launch_with(
+        placement: &str,
+        etcd_down: bool,
+        pool_mib: u64,
+        agent_args: &[&str],
+        controller_args: &[&str],
         loop_m3: Option<&str>,
     ) -> Cluster {
         cobalt_testkit::require("nsenter");
@@ -260,6 +285,7 @@ impl Cluster {
             store,
             etcd,
             lan,
+            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..2 {
             cluster.start_controller(i, placement);
@@ -281,7 +307,8 @@ impl Cluster {
         .arg("--lease-ttl")
         .arg(format!("{}s", TTL.as_secs()))
         .arg("--name")
-        .arg(format!("controller-{i}"));
+        .arg(format!("controller-{i}"))
+        .args(&self.controller_args);
         let d = Daemon::spawn(&mut cmd, &format!("controller-{i}"));
         if i < self.controllers.len() {
             self.controllers[i] = (d, port);

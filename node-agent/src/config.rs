@@ -116,6 +116,10 @@ pub struct AgentConfig {
         with = "cobalt_api::duration::serde_duration"
     )]
     pub usage_refresh: Duration,
+    /// How often every volume and snapshot is reconciled again even when nothing changed (the
+    /// watch delivers changes at once; this is the safety net).
+    #[serde(default = "resync", with = "cobalt_api::duration::serde_duration")]
+    pub resync: Duration,
     /// Moves to and from this machine.
     #[serde(default)]
     pub moves: crate::moves::MoveConfig,
@@ -138,6 +142,10 @@ impl AgentConfig {
         };
         Some(format!("http://{host}:{}", self.listen.port()))
     }
+}
+
+fn resync() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn usage_refresh() -> Duration {
@@ -211,6 +219,9 @@ pub struct Flags {
     /// How long events live after their last occurrence, e.g. 1h; 0s records none.
     #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
     pub event_ttl: Option<Duration>,
+    /// How often every volume is reconciled again without a change, e.g. 5m.
+    #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
+    pub resync: Option<Duration>,
 }
 
 #[derive(Parser)]
@@ -302,6 +313,7 @@ impl AgentConfig {
                 lease_ttl: lease_ttl(),
                 event_ttl: event_ttl(),
                 usage_refresh: usage_refresh(),
+                resync: resync(),
                 moves: Default::default(),
             },
         };
@@ -350,6 +362,9 @@ impl AgentConfig {
         if let Some(t) = flags.usage_refresh {
             c.usage_refresh = t;
         }
+        if let Some(t) = flags.resync {
+            c.resync = t;
+        }
         if let Some(r) = &flags.move_rate_limit {
             c.moves.rate_limit = r.bytes();
         }
@@ -361,6 +376,9 @@ impl AgentConfig {
         }
         if let Some(p) = cobalt_api::validate::dns1123_label_problem(&c.machine) {
             return invalid(format!("machine name {p}; set --machine"));
+        }
+        if c.resync < Duration::from_secs(1) {
+            return invalid(format!("resync {:?} is too short; at least 1s", c.resync));
         }
         match (c.backend.kind.as_str(), c.backend.filesystem.as_deref()) {
             ("btrfs", None) => {}

@@ -227,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
         // Reconciles mostly wait on etcd and the exporter; more in flight means bigger export
         // batches (one reload for many volumes) in a burst.
         concurrency: 16,
-        resync: Duration::from_secs(300),
+        resync: config.resync,
         ..Config::default()
     };
     // A snapshot waits on its volume: a volume change requeues its snapshots.
@@ -239,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
             Config {
                 name: "snapshot-agent".into(),
                 concurrency: 4,
-                resync: Duration::from_secs(300),
+                resync: config.resync,
                 ..Config::default()
             },
         )

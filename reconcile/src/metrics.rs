@@ -5,10 +5,14 @@
 //! - `cobalt_reconcile_duration_seconds{kind}` — histogram
 //! - `cobalt_reconcile_queue_depth{kind}` — keys waiting (not counting those running)
 //! - `cobalt_watch_restarts_total{kind}`, `cobalt_relists_total{kind}`
+//! - `cobalt_runtime_alive_tasks` — tasks alive in the daemon's async runtime, read at scrape
+//!   time (the soak watches it stay flat under churn)
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -83,6 +87,7 @@ impl Metrics {
             "Full lists (start and after compaction)",
             m.relists.clone(),
         );
+        registry.register_collector(Box::new(RuntimeTasks));
         m
     }
 
@@ -109,5 +114,25 @@ impl Metrics {
 
     pub(crate) fn relisted(&self, k: &str) {
         self.relists.get_or_create(&kind(k)).inc();
+    }
+}
+
+/// Reads the runtime's task count when scraped (scrapes run on the runtime: the HTTP handler).
+#[derive(Debug)]
+struct RuntimeTasks;
+
+impl Collector for RuntimeTasks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Ok(());
+        };
+        let tasks = ConstGauge::new(runtime.metrics().num_alive_tasks() as i64);
+        let metric = encoder.encode_descriptor(
+            "cobalt_runtime_alive_tasks",
+            "Tasks alive in the async runtime",
+            None,
+            tasks.metric_type(),
+        )?;
+        tasks.encode(metric)
     }
 }

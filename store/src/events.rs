@@ -205,6 +205,11 @@ async fn write_one(
             e.last_timestamp = now;
             e.message.clone_from(&p.message);
             e.type_ = p.type_;
+            // The latest occurrence names its reporter: after a failover another controller
+            // (or, for a moved volume, another agent) reports the same reason.
+            e.source = source.clone();
+            e.reporting_component.clone_from(&source.component);
+            e.reporting_instance.clone_from(&source.host);
             e.metadata.resource_version.clear();
             e
         }

@@ -801,4 +801,33 @@ async fn events_aggregate_per_object_and_reason_and_expire_after_their_ttl() {
     })
     .await;
     assert_eq!(recorder.dropped(), 0);
+
+    // Another reporter of the same reason (the next scheduler leader after a failover) is the
+    // one the aggregated event names.
+    let web3 = store.create(&volume("web3", "1Gi")).await.unwrap();
+    recorder.normal(&web3, "Bound", "bound to machine m1");
+    let other = cobalt_store::Recorder::start(
+        store.clone(),
+        "cobalt-test",
+        "there",
+        Duration::from_secs(3),
+    );
+    let about_web3 = FieldSelector::parse("involvedObject.name=web3", EVENT_FIELDS).unwrap();
+    eventually(Duration::from_secs(10), "web3's first event", || async {
+        store.list_events(&about_web3).await.unwrap().0.len() == 1
+    })
+    .await;
+    other.normal(&web3, "Bound", "bound to machine m2");
+    eventually(
+        Duration::from_secs(10),
+        "web3's event reported by the other",
+        || async {
+            let (events, _) = store.list_events(&about_web3).await.unwrap();
+            events.len() == 1
+                && events[0].count == 2
+                && events[0].source.host == "there"
+                && events[0].reporting_instance == "there"
+        },
+    )
+    .await;
 }
