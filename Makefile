@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-v
 # The kubectl the compatibility tests run (e2e/tests/kubectl.rs).
 KUBECTL_VERSION := 1.37.1
 
-.PHONY: help deps build test e2e chaos lint schemas bench demo demo-down release clean
+.PHONY: help deps build test e2e chaos soak lint schemas bench demo demo-down release clean
 
 help:
 	@echo "make demo     run Cobalt end to end here: etcd, pool, controller, agent, a volume over NFS"
@@ -21,6 +21,7 @@ help:
 	@echo "make test     deps, then the whole test suite (real etcd, btrfs, ganesha)"
 	@echo "make e2e      only the system tests (3 machines as network-namespace hosts)"
 	@echo "make chaos    the chaos run at length: faults under load, invariants checked (CHAOS_SECS=300)"
+	@echo "make soak     daemons under churn and fast resyncs for SOAK_SECS=1200; slopes in bench/results.json"
 	@echo "make lint     rustfmt and clippy, warnings are errors"
 	@echo "make schemas  regenerate schemas/*.json from the Rust types"
 	@echo "make bench    benchmarks against real components (see bench/README.md)"
@@ -57,6 +58,12 @@ CHAOS_SECS ?= 300
 chaos: deps
 	$(CARGO) build --workspace --bins
 	COBALT_CHAOS_SECS=$(CHAOS_SECS) $(CARGO) nextest run -p cobalt-e2e --test chaos --no-capture
+
+# Memory, descriptors, tasks and etcd keys under steady churn (`make test` runs a minute of it).
+SOAK_SECS ?= 1200
+soak: deps
+	$(CARGO) build --release --workspace --bins
+	COBALT_SOAK_SECS=$(SOAK_SECS) $(CARGO) bench -p cobalt-e2e --bench soak
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -213,8 +213,15 @@ async fn ready(c: &Cluster, name: &str, deadline: Duration) -> Option<Volume> {
 
 /// Churns for `duration` with a window of `window` volumes (each new one created, written to
 /// over NFS and every third grown; the oldest deleted once the window is full), sampling every
-/// `every`. Leaves the last window's volumes in place.
-pub async fn run(c: &mut Cluster, duration: Duration, every: Duration, window: usize) -> Soak {
+/// `every`. With `compact`, etcd's history before each sample is compacted away, as
+/// `--auto-compaction-retention` does in production. Leaves the last window's volumes in place.
+pub async fn run(
+    c: &mut Cluster,
+    duration: Duration,
+    every: Duration,
+    window: usize,
+    compact: bool,
+) -> Soak {
     let daemons = daemons(c);
     let samples: Arc<Mutex<Vec<(f64, Sample)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,6 +230,14 @@ pub async fn run(c: &mut Cluster, duration: Duration, every: Duration, window: u
         let (store, samples, stop) = (c.store.clone(), samples.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
+                if compact {
+                    let mut kv = store.raw().kv_client();
+                    if let Ok(r) = kv.get("/", None).await {
+                        if let Some(h) = r.header() {
+                            let _ = kv.compact(h.revision(), None).await;
+                        }
+                    }
+                }
                 let s = sample(&store, &daemons).await;
                 samples
                     .lock()
