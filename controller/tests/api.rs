@@ -935,10 +935,21 @@ async fn malformed_or_repeated_query_parameters_are_status_objects_naming_them()
         (reqwest::Method::GET, "volumes?watch=true&watch=false"),
         (reqwest::Method::POST, "volumes?dryRun=All&dryRun=All"),
         (reqwest::Method::GET, "claims?limit=-1&watch=maybe"),
+        (
+            reqwest::Method::PATCH,
+            "volumes/q?fieldValidation=Strict&fieldValidation=Strict",
+        ),
+        (reqwest::Method::PATCH, "volumes/q?fieldValidation=Loose"),
+        (reqwest::Method::DELETE, "volumes/q?dryRun=All&dryRun=All"),
     ] {
         let mut r = api.req(method.clone(), path);
         if method == reqwest::Method::POST {
             r = r.json(&volume("q", "1Gi"));
+        }
+        if method == reqwest::Method::PATCH {
+            r = r
+                .header("content-type", "application/merge-patch+json")
+                .body("{}");
         }
         let (code, body) = api.send(r).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {body}");
@@ -950,7 +961,9 @@ async fn malformed_or_repeated_query_parameters_are_status_objects_naming_them()
             "{path}: {message}"
         );
         assert!(
-            message.contains("watch") || message.contains("dryRun"),
+            ["watch", "dryRun", "fieldValidation"]
+                .iter()
+                .any(|p| message.contains(p)),
             "{path}: names the parameter: {message}"
         );
     }

@@ -37,6 +37,10 @@ pub struct Params {
     /// With watch (client-go's "watch list"): end the initial ADDED events with a BOOKMARK
     /// annotated `k8s.io/initial-events-end: "true"`.
     pub send_initial_events: Option<bool>,
+    /// kubectl's; Cobalt is always Strict, but the value must be one kubectl knows.
+    pub field_validation: Option<String>,
+    /// kubectl's; accepted and ignored (read only so that a repeated one is refused).
+    pub field_manager: Option<String>,
 }
 
 impl Params {
@@ -51,7 +55,16 @@ impl Params {
         }
     }
 
+    /// The write options every writing route takes: whether `dryRun=All` was asked for, after
+    /// checking `fieldValidation` is one of `Strict`, `Warn`, `Ignore` (Cobalt is always Strict).
     fn dry_run(&self) -> Result<bool, ApiError> {
+        if let Some(v) = self.field_validation.as_deref() {
+            if !matches!(v, "Strict" | "Warn" | "Ignore") {
+                return Err(ApiError::bad_request(format!(
+                    "query parameters: fieldValidation={v:?} is not supported; use Strict, Warn or Ignore"
+                )));
+            }
+        }
         match self.dry_run.as_deref() {
             None => Ok(false),
             Some("All") => Ok(true),
