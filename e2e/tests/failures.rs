@@ -234,7 +234,9 @@ async fn with_etcd_down_at_runtime_the_api_says_503_nfs_keeps_serving_and_all_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_etcd_down_at_start_the_daemons_wait_and_become_ready_by_themselves() {
     let mut c = Cluster::start_with_etcd_down("spread").await;
-    let api = c.api();
+    // The API listens without etcd (and says it is not ready).
+    c.controller_serving(0).await;
+    let api = format!("http://127.0.0.1:{}", c.controllers[0].1);
     let readyz = format!("{api}/readyz");
     let o = std::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])

@@ -52,11 +52,16 @@ async fn churn_with_fast_resyncs_leaves_no_keys_descriptors_or_tasks_behind() {
         .list::<cobalt_api::Volume>(&Default::default())
         .await
         .unwrap();
-    for v in volumes {
+    // The churn's last deletes may still be under way: those are left to finish.
+    for v in volumes
+        .iter()
+        .filter(|v| v.metadata.deletion_timestamp.is_none())
+    {
         let o = c
             .ctl(&["delete", &format!("volume/{}", v.metadata.name)])
             .await;
-        assert!(o.status.success(), "{}", cobalt_e2e::out(&o));
+        let text = cobalt_e2e::out(&o);
+        assert!(o.status.success() || text.contains("not found"), "{text}");
     }
     c.volumes_ready(0, Duration::from_secs(60)).await;
 
