@@ -56,12 +56,13 @@ e2e: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run -p cobalt-e2e --no-fail-fast
 
-# The chaos run at length (`make test` runs it for 45 s): a new seed each run, printed;
+# The chaos run at length (`make test` replays seed 2 for 45 s): a new seed each run, printed;
 # COBALT_CHAOS_SEED=N replays one.
 CHAOS_SECS ?= 300
 chaos: deps
 	$(CARGO) build --workspace --bins
-	COBALT_CHAOS_SECS=$(CHAOS_SECS) $(CARGO) nextest run -p cobalt-e2e --test chaos --no-capture
+	COBALT_CHAOS_SEED=$${COBALT_CHAOS_SEED:-$$(date +%s%N)} COBALT_CHAOS_SECS=$(CHAOS_SECS) \
+	  $(CARGO) nextest run -p cobalt-e2e --test chaos --no-capture
 
 # Memory, descriptors, tasks and etcd keys under steady churn (`make test` runs a minute of it).
 SOAK_SECS ?= 1200

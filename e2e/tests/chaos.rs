@@ -13,8 +13,9 @@
 //! - from etcd's history, revision by revision: no machine's ledger overcommitted, and every
 //!   event the scheduler wrote written while it held the election (fencing).
 //!
-//! `COBALT_CHAOS_SEED` replays a schedule, `COBALT_CHAOS_SECS` sets the span of faults (45 s in
-//! `make test`; `make chaos` runs 300 s).
+//! `COBALT_CHAOS_SEED` replays a schedule (`make test` replays seed 2; `make chaos` draws a new
+//! one each run), `COBALT_CHAOS_SECS` sets the span of faults (45 s in `make test`; `make chaos`
+//! runs 300 s).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
@@ -31,6 +32,8 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 
 const PREFIX: &str = "/cobalt";
+/// The schedule `make test` replays: 13 faults in 45 s, all six kinds among them.
+const REGRESSION_SEED: u64 = 2;
 const PLACEMENT: &str = "spread";
 /// A host the export changes add and remove (read-only); the writer is the cluster's client.
 const EXTRA_HOST: &str = "10.0.0.200";
@@ -45,12 +48,9 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapping_faults_under_load_lose_nothing_and_everything_converges() {
-    let seed = env_u64("COBALT_CHAOS_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    });
+    // The suite replays one schedule (a regression run; its interleavings still vary with the
+    // machine); `make chaos` gives each run a new seed.
+    let seed = env_u64("COBALT_CHAOS_SEED").unwrap_or(REGRESSION_SEED);
     let span = Duration::from_secs(env_u64("COBALT_CHAOS_SECS").unwrap_or(45));
     let faults = schedule(seed, span, 3, 2, TTL);
     eprintln!(
@@ -194,14 +194,16 @@ async fn overlapping_faults_under_load_lose_nothing_and_everything_converges() {
                 report.ledger_revisions,
                 report.violations.len()
             );
-            if !report.violations.is_empty() {
-                keep_history(seed, &changes);
-            }
             if report.controller_events == 0 {
                 failures
                     .push("the history holds no scheduler event: fencing was not checked".into());
             }
             failures.extend(report.violations);
+            // Any failure's evidence: what etcd said, revision by revision (which volume a
+            // uid was, when it was deleted, where its moves went).
+            if !failures.is_empty() {
+                keep_history(seed, &changes);
+            }
         }
         Ok(Ok(Err(e))) => failures.push(format!("etcd history incomplete: {e}")),
         Ok(Err(e)) => failures.push(format!("history recorder: {e}")),
