@@ -24,8 +24,18 @@ async fn churn_with_fast_resyncs_leaves_no_keys_descriptors_or_tasks_behind() {
     let daemons = soak::daemons(&c);
     assert_eq!(daemons.len(), 5, "two controllers and three agents");
     // Idle, before any volume: the baseline.
-    // The scheduler runs on the leader only: baseline once there is one.
+    // The scheduler runs on the leader only, and some tasks start with the first volume:
+    // the baseline is taken once there is a leader, after a few seconds of churn, idle again.
     c.leader_index().await;
+    soak::run(
+        &mut c,
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+        4,
+        false,
+    )
+    .await;
+    delete_all(&mut c).await;
     let before = settled_sample(&c, &daemons).await;
 
     let secs = std::env::var("COBALT_SOAK_SECS")
@@ -48,24 +58,7 @@ async fn churn_with_fast_resyncs_leaves_no_keys_descriptors_or_tasks_behind() {
     assert_eq!(run.failed_cycles, 0, "churn failed: {run:?}");
     let during = run.samples.last().cloned().unwrap().1;
 
-    // Everything deleted again.
-    let (volumes, _) = c
-        .store
-        .list::<cobalt_api::Volume>(&Default::default())
-        .await
-        .unwrap();
-    // The churn's last deletes may still be under way: those are left to finish.
-    for v in volumes
-        .iter()
-        .filter(|v| v.metadata.deletion_timestamp.is_none())
-    {
-        let o = c
-            .ctl(&["delete", &format!("volume/{}", v.metadata.name)])
-            .await;
-        let text = cobalt_e2e::out(&o);
-        assert!(o.status.success() || text.contains("not found"), "{text}");
-    }
-    c.volumes_ready(0, Duration::from_secs(60)).await;
+    delete_all(&mut c).await;
 
     // Keys: exactly the idle set. Descriptors and tasks: back near it (polled: a deleted
     // volume's last tasks end a moment after its object is gone).
@@ -133,4 +126,25 @@ fn leftovers(before: &Sample, after: &Sample) -> Vec<String> {
         }
     }
     out
+}
+
+/// Deletes every volume and waits until none is left.
+async fn delete_all(c: &mut Cluster) {
+    let (volumes, _) = c
+        .store
+        .list::<cobalt_api::Volume>(&Default::default())
+        .await
+        .unwrap();
+    // The churn's last deletes may still be under way: those are left to finish.
+    for v in volumes
+        .iter()
+        .filter(|v| v.metadata.deletion_timestamp.is_none())
+    {
+        let o = c
+            .ctl(&["delete", &format!("volume/{}", v.metadata.name)])
+            .await;
+        let text = cobalt_e2e::out(&o);
+        assert!(o.status.success() || text.contains("not found"), "{text}");
+    }
+    c.volumes_ready(0, Duration::from_secs(60)).await;
 }
