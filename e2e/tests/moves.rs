@@ -346,3 +346,132 @@ async fn a_clone_seed_survives_kill_9_of_either_agent() {
         }
     }
 }
+
+/// What a create on `machine` that crashed before publishing leaves: the volume's data made on
+/// the pool (with a file nobody was given), no `status.machine` pointing at it. Planted with
+/// the agent down, through the backend the agent uses.
+fn plant_stale_copy(c: &mut Cluster, machine: &str, uid: &str) {
+    use cobalt_agent::backend::{btrfs::BtrfsBackend, Backend, VolumeRecord};
+    let b = BtrfsBackend::open(c.machine(machine).pool.path()).unwrap();
+    b.create(&VolumeRecord {
+        uid: uid.into(),
+        name: "data".into(),
+        size_bytes: 128 << 20,
+        compression: Default::default(),
+    })
+    .unwrap();
+    std::fs::write(b.path(uid).join("stale.bin"), b"never published").unwrap();
+}
+
+async fn stale_copy_gone(c: &mut Cluster, machine: &str) {
+    let pool = c.machine(machine).pool.path().to_path_buf();
+    until(
+        &format!("the stale copy on {machine} destroyed"),
+        Duration::from_secs(60),
+        || {
+            let pool = pool.clone();
+            async move {
+                use cobalt_agent::backend::{btrfs::BtrfsBackend, Backend};
+                let b = BtrfsBackend::open(&pool).ok()?;
+                b.list().ok()?.is_empty().then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// A crash between making a volume's data and publishing it (`status.machine`) leaves a copy
+/// no client was given — say a create on m2 whose agent died, the volume then rebound to m1
+/// while m2 was gone. When m2 comes back, a fresh read shows the data served by m1 and the copy
+/// is destroyed: at start-up (also when the agent is killed -9 around that step, then started
+/// again), and before the cut-over of a move to m2, which otherwise would take the stale copy
+/// for its own promoted one and serve it — losing the volume's real data. Throughout, the data
+/// served by m1 stays byte-identical. A copy the machine once published is never destroyed
+/// this way, even when etcd (restored from an old backup, say) names another machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_left_by_a_crash_is_destroyed_and_never_served() {
+    let mut c = Cluster::start_with_agent_args("binpack", &["--move-rate-limit", "8Mi"]).await;
+    c.machines_ready(3).await;
+    let data = volume_with_data(&mut c, "m1").await;
+    let v: Volume = c.store.get("data").await.unwrap().unwrap();
+    let uid = v.metadata.uid.clone();
+    let server = server_of(&v);
+
+    // Swept at start-up; the first start is killed -9 as soon as it runs.
+    c.machine("m2").kill_agent();
+    plant_stale_copy(&mut c, "m2", &uid);
+    restart(&mut c, "m2");
+    until("m2's agent running", Duration::from_secs(30), || {
+        let log = c.machine("m2").agent_log();
+        async move { log.contains("agent running").then_some(()) }
+    })
+    .await;
+    c.machine("m2").kill_agent();
+    assert_eq!(c.nfs_read(&server, "data/data.bin").unwrap(), data);
+    restart(&mut c, "m2");
+    stale_copy_gone(&mut c, "m2").await;
+    assert_eq!(c.machine("m1").volumes_on_disk(), std::slice::from_ref(&uid));
+    assert_eq!(
+        c.nfs_read(&server, "data/data.bin").unwrap(),
+        data,
+        "the served data is untouched"
+    );
+
+    // Planted again and a move to m2 asked for at once: whichever removes it first (the
+    // sweep or the move's own check), the move carries the real data.
+    c.machine("m2").kill_agent();
+    plant_stale_copy(&mut c, "m2", &uid);
+    restart(&mut c, "m2");
+    request_move(&mut c, "m2").await;
+    let v = settled_on(&mut c, "m2", "m1", &data).await;
+    assert!(
+        c.nfs_read(&server_of(&v), "data/stale.bin").is_err(),
+        "the stale copy's file is not what m2 serves"
+    );
+
+    // etcd restored from a backup taken before the move says m1 serves the volume: m2's copy
+    // looks stale by etcd alone, but m2 published it, so it is kept and named.
+    let written = |c: &Cluster, machine: &'static str| {
+        let store = c.store.clone();
+        async move {
+            store
+                .update_status::<Volume, _>("data", |v| {
+                    let mut s = v.status.clone()?;
+                    s.machine = Some(machine.into());
+                    s.move_ = None;
+                    Some(s)
+                })
+                .await
+                .unwrap();
+        }
+    };
+    written(&c, "m1").await;
+    c.machine("m2").kill_agent();
+    restart(&mut c, "m2");
+    until(
+        "m2 says it keeps the copy it served",
+        Duration::from_secs(60),
+        || {
+            let log = c.machine("m2").agent_log();
+            async move { log.contains("that it once served").then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(c.machine("m2").volumes_on_disk(), std::slice::from_ref(&uid));
+    let on_pool = {
+        use cobalt_agent::backend::{btrfs::BtrfsBackend, Backend};
+        BtrfsBackend::open(c.machine("m2").pool.path())
+            .unwrap()
+            .path(&uid)
+    };
+    assert_eq!(
+        std::fs::read(on_pool.join("data.bin")).unwrap(),
+        data,
+        "the copy m2 served is intact"
+    );
+    // Put right, it is served again.
+    written(&c, "m2").await;
+    c.machine("m2").kill_agent();
+    restart(&mut c, "m2");
+    settled_on(&mut c, "m2", "m1", &data).await;
+}

@@ -28,6 +28,9 @@ use cobalt_reconcile::reflector::reflect;
 use cobalt_reconcile::{Cache, CancellationToken, Config, Controller};
 use cobalt_store::Store;
 
+/// How often the agent looks for stale copies of volumes served elsewhere (also once at start).
+const STALE_SWEEP: Duration = Duration::from_secs(60);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -122,12 +125,31 @@ async fn main() -> anyhow::Result<()> {
         ExporterKind::None => Arc::new(NoExporter),
     };
     let exports = Arc::new(Exports::new(exporter.clone()));
+    let published = {
+        let b = backend.clone();
+        Arc::new(
+            cobalt_agent::published::Published::open(&config.state_dir, move || {
+                Ok(b.list()
+                    .map_err(std::io::Error::other)?
+                    .into_iter()
+                    .map(|r| r.uid)
+                    .collect())
+            })
+            .with_context(|| {
+                format!(
+                    "cannot read the list of published volumes in {}",
+                    config.state_dir.display()
+                )
+            })?,
+        )
+    };
     let moves = Moves::new(
         name.clone(),
         config.address.clone(),
         store.clone(),
         backend.clone(),
         exports.clone(),
+        published,
         config.moves.clone(),
     );
 
@@ -179,6 +201,18 @@ async fn main() -> anyhow::Result<()> {
         let m = moves.clone();
         tasks.push(tokio::spawn(async move { m.sweep_staging().await }));
     }
+    tasks.push(tokio::spawn({
+        let (m, volumes, stop) = (moves.clone(), volumes.clone(), shutdown.clone());
+        async move {
+            loop {
+                m.sweep_stale_copies(&volumes.list()).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(STALE_SWEEP) => {}
+                }
+            }
+        }
+    }));
     tasks.push(tokio::spawn(usage::report_usage(
         store.clone(),
         name.clone(),

@@ -69,6 +69,29 @@ pub fn role(v: &Volume, machine: &str) -> Role {
     }
 }
 
+/// True when a copy of `v`'s data on `machine` is **stale**: another machine holds the data
+/// (`status.machine` names it, so that copy is the one clients were given), and the copy here
+/// is no part of a move — not the source's copy of a finished move (the source's own
+/// [`Step::CleanUpMovedAway`] destroys that), and not the target's copy promoted at a cut-over
+/// (only from stage CuttingOver on).
+///
+/// Such copies are left by a crash between making data and publishing it: a volume created
+/// here whose agent died before writing `status.machine`, then rebound elsewhere while this
+/// machine was gone; a clone seeded or restored here likewise. Never published, they hold
+/// nothing a client wrote — but a later move to this machine must not mistake one for its
+/// promoted copy, so it is destroyed (after a fresh read) before a move's cut-over can begin.
+/// A volume provisioned nowhere (`status.machine` empty) is never judged stale: an emptied
+/// status must not read as "the data is elsewhere".
+pub fn stale_here(v: &Volume, machine: &str) -> bool {
+    let Some(holder) = v.status.as_ref().and_then(|s| s.machine.as_deref()) else {
+        return false;
+    };
+    holder != machine
+        && !v
+            .moving()
+            .is_some_and(|m| m.from == machine || (m.to == machine && m.stage.is_committed()))
+}
+
 /// What the machine knows of the volume, gathered by the executor before planning.
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
@@ -857,6 +880,41 @@ mod tests {
             plan(&v, "m2", &seen(on_disk(&v))).steps.last(),
             Some(&Step::RemoveFinalizer)
         );
+    }
+
+    #[test]
+    fn a_copy_is_stale_only_where_the_data_is_published_elsewhere_and_no_move_needs_it() {
+        // Provisioned nowhere: nothing is elsewhere, whatever is here is not judged.
+        assert!(!stale_here(&volume(), "m2"));
+        let mut empty_status = provisioned_on(volume(), "m1");
+        empty_status.status.as_mut().unwrap().machine = None;
+        assert!(!stale_here(&empty_status, "m2"));
+        // Served by m1: a copy on m1 is the data; on m2 or m3 it is stale.
+        let v = provisioned_on(volume(), "m1");
+        assert!(!stale_here(&v, "m1"));
+        assert!(stale_here(&v, "m2"));
+        assert!(stale_here(&v, "m3"));
+        // Bound to m2, no move granted yet: a copy already on m2 is stale too (the move would
+        // otherwise flip to it).
+        let mut bound = v.clone();
+        bound.spec.machine = Some("m2".into());
+        assert!(stale_here(&bound, "m2"));
+        // A move m1 → m2 before its cut-over: nothing on m2 may be live yet.
+        for stage in [MoveStage::Seeding, MoveStage::Converging] {
+            let m = moving(provisioned_on(volume(), "m1"), stage);
+            assert!(stale_here(&m, "m2"), "{stage:?}");
+            assert!(stale_here(&m, "m3"), "{stage:?}");
+            assert!(!stale_here(&m, "m1"), "{stage:?}");
+        }
+        // From the cut-over on, m2's live copy is the promoted one.
+        let m = moving(provisioned_on(volume(), "m1"), MoveStage::CuttingOver);
+        assert!(!stale_here(&m, "m2"));
+        // After the flip, m1's copy is the source's to clean up, not a stale copy.
+        let mut flipped = moving(provisioned_on(volume(), "m1"), MoveStage::CleaningUp);
+        flipped.status.as_mut().unwrap().machine = Some("m2".into());
+        assert!(!stale_here(&flipped, "m1"));
+        assert!(!stale_here(&flipped, "m2"));
+        assert!(stale_here(&flipped, "m3"));
     }
 
     #[test]

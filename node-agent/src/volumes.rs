@@ -107,6 +107,8 @@ pub enum AgentError {
     Export(#[from] BatchError),
     #[error("seeding the clone: {0}")]
     Seed(String),
+    #[error("cannot record the volume as published in the state directory: {0}")]
+    Published(std::io::Error),
 }
 
 /// What a fresh read must show before the agent touches data.
@@ -203,6 +205,14 @@ impl VolumeAgent {
             volume: v.metadata.name.clone(),
             snapshots: held.join(", "),
         })
+    }
+
+    /// After the data here is destroyed. A failure only leaves the uid listed (harmless: uids
+    /// are never reused).
+    fn forget_published(&self, uid: &str) {
+        if let Err(e) = self.moves.published.forget(uid) {
+            tracing::warn!(%uid, error = %e, "cannot update the list of published volumes");
+        }
     }
 
     fn endpoint(&self, name: &str) -> Endpoint {
@@ -323,6 +333,8 @@ impl VolumeAgent {
             export: ExportState::Unexported,
             claims: Vec::new(),
         };
+        // Whether this machine holds the volume's data (found, or made by a step below).
+        let mut data_here = seen.on_disk.is_some();
         for step in &plan.steps {
             match step {
                 Step::AddFinalizer => {
@@ -354,6 +366,7 @@ impl VolumeAgent {
                         _ => self.blocking(move |b| b.create(&r)).await?,
                     }
                     report.limit_bytes = record.size_bytes;
+                    data_here = true;
                     tracing::info!(volume = %name, %uid, size = record.size_bytes, took = ?started.elapsed(), "provisioned");
                     let how = match step {
                         Step::Clone { .. } => "cloned",
@@ -378,6 +391,7 @@ impl VolumeAgent {
                         .await
                         .map_err(AgentError::Seed)?;
                     report.limit_bytes = record.size_bytes;
+                    data_here = true;
                 }
                 Step::Resize {
                     from_bytes,
@@ -454,6 +468,7 @@ impl VolumeAgent {
                         Ok(()) | Err(AgentError::Backend(BackendError::UnknownVolume(_))) => {}
                         Err(e) => return Err(e),
                     }
+                    self.forget_published(&uid);
                     self.moves.thaw(&uid);
                     let me = self.machine.clone();
                     let update = self
@@ -508,6 +523,7 @@ impl VolumeAgent {
                         Ok(()) | Err(AgentError::Backend(BackendError::UnknownVolume(_))) => {}
                         Err(e) => return Err(e),
                     }
+                    self.forget_published(&uid);
                     self.events.normal(
                         &volume,
                         "Destroyed",
@@ -523,6 +539,15 @@ impl VolumeAgent {
                     tracing::info!(volume = %name, "deleted");
                 }
                 Step::WriteStatus => {
+                    // Recorded before the write that may publish the data as served here.
+                    if data_here
+                        && matches!(role, plan::Role::Serving | plan::Role::MoveRequested { .. })
+                    {
+                        self.moves
+                            .published
+                            .record(&uid)
+                            .map_err(AgentError::Published)?;
+                    }
                     // Only onto the state the plan was made for: a move's stage or a flip of
                     // status.machine in between makes this report stale (the change's event
                     // brings a fresh reconcile).

@@ -88,6 +88,8 @@ pub struct Moves {
     pub store: Store,
     pub backend: Arc<dyn Backend>,
     pub exports: Arc<Exports>,
+    /// The uids this machine has published (a copy listed there is never destroyed as stale).
+    pub published: Arc<crate::published::Published>,
     pub config: MoveConfig,
     incoming: Arc<tokio::sync::Semaphore>,
     outgoing: Arc<tokio::sync::Semaphore>,
@@ -114,6 +116,7 @@ impl Moves {
         store: Store,
         backend: Arc<dyn Backend>,
         exports: Arc<Exports>,
+        published: Arc<crate::published::Published>,
         config: MoveConfig,
     ) -> Arc<Moves> {
         let http = reqwest::Client::builder()
@@ -127,6 +130,7 @@ impl Moves {
             store,
             backend,
             exports,
+            published,
             incoming: Arc::new(tokio::sync::Semaphore::new(config.max_incoming.max(1))),
             outgoing: Arc::new(tokio::sync::Semaphore::new(config.max_outgoing.max(1))),
             frozen: Mutex::new(HashSet::new()),

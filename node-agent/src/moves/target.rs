@@ -200,6 +200,9 @@ impl Moves {
             })?;
         match m.stage {
             MoveStage::Seeding | MoveStage::Converging => {
+                // Before this grant's cut-over nothing here may be live: a copy left by a
+                // crash would be taken for the promoted one at the cut-over.
+                self.remove_stale_copy(name, uid).await?;
                 if !self.converge(&v, &m, &peer, credential).await? {
                     return Ok(Outcome::NotWanted);
                 }
@@ -316,6 +319,9 @@ impl Moves {
             .set(&name, Some(spec))
             .await
             .map_err(|e| PullError::Stalled(format!("cannot export the volume here: {e}")))?;
+        self.published.record(&uid).map_err(|e| {
+            PullError::Stalled(format!("cannot record the volume as published: {e}"))
+        })?;
         let me = self.machine.clone();
         let address = self.address.clone();
         let update = self
@@ -700,6 +706,93 @@ impl Moves {
                 }
             }
         }
+    }
+
+    /// Destroys the stale copies on this machine among `volumes` ([`crate::plan::stale_here`]),
+    /// each only after a fresh read agrees. Run at start-up and now and then: a stale copy can
+    /// only appear while this agent was down, but it may come back to a cluster that already
+    /// moved on.
+    pub async fn sweep_stale_copies(&self, volumes: &[Arc<Volume>]) {
+        let b = self.backend.clone();
+        let on_disk = match tokio::task::spawn_blocking(move || b.list()).await {
+            Ok(Ok(records)) => records,
+            _ => return,
+        };
+        for r in on_disk {
+            let Some(v) = volumes.iter().find(|v| v.metadata.uid == r.uid) else {
+                continue; // no Volume at all: an orphan, reported in the Machine's status
+            };
+            if crate::plan::stale_here(v, &self.machine) {
+                if let Err(e) = self.remove_stale_copy(&v.metadata.name, &r.uid).await {
+                    tracing::warn!(volume = %v.metadata.name, error = %e, "a stale copy is kept for now");
+                }
+            }
+        }
+    }
+
+    /// Destroys this machine's copy of volume `name` (uid `uid`) if it is stale in a
+    /// linearizable read of the volume. True when a copy was destroyed. A copy with snapshots
+    /// other than a move's or a clone seed's is kept and reported: those were taken of data
+    /// this machine once served.
+    async fn remove_stale_copy(&self, name: &str, uid: &str) -> Result<bool, PullError> {
+        let b = self.backend.clone();
+        let u = uid.to_string();
+        let present = tokio::task::spawn_blocking(move || b.get(&u))
+            .await
+            .map_err(|e| PullError::Stalled(e.to_string()))??;
+        if present.is_none() {
+            return Ok(false);
+        }
+        let Some(fresh) = self.store.get::<Volume>(name).await? else {
+            return Ok(false);
+        };
+        if fresh.metadata.uid != uid || !crate::plan::stale_here(&fresh, &self.machine) {
+            return Ok(false);
+        }
+        let held_by = fresh
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.clone())
+            .unwrap_or_default();
+        if self.published.contains(uid) {
+            // etcd says another machine serves it, but this machine once did: etcd may have
+            // been restored from an old backup. A person decides.
+            return Err(PullError::Stalled(format!(
+                "machine {} holds a copy of this volume that it once served, while etcd says machine {held_by} serves it; the copy is kept — if it is not wanted, remove it by hand (uid {uid})",
+                self.machine
+            )));
+        }
+        // No receive for this uid runs meanwhile (destroying clears its staging too).
+        let _staging = self.staging_lock(uid).lock_owned().await;
+        if self.backend.can(cobalt_api::Capability::Snapshot) {
+            let b = self.backend.clone();
+            let u = uid.to_string();
+            let kept: Vec<String> = tokio::task::spawn_blocking(move || b.snapshots(&u))
+                .await
+                .map_err(|e| PullError::Stalled(e.to_string()))??
+                .into_iter()
+                .filter(|s| {
+                    !s.starts_with(SNAPSHOT_PREFIX) && !s.starts_with(CLONE_SNAPSHOT_PREFIX)
+                })
+                .collect();
+            if !kept.is_empty() {
+                return Err(PullError::Stalled(format!(
+                    "the stale copy here has snapshots ({}); it is kept",
+                    kept.join(", ")
+                )));
+            }
+        }
+        self.exports
+            .set(name, None)
+            .await
+            .map_err(|e| PullError::Stalled(format!("cannot unexport the stale copy: {e}")))?;
+        let b = self.backend.clone();
+        let u = uid.to_string();
+        tokio::task::spawn_blocking(move || b.destroy(&u))
+            .await
+            .map_err(|e| PullError::Stalled(e.to_string()))??;
+        tracing::warn!(volume = %name, %uid, %held_by, "destroyed a stale copy: the volume's data is served by another machine and this copy was never published");
+        Ok(true)
     }
 
     /// Drops what was received for a move that no longer targets this machine, or that has
