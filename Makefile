@@ -89,6 +89,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench loop_create
 	$(CARGO) bench -p cobalt-e2e --bench claims
 	$(CARGO) bench -p cobalt-e2e --bench gitops
+	$(CARGO) bench -p cobalt-e2e --bench scale
 
 demo: deps
 	bash scripts/demo.sh

@@ -410,7 +410,10 @@ async fn a_stale_copy_left_by_a_crash_is_destroyed_and_never_served() {
     assert_eq!(c.nfs_read(&server, "data/data.bin").unwrap(), data);
     restart(&mut c, "m2");
     stale_copy_gone(&mut c, "m2").await;
-    assert_eq!(c.machine("m1").volumes_on_disk(), std::slice::from_ref(&uid));
+    assert_eq!(
+        c.machine("m1").volumes_on_disk(),
+        std::slice::from_ref(&uid)
+    );
     assert_eq!(
         c.nfs_read(&server, "data/data.bin").unwrap(),
         data,
@@ -457,7 +460,10 @@ async fn a_stale_copy_left_by_a_crash_is_destroyed_and_never_served() {
         },
     )
     .await;
-    assert_eq!(c.machine("m2").volumes_on_disk(), std::slice::from_ref(&uid));
+    assert_eq!(
+        c.machine("m2").volumes_on_disk(),
+        std::slice::from_ref(&uid)
+    );
     let on_pool = {
         use cobalt_agent::backend::{btrfs::BtrfsBackend, Backend};
         BtrfsBackend::open(c.machine("m2").pool.path())

@@ -140,9 +140,9 @@ impl<R: Resource> Cache<R> {
     }
 
     /// Inserts or replaces an object seen at `revision` (the reflector's job; tests may call it).
-    pub fn upsert(&self, object: R, revision: i64) {
+    pub fn upsert(&self, object: impl Into<Arc<R>>, revision: i64) {
+        let object: Arc<R> = object.into();
         let name = object.name().to_string();
-        let object = Arc::new(object);
         self.write().insert(name.clone(), object.clone());
         let _ = self.inner.changes.send(Change {
             name,
@@ -167,10 +167,13 @@ impl<R: Resource> Cache<R> {
 
     /// Replaces the whole content after a (re)list at `revision`, announcing only real changes:
     /// objects that vanished while the watch was broken are announced as deleted.
-    pub fn replace_all(&self, objects: Vec<R>, revision: i64) {
+    pub fn replace_all(&self, objects: Vec<impl Into<Arc<R>>>, revision: i64) {
         let fresh: BTreeMap<String, Arc<R>> = objects
             .into_iter()
-            .map(|o| (o.name().to_string(), Arc::new(o)))
+            .map(|o| {
+                let o: Arc<R> = o.into();
+                (o.name().to_string(), o)
+            })
             .collect();
         let mut announce = Vec::new();
         {

@@ -50,6 +50,8 @@ pub async fn reflect<R: Resource>(
         if let Some(m) = &metrics {
             m.relisted(kind);
         }
+        // One decoded copy of each object, shared by the watch's state and the cache.
+        let items: Vec<std::sync::Arc<R>> = items.into_iter().map(std::sync::Arc::new).collect();
         let mut watch = store.watch_after_list(&items, revision);
         cache.replace_all(items, revision);
         let mut restarts = watch.restarts();

@@ -104,12 +104,23 @@ impl Store {
     /// Lists every object of a kind matching `selector`, and the revision they were read at
     /// (a watch from `revision + 1` continues exactly where the list ends).
     pub async fn list<R: Resource>(&self, selector: &LabelSelector) -> Result<(Vec<R>, i64)> {
+        self.list_at(selector, None).await
+    }
+
+    /// [`Store::list`] as of revision `at` (`None`: the current one). Read page by page and
+    /// decoded as it comes, so no more than a page of raw values is held at once (and no
+    /// response nears gRPC's message size limit, however many objects there are).
+    pub(crate) async fn list_at<R: Resource>(
+        &self,
+        selector: &LabelSelector,
+        at: Option<i64>,
+    ) -> Result<(Vec<R>, i64)> {
         let prefix = self.keys.kind(R::PLURAL);
         let end = prefix_end(&prefix);
         let mut kv = self.client.kv_client();
         let mut start = prefix.clone().into_bytes();
-        let mut revision = 0;
-        let mut kvs: Vec<KeyValue> = Vec::new();
+        let mut revision = at.unwrap_or(0);
+        let mut stored: Vec<Stored<R>> = Vec::new();
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
@@ -126,12 +137,13 @@ impl Store {
             let Some(last) = page.last() else { break };
             start = last.key().to_vec();
             start.push(0);
-            kvs.extend(page);
+            // Pages follow key order, so an object's status on the next page still finds it.
+            assemble_into(self, &mut stored, &page)?;
             if !more {
                 break;
             }
         }
-        let objects = assemble::<R>(self, &kvs)?
+        let objects = stored
             .into_iter()
             .map(|s| s.object)
             .filter(|o| selector.matches(&o.meta().labels))
@@ -605,6 +617,16 @@ fn corrupt(kv: &KeyValue, e: impl std::fmt::Display) -> Error {
 /// Groups a sorted range of keys into objects with their status.
 fn assemble<R: Resource>(store: &Store, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>> {
     let mut out: Vec<Stored<R>> = Vec::new();
+    assemble_into(store, &mut out, kvs)?;
+    Ok(out)
+}
+
+/// Decodes `kvs` (in key order) onto `out`, a status onto the object just before it.
+fn assemble_into<R: Resource>(
+    store: &Store,
+    out: &mut Vec<Stored<R>>,
+    kvs: &[KeyValue],
+) -> Result<()> {
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key());
         let Some((name, part)) = store.keys.parse(R::PLURAL, &key) else {
@@ -629,7 +651,7 @@ fn assemble<R: Resource>(store: &Store, kvs: &[KeyValue]) -> Result<Vec<Stored<R
             Part::Alive => {}
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,31 +16,33 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cobalt_api::selector::LabelSelector;
 use cobalt_api::Resource;
-use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
+use etcd_client::{EventType, WatchOptions, WatchStream};
 
 use crate::connection::Store;
 use crate::error::{Error, Result};
 use crate::keys::Part;
 use crate::objects::{decode_object, decode_status, header_revision};
 
-/// One change to a whole object.
+/// One change to a whole object. The object is shared with the watch's own state (and, through
+/// the reflector, with the cache): one decoded copy per object per process.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent<R> {
     Added {
-        object: R,
+        object: Arc<R>,
         revision: i64,
     },
     Modified {
-        object: R,
+        object: Arc<R>,
         revision: i64,
     },
     /// The object's last state.
     Deleted {
-        object: R,
+        object: Arc<R>,
         revision: i64,
     },
     /// Every change up to `revision` has been delivered.
@@ -69,8 +71,8 @@ pub struct ResourceWatch<R: Resource> {
     store: Store,
     /// Last revision whose events have all been delivered.
     revision: i64,
-    /// Latest known object (without status) and status of each name.
-    objects: HashMap<String, (R, Option<R::Status>)>,
+    /// Latest known state (object and status merged) of each name, shared with the events.
+    objects: HashMap<String, Arc<R>>,
     /// The etcd watch; its request half must live as long as the stream (dropping it ends the watch).
     stream: Option<WatchStream>,
     pending: VecDeque<WatchEvent<R>>,
@@ -83,45 +85,30 @@ impl Store {
     /// Watches kind `R` for changes after `revision`. The state at `revision` is read first so
     /// status-only changes can be reported as whole objects; [`Error::Compacted`] if it is gone.
     pub async fn watch<R: Resource>(&self, revision: i64) -> Result<ResourceWatch<R>> {
-        let prefix = self.keys.kind(R::PLURAL);
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .call(kv.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_revision(revision)),
-            ))
+        let (items, _) = self
+            .list_at::<R>(&LabelSelector::default(), Some(revision))
             .await
             .map_err(|e| with_requested(e, revision))?;
-        let mut objects = HashMap::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            let Some((name, part)) = self.keys.parse(R::PLURAL, &key) else {
-                continue;
-            };
-            match part {
-                Part::Object => {
-                    objects.insert(name.to_string(), (decode_object::<R>(kv)?, None));
-                }
-                Part::Status => {
-                    if let Some(entry) = objects.get_mut(name) {
-                        entry.1 = Some(decode_status::<R>(kv)?);
-                    }
-                }
-                Part::Alive => {}
-            }
-        }
+        let objects = items
+            .into_iter()
+            .map(|o| (o.name().to_string(), Arc::new(o)))
+            .collect();
         Ok(self.watch_from_state(objects, revision))
     }
 
     /// Watches kind `R` after a [`Store::list`] (with the empty selector) that returned `items`
-    /// at `revision`, without reading the state again.
-    pub fn watch_after_list<R: Resource>(&self, items: &[R], revision: i64) -> ResourceWatch<R> {
+    /// at `revision`, without reading the state again. Pass `Arc<R>`s to share them with the
+    /// watch (the reflector does, with its cache); plain objects are copied.
+    pub fn watch_after_list<R: Resource, A: Clone + Into<Arc<R>>>(
+        &self,
+        items: &[A],
+        revision: i64,
+    ) -> ResourceWatch<R> {
         let objects = items
             .iter()
             .map(|o| {
-                let mut bare = o.clone();
-                let status = bare.status_mut().take();
-                (o.name().to_string(), (bare, status))
+                let o: Arc<R> = o.clone().into();
+                (o.name().to_string(), o)
             })
             .collect();
         self.watch_from_state(objects, revision)
@@ -129,7 +116,7 @@ impl Store {
 
     fn watch_from_state<R: Resource>(
         &self,
-        objects: HashMap<String, (R, Option<R::Status>)>,
+        objects: HashMap<String, Arc<R>>,
         revision: i64,
     ) -> ResourceWatch<R> {
         ResourceWatch {
@@ -170,9 +157,9 @@ impl<R: Resource> ResourceWatch<R> {
         self.revision
     }
 
-    /// The objects (without status) as of [`ResourceWatch::revision`].
+    /// The objects (with their status) as of [`ResourceWatch::revision`].
     pub fn objects(&self) -> impl Iterator<Item = &R> {
-        self.objects.values().map(|(object, _)| object)
+        self.objects.values().map(|object| &**object)
     }
 
     /// How many times the stream was re-subscribed after breaking.
@@ -281,43 +268,46 @@ impl<R: Resource> ResourceWatch<R> {
             return Ok(());
         };
         let name = name.to_string();
-        let merged = |obj: &R, status: &Option<R::Status>| {
-            let mut o = obj.clone();
-            *o.status_mut() = status.clone();
-            o
-        };
         match (part, event.event_type()) {
             (Part::Object, EventType::Put) => {
-                let obj = decode_object::<R>(kv)?;
+                let mut object = decode_object::<R>(kv)?;
                 let event = match self.objects.remove(&name) {
-                    Some((_, status)) => {
-                        let object = merged(&obj, &status);
-                        self.objects.insert(name, (obj, status));
+                    Some(old) => {
+                        *object.status_mut() = old.status().cloned();
+                        let object = Arc::new(object);
+                        self.objects.insert(name, object.clone());
                         WatchEvent::Modified { object, revision }
                     }
                     None => {
-                        let object = obj.clone();
-                        self.objects.insert(name, (obj, None));
+                        let object = Arc::new(object);
+                        self.objects.insert(name, object.clone());
                         WatchEvent::Added { object, revision }
                     }
                 };
                 self.pending.push_back(event);
             }
             (Part::Object, EventType::Delete) => {
-                if let Some((obj, status)) = self.objects.remove(&name) {
-                    let mut object = merged(&obj, &status);
+                if let Some(old) = self.objects.remove(&name) {
+                    let mut object = Arc::unwrap_or_clone(old);
                     object.meta_mut().resource_version = revision.to_string();
-                    self.pending
-                        .push_back(WatchEvent::Deleted { object, revision });
+                    self.pending.push_back(WatchEvent::Deleted {
+                        object: Arc::new(object),
+                        revision,
+                    });
                 }
             }
             (Part::Status, kind) => {
-                if let Some((obj, status)) = self.objects.get_mut(&name) {
-                    *status = match kind {
+                if let Some(current) = self.objects.get_mut(&name) {
+                    let status = match kind {
                         EventType::Put => Some(decode_status::<R>(kv)?),
                         EventType::Delete => None,
                     };
-                    let object = merged(obj, status);
+                    // The object's fields are copied once; the old state goes when its last
+                    // reader (the cache, an event in flight) lets go of it.
+                    let mut object = R::clone(current);
+                    *object.status_mut() = status;
+                    let object = Arc::new(object);
+                    *current = object.clone();
                     self.pending
                         .push_back(WatchEvent::Modified { object, revision });
                 }

@@ -189,7 +189,7 @@ async fn pump<R: ApiKind>(
                 Ok(WatchEvent::Progress { revision }) => (!filter.table).then(|| bookmark::<R>(revision)),
                 Ok(WatchEvent::Added { object, revision } | WatchEvent::Modified { object, revision }) => {
                     let name = object.name().to_string();
-                    let matches = filter.matches(&object);
+                    let matches = filter.matches(&*object);
                     let was = visible.contains(&name);
                     match (was, matches) {
                         (false, true) => { visible.insert(name); Some(line("ADDED", to_json(&object), revision)) }

@@ -1,0 +1,401 @@
+//! Scale (#22), two sections:
+//!
+//! - `15_etcd_limits`: what one volume costs etcd's database, what each status write adds to
+//!   its history until compaction, how many writes per second this etcd takes, and how
+//!   delivering every volume event to every watcher grows with the number of watchers (today
+//!   every agent watches every volume). bench/README.md turns these into the cluster sizes at
+//!   which etcd becomes the limit.
+//! - `16_controller_memory`: a real `cobalt-controller`'s resident memory with N volumes in
+//!   etcd, once its scheduler has gone over all of them, minus the same controller's on an
+//!   empty etcd measured in the same run — bytes per volume, beside the JSON bytes per volume
+//!   (the least any process holding them decoded could need). Target: ≤ 2 KB per volume.
+//!
+//! Against a real etcd (the testkit's: default quota, no auto-compaction), with Volumes shaped
+//! as a running cluster keeps them: a manifest applied by `cobaltctl` (labels, the last-applied
+//! annotation, finalizer) and the status an agent writes (machine, endpoint, usage, four
+//! conditions). N = 10,000 volumes; `COBALT_BENCH_QUICK=1`: 2,000.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use cobalt_api::{
+    set_condition, ConditionStatus, Endpoint, Usage, Volume, VolumePhase, VolumeStatus,
+};
+use cobalt_e2e::{binary, record_bench_section};
+use cobalt_testkit::etcd::Etcd;
+use cobalt_testkit::process::Daemon;
+use futures::StreamExt;
+use serde_json::json;
+
+/// Writes in flight while filling and updating.
+const PARALLEL: usize = 32;
+
+fn volume(i: usize) -> Volume {
+    let name = format!("vol-{i:06}");
+    let manifest = format!(
+        "apiVersion: cobalt.io/v1alpha1\nkind: Volume\nmetadata:\n  name: {name}\n  labels: {{app: media, tier: gold}}\nspec:\n  size: 10Gi\n  compression: zstd\n  export:\n    clients:\n    - {{host: 10.0.0.0/24, access: rw}}\n"
+    );
+    let mut v = match cobalt_api::manifest::parse_manifests(&manifest)
+        .unwrap()
+        .remove(0)
+    {
+        cobalt_api::manifest::Manifest::Volume(v) => v,
+        _ => unreachable!(),
+    };
+    let applied = serde_json::to_string(&v).unwrap();
+    v.metadata
+        .annotations
+        .insert("cobalt.io/last-applied".into(), applied);
+    v.metadata.finalizers = vec![cobalt_api::AGENT_FINALIZER.into()];
+    v.spec.machine = Some(format!("m{:04}", i % 1000));
+    v
+}
+
+fn status(v: &Volume, used: u64) -> VolumeStatus {
+    let machine = v.spec.machine.clone().unwrap();
+    let name = &v.metadata.name;
+    let now = Utc::now();
+    let mut s = VolumeStatus {
+        phase: VolumePhase::Ready,
+        machine: Some(machine.clone()),
+        endpoint: Some(Endpoint {
+            server: "10.0.3.17".into(),
+            port: 2049,
+            path: format!("/{name}"),
+            mount: format!("mount -t nfs4 10.0.3.17:/{name} /mnt/{name}"),
+        }),
+        usage: Some(Usage {
+            used_bytes: used,
+            limit_bytes: 10 << 30,
+            updated: Some(now),
+        }),
+        allocated_bytes: Some(10 << 30),
+        observed_generation: 1,
+        ..Default::default()
+    };
+    let g = 1;
+    let c = &mut s.conditions;
+    set_condition(
+        c,
+        "Scheduled",
+        ConditionStatus::True,
+        "Placed",
+        &format!("placed on machine {machine} (spread)"),
+        g,
+        now,
+    );
+    set_condition(
+        c,
+        "Provisioned",
+        ConditionStatus::True,
+        "Created",
+        &format!("10737418240 bytes on machine {machine}"),
+        g,
+        now,
+    );
+    set_condition(
+        c,
+        "Exported",
+        ConditionStatus::True,
+        "Applied",
+        "10.0.0.0/24 rw",
+        g,
+        now,
+    );
+    set_condition(
+        c,
+        "Ready",
+        ConditionStatus::True,
+        "Serving",
+        &format!("served by machine {machine}"),
+        g,
+        now,
+    );
+    s
+}
+
+async fn db(client: &mut etcd_client::Client) -> (i64, i64) {
+    let s = client.maintenance_client().status().await.unwrap();
+    (s.db_size(), s.raft_used_db_size())
+}
+
+/// Compacts all history and defragments: the database as small as its live keys allow.
+async fn compacted(client: &mut etcd_client::Client, store: &cobalt_store::Store) -> i64 {
+    store
+        .compact(store.revision().await.unwrap())
+        .await
+        .unwrap();
+    client.maintenance_client().defragment().await.unwrap();
+    db(client).await.0
+}
+
+/// Resident KiB of `pid`.
+fn rss_kib(pid: u32) -> u64 {
+    cobalt_e2e::soak::proc_stats(pid).map_or(0, |(rss, _, _)| rss as u64)
+}
+
+/// One Prometheus sample's value from `text` (the first line starting with `series`).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts a controller on `etcd` holding `volumes` volumes, waits until it has settled; returns
+/// its resident KiB, then stops it.
+async fn controller_rss_kib(etcd: &Etcd, volumes: usize) -> u64 {
+    let port = cobalt_testkit::free_port();
+    let mut d = Daemon::spawn(
+        std::process::Command::new(binary("cobalt-controller"))
+            .args(["--etcd-endpoints", &etcd.endpoints()[0], "--name", "scale"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}")),
+        "controller",
+    );
+    let pid = d.pid().unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    // Settled: the leader has listed the volumes, reconciled each at least once, nothing is
+    // queued, and the resident size moved under 1 % over the last second.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut before: Option<(Instant, u64)> = None;
+    let kib = loop {
+        assert!(Instant::now() < deadline, "the controller never settled");
+        let now = rss_kib(pid);
+        let text = match http.get(&url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let reconciled: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("cobalt_reconcile_total{") && l.contains("kind=\"volume-scheduler\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let ready = sample(&text, "cobalt_scheduler_is_leader") == Some(1.0)
+            && sample(&text, "cobalt_relists_total{kind=\"Volume\"}").is_some_and(|v| v >= 1.0)
+            && reconciled >= volumes as f64
+            && text
+                .lines()
+                .filter(|l| l.starts_with("cobalt_reconcile_queue_depth"))
+                .all(|l| l.ends_with(" 0"));
+        match before {
+            Some((at, kib)) if at.elapsed() >= Duration::from_secs(1) => {
+                if ready && now.abs_diff(kib) * 100 <= kib {
+                    break now;
+                }
+                before = Some((Instant::now(), now));
+            }
+            Some(_) => {}
+            None => before = Some((Instant::now(), now)),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    d.terminate(Duration::from_secs(10));
+    kib
+}
+
+/// Keys and values of every volume in etcd, read a page at a time (one response of them all
+/// would pass gRPC's message size limit).
+async fn stored_bytes(client: &mut etcd_client::Client) -> usize {
+    let mut kv = client.kv_client();
+    let mut start = b"/cobalt/volumes/".to_vec();
+    let end = b"/cobalt/volumes0".to_vec();
+    let mut total = 0;
+    loop {
+        let r = kv
+            .get(
+                start.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(500),
+                ),
+            )
+            .await
+            .unwrap();
+        total += r
+            .kvs()
+            .iter()
+            .map(|kv| kv.key().len() + kv.value().len())
+            .sum::<usize>();
+        match r.kvs().last() {
+            Some(last) if r.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return total,
+        }
+    }
+}
+
+fn mib(b: i64) -> f64 {
+    (b as f64 / (1 << 20) as f64 * 100.0).round() / 100.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = if std::env::var("COBALT_BENCH_QUICK").is_ok() {
+        2_000
+    } else {
+        10_000
+    };
+    let etcd = Etcd::start();
+    let store = etcd.store().await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let (_, quota) = {
+        let s = client.maintenance_client().status().await.unwrap();
+        (s.db_size(), s.db_size_quota())
+    };
+    let empty = compacted(&mut client, &store).await;
+    let controller_empty_kib = controller_rss_kib(&etcd, 0).await;
+
+    // 1. The database per volume (object + status), beside the JSON it holds.
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let v = store.create(&volume(i)).await.unwrap();
+                let s = status(&v, 0);
+                store
+                    .update_status::<Volume, _>(&v.metadata.name, |_| Some(s.clone()))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    let json_bytes = stored_bytes(&mut client).await;
+    let live = compacted(&mut client, &store).await;
+    let per_volume = (live - empty) as f64 / n as f64;
+
+    // 2. History: one status write per volume (a usage report), then the database before and
+    //    after compaction; and the rate this etcd takes such writes.
+    let before = db(&mut client).await.1;
+    let t = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let name = format!("vol-{i:06}");
+                store
+                    .update_status::<Volume, _>(&name, |v| Some(status(v, 4096 * (i as u64 + 1))))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    let update_secs = t.elapsed().as_secs_f64();
+    let after = db(&mut client).await.1;
+    let per_write = (after - before) as f64 / n as f64;
+    let after_compaction = compacted(&mut client, &store).await;
+
+    // 3. Fan-out: W watchers of every volume (as every agent is today), each receiving each
+    //    of E status writes; the time until the last watcher has the last event.
+    let events = 500usize;
+    let mut fanout = Vec::new();
+    for watchers in [1usize, 10, 100] {
+        let mut streams = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..watchers {
+            // One connection per watcher, as separate agents have.
+            let mut c = etcd_client::Client::connect(etcd.endpoints(), None)
+                .await
+                .unwrap();
+            let s = c
+                .watch(
+                    "/cobalt/volumes/",
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            clients.push(c);
+            streams.push(s);
+        }
+        let t = Instant::now();
+        let receivers: Vec<_> = streams
+            .into_iter()
+            .map(|mut s| {
+                tokio::spawn(async move {
+                    let (mut got, mut bytes) = (0usize, 0usize);
+                    while got < events {
+                        let r = tokio::time::timeout(Duration::from_secs(60), s.message())
+                            .await
+                            .expect("events arrive within a minute")
+                            .unwrap()
+                            .unwrap();
+                        for e in r.events() {
+                            got += 1;
+                            bytes += e.kv().map_or(0, |kv| kv.key().len() + kv.value().len());
+                        }
+                    }
+                    bytes
+                })
+            })
+            .collect();
+        futures::stream::iter(0..events)
+            .map(|i| {
+                let store = store.clone();
+                async move {
+                    let name = format!("vol-{i:06}");
+                    store
+                        .update_status::<Volume, _>(&name, |v| Some(status(v, 1 << 20 | i as u64)))
+                        .await
+                        .unwrap();
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<()>>()
+            .await;
+        let mut delivered = 0usize;
+        for r in receivers {
+            delivered += r.await.unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        fanout.push(json!({
+            "watchers": watchers,
+            "events": events,
+            "seconds": (secs * 1000.0).round() / 1000.0,
+            "bytes_delivered_per_event": delivered / events,
+            "events_delivered_per_second": ((events * watchers) as f64 / secs).round(),
+        }));
+        drop(clients);
+    }
+
+    let section = json!({
+        "volumes": n,
+        // etcd reports 0 for its default quota, 2 GiB.
+        "quota_mib": if quota == 0 { 2048.0 } else { mib(quota) },
+        "db_empty_mib": mib(empty),
+        "db_live_mib": mib(live),
+        "db_bytes_per_volume": per_volume.round(),
+        "json_bytes_per_volume": (json_bytes as f64 / n as f64).round(),
+        "history_bytes_per_status_write": per_write.round(),
+        "db_after_compaction_mib": mib(after_compaction),
+        "status_writes_per_second": (n as f64 / update_secs).round(),
+        "status_writes_parallel": PARALLEL,
+        "fanout": fanout,
+    });
+    println!("{}", serde_json::to_string_pretty(&section).unwrap());
+    record_bench_section("15_etcd_limits", section);
+
+    let controller_kib = controller_rss_kib(&etcd, n).await;
+    let per_volume = (controller_kib.saturating_sub(controller_empty_kib) * 1024) as f64 / n as f64;
+    let memory = json!({
+        "volumes": n,
+        "controller_rss_mib": (controller_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "floor_empty_controller_rss_mib": (controller_empty_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "bytes_per_volume": per_volume.round(),
+        "json_bytes_per_volume": (json_bytes as f64 / n as f64).round(),
+        "target_bytes_per_volume": 2048,
+    });
+    println!("{}", serde_json::to_string_pretty(&memory).unwrap());
+    record_bench_section("16_controller_memory", memory);
+}
