@@ -119,13 +119,16 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// Converts a generic document into a typed object, naming the offending field on failure.
 pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        FieldError {
-            field: if path == "." { "(root)".into() } else { path },
-            message: e.into_inner().to_string(),
-        }
-    })
+    serde_path_to_error::deserialize(value).map_err(field_error)
+}
+
+/// serde's error as a field error, the path where it stopped naming the field.
+fn field_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let path = e.path().to_string();
+    FieldError {
+        field: if path == "." { "(root)".into() } else { path },
+        message: e.into_inner().to_string(),
+    }
 }
 
 /// Like [`from_value`], but a document that does not decode gets every shape problem at once
@@ -133,7 +136,8 @@ pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
 pub fn from_value_all<R: Resource + schemars::JsonSchema>(
     value: Value,
 ) -> Result<R, Vec<FieldError>> {
-    match from_value::<R>(value.clone()) {
+    // Decoded from a borrow: the document is copied only when it fails and is checked again.
+    match serde_path_to_error::deserialize(&value).map_err(field_error) {
         Ok(object) => Ok(object),
         Err(first) => {
             let mut errors = crate::shape::shape_errors::<R>(&value);

@@ -37,29 +37,57 @@ struct Live {
 }
 
 impl Live {
-    async fn read(c: &Client, objects: &[manifests::Object]) -> anyhow::Result<Live> {
-        let mut counts: HashMap<Kind, usize> = HashMap::new();
-        for o in objects {
-            *counts.entry(o.kind).or_default() += 1;
-        }
+    /// Reads the manifests of `files` and, while they are parsed, lists each kind as soon as
+    /// the files hold [`LIST_FROM`] objects of it (a GitOps repository's list arrives while its
+    /// files are still being read). A manifest error wins over a failed list: nothing is
+    /// written either way.
+    async fn load(
+        c: &Client,
+        files: &[String],
+        recursive: bool,
+    ) -> anyhow::Result<(Vec<manifests::Object>, Live)> {
+        use futures::StreamExt;
+        let (tx, mut kinds) = tokio::sync::mpsc::unbounded_channel::<Kind>();
+        let files = files.to_vec();
+        let mut loading = tokio::task::spawn_blocking(move || {
+            let mut counts: HashMap<Kind, usize> = HashMap::new();
+            manifests::load_each(&files, recursive, |o| {
+                let n = counts.entry(o.kind).or_default();
+                *n += 1;
+                if *n == LIST_FROM {
+                    let _ = tx.send(o.kind);
+                }
+            })
+        });
+        let list = |kind: Kind| async move { (kind, c.list(kind, None).await) };
+        let mut lists = futures::stream::FuturesUnordered::new();
         let mut listed = HashMap::new();
-        for (kind, n) in counts {
-            if n < LIST_FROM {
-                continue;
+        let mut list_error = None;
+        let mut record = |kind: Kind, result: Result<Value, CtlError>| match result {
+            Ok(l) => {
+                listed.insert(kind, by_name(l));
             }
-            let list = c.list(kind, None).await?;
-            let by_name = list["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|item| {
-                    let name = item.pointer("/metadata/name")?.as_str()?.to_string();
-                    Some((name, item.clone()))
-                })
-                .collect();
-            listed.insert(kind, by_name);
+            Err(e) => {
+                list_error.get_or_insert(e);
+            }
+        };
+        let objects = loop {
+            tokio::select! {
+                Some(kind) = kinds.recv() => lists.push(list(kind)),
+                Some((kind, result)) = lists.next(), if !lists.is_empty() => record(kind, result),
+                loaded = &mut loading => break loaded??,
+            }
+        };
+        while let Ok(kind) = kinds.try_recv() {
+            lists.push(list(kind));
         }
-        Ok(Live { listed })
+        while let Some((kind, result)) = lists.next().await {
+            record(kind, result);
+        }
+        if let Some(e) = list_error {
+            return Err(e.into());
+        }
+        Ok((objects, Live { listed }))
     }
 
     /// `Some(live)` when the kind was listed (`Some(None)`: the server has no such object);
@@ -68,11 +96,30 @@ impl Live {
         self.listed.get(&o.kind).map(|by_name| by_name.get(&o.name))
     }
 
-    async fn get(&self, c: &Client, o: &manifests::Object) -> anyhow::Result<Option<Value>> {
+    async fn get<'a>(
+        &'a self,
+        c: &Client,
+        o: &manifests::Object,
+    ) -> anyhow::Result<Option<std::borrow::Cow<'a, Value>>> {
+        use std::borrow::Cow;
         match self.of(o) {
-            Some(known) => Ok(known.cloned()),
-            None => Ok(c.get(o.kind, &o.name).await?),
+            Some(known) => Ok(known.map(Cow::Borrowed)),
+            None => Ok(c.get(o.kind, &o.name).await?.map(Cow::Owned)),
         }
+    }
+}
+
+/// A list's items by name, moved out of the list (no copy).
+fn by_name(mut list: Value) -> HashMap<String, Value> {
+    match list.get_mut("items").map(Value::take) {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|item| {
+                let name = item.pointer("/metadata/name")?.as_str()?.to_string();
+                Some((name, item))
+            })
+            .collect(),
+        _ => HashMap::new(),
     }
 }
 
@@ -112,17 +159,16 @@ pub async fn apply(
     parallel: usize,
 ) -> anyhow::Result<i32> {
     use futures::StreamExt;
-    let objects = manifests::load(files, recursive)?;
+    let (objects, live) = Live::load(c, files, recursive).await?;
     if objects.is_empty() {
         anyhow::bail!("no objects found in {}", files.join(", "));
     }
     let suffix = if dry_run { " (server dry run)" } else { "" };
-    let live = Live::read(c, &objects).await?;
     let mut failed = 0usize;
     for kind in APPLY_ORDER {
         let batch: Vec<&manifests::Object> = objects.iter().filter(|o| o.kind == kind).collect();
         let mut results = std::pin::pin!(in_order(&batch, parallel, |o| {
-            apply_one(c, o, dry_run, live.of(o).map(|v| v.cloned()))
+            apply_one(c, o, dry_run, live.of(o))
         }));
         while let Some((o, result)) = results.next().await {
             match result {
@@ -221,12 +267,16 @@ pub(crate) async fn apply_one(
     c: &Client,
     o: &manifests::Object,
     dry_run: bool,
-    mut known: Option<Option<Value>>,
+    mut known: Option<Option<&Value>>,
 ) -> anyhow::Result<&'static str> {
     for _ in 0..APPLY_RETRIES {
+        let fetched: Option<Value>;
         let live = match known.take() {
             Some(live) => live,
-            None => c.get(o.kind, &o.name).await?,
+            None => {
+                fetched = c.get(o.kind, &o.name).await?;
+                fetched.as_ref()
+            }
         };
         let Some(live) = live else {
             let body = desired(&serde_json::json!({}), &o.value);
@@ -236,8 +286,8 @@ pub(crate) async fn apply_one(
                 Err(e) => return Err(e.into()),
             }
         };
-        let want = desired(&live, &o.value);
-        if comparable(&want) == comparable(&live) {
+        let want = desired(live, &o.value);
+        if comparable(&want) == comparable(live) {
             return Ok("unchanged");
         }
         match c.replace(o.kind, &o.name, &want, dry_run).await {
@@ -691,16 +741,18 @@ pub async fn diff(
     parallel: usize,
 ) -> anyhow::Result<i32> {
     use futures::StreamExt;
-    let objects = manifests::load(files, recursive)?;
-    let live = Live::read(c, &objects).await?;
+    let (objects, live) = Live::load(c, files, recursive).await?;
     let mut different = false;
     let mut results = std::pin::pin!(in_order(&objects, parallel, |o| live.get(c, o)));
     while let Some((o, live)) = results.next().await {
-        let (before, after) = match &live? {
-            Some(l) => (
-                output::yaml(&strip(l)),
-                output::yaml(&strip(&desired(l, &o.value))),
-            ),
+        let (before, after) = match live?.as_deref() {
+            Some(l) => {
+                let (before, after) = (strip(l), strip(&desired(l, &o.value)));
+                if before == after {
+                    continue; // the same values render the same YAML
+                }
+                (output::yaml(&before), output::yaml(&after))
+            }
             None => (
                 String::new(),
                 output::yaml(&strip(&desired(&serde_json::json!({}), &o.value))),

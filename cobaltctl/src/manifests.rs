@@ -41,6 +41,16 @@ fn files(path: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> anyhow::Result
 }
 
 pub fn load(sources: &[String], recursive: bool) -> anyhow::Result<Vec<Object>> {
+    load_each(sources, recursive, |_| {})
+}
+
+/// [`load`], calling `each` with every object as soon as it is read (so a caller can start
+/// reading the server's side while the rest of the files are parsed).
+pub fn load_each(
+    sources: &[String],
+    recursive: bool,
+    mut each: impl FnMut(&Object),
+) -> anyhow::Result<Vec<Object>> {
     let mut texts: Vec<(String, String)> = Vec::new();
     for source in sources {
         if source == "-" {
@@ -67,11 +77,13 @@ pub fn load(sources: &[String], recursive: bool) -> anyhow::Result<Vec<Object>> 
                 Manifest::Snapshot(sn) => (Kind::Snapshot, serde_json::to_value(sn)?),
                 Manifest::Claim(cl) => (Kind::Claim, serde_json::to_value(cl)?),
             };
-            objects.push(Object {
+            let object = Object {
                 kind,
                 name: m.name().to_string(),
                 value,
-            });
+            };
+            each(&object);
+            objects.push(object);
         }
     }
     Ok(objects)

@@ -405,6 +405,38 @@ async fn connection_refused_names_the_server_and_how_to_set_it() {
             && err.contains("COBALT_SERVER"),
         "{err}"
     );
+    // A repository large enough to be listed while it is read, with one bad file at the end:
+    // the manifest's error is what the user gets, whether or not the server answers.
+    let repo = env.dir.path().join("bad-repo");
+    std::fs::create_dir(&repo).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            repo.join(format!("vol-{i:02}.yaml")),
+            VOLUME.replace("name: media", &format!("name: vol-{i:02}")),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        repo.join("zz-bad.yaml"),
+        VOLUME
+            .replace("name: media", "name: zz")
+            .replace("1Gi", "-1Gi"),
+    )
+    .unwrap();
+    let repo = repo.display().to_string();
+    for server in ["http://127.0.0.1:1", env.server.as_str()] {
+        let o = env.run(&["--server", server, "apply", "-f", &repo]).await;
+        assert!(!o.status.success());
+        let err = text(&o);
+        assert!(
+            err.contains("zz-bad.yaml")
+                && err.contains("spec.size")
+                && !err.contains("127.0.0.1:1"),
+            "{err}"
+        );
+    }
+    let (left, _) = env.store.list::<Volume>(&Default::default()).await.unwrap();
+    assert!(left.is_empty(), "nothing applied");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! Targets (#22): creates and changes ≤ 1.5× the raw API at the same parallelism; unchanged
 //! re-apply, diff and prune ≤ 1.5× one list. The scheduler runs (no machines: it marks each
 //! volume Unschedulable); each step waits until it has written every status, so steps do not
-//! overlap its work. N = 10,000; `COBALT_BENCH_QUICK=1`: 1,000. Release binaries expected.
+//! overlap its work (and the etcd writes counted are cobaltctl's alone). N = 10,000; `COBALT_BENCH_QUICK=1`: 1,000. Release binaries expected.
 
 use std::path::Path;
 use std::process::Command;
@@ -65,36 +65,29 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Waits until the scheduler has written a status for `n` volumes (so the next step does not
-/// share the machine with its work).
-async fn statuses(etcd: &Etcd, n: usize) {
-    let client = etcd_client::Client::connect(etcd.endpoints(), None)
-        .await
-        .unwrap();
+/// Waits until the scheduler has answered the latest generation of `n` volumes (its Scheduled
+/// condition observed it), so the next step does not share the machine with its work and the
+/// etcd writes counted in a step are the step's own.
+async fn scheduled(store: &cobalt_store::Store, n: usize) {
     cobalt_testkit::wait::until(
-        &format!("the scheduler's status of {n} volumes"),
+        &format!("the scheduler's answer to {n} volumes"),
         Duration::from_secs(600),
-        || {
-            let mut kv = client.kv_client();
-            async move {
-                let r = kv
-                    .get(
-                        "/cobalt/volumes/",
-                        Some(
-                            etcd_client::GetOptions::new()
-                                .with_prefix()
-                                .with_keys_only(),
-                        ),
-                    )
-                    .await
-                    .ok()?;
-                let count = r
-                    .kvs()
-                    .iter()
-                    .filter(|kv| kv.key().ends_with(b"/status"))
-                    .count();
-                (count >= n).then_some(())
-            }
+        || async {
+            let (volumes, _) = store
+                .list::<cobalt_api::Volume>(&Default::default())
+                .await
+                .ok()?;
+            let answered = volumes
+                .iter()
+                .filter(|v| {
+                    v.status.as_ref().is_some_and(|s| {
+                        s.conditions.iter().any(|c| {
+                            c.type_ == "Scheduled" && c.observed_generation == v.metadata.generation
+                        })
+                    })
+                })
+                .count();
+            (answered >= n).then_some(())
         },
     )
     .await;
@@ -154,7 +147,7 @@ async fn main() {
         .collect::<Vec<()>>()
         .await;
     let raw_create = t.elapsed().as_secs_f64();
-    statuses(&etcd, n).await;
+    scheduled(&store, n).await;
 
     // cobaltctl apply -f DIR of N new files.
     let repo = tempfile::tempdir().unwrap();
@@ -162,7 +155,7 @@ async fn main() {
     let dir = repo.path().display().to_string();
     let (apply_create, out, _) = ctl(&server, &["apply", "-f", &dir]);
     assert_eq!(out.matches(" created").count(), n);
-    statuses(&etcd, 2 * n).await;
+    scheduled(&store, 2 * n).await;
 
     // Floor 2: N PUTs (a changed size) straight to the API, from one list, PARALLEL in flight.
     let list: Value = http
@@ -204,6 +197,7 @@ async fn main() {
     write_repo(repo.path(), n, "2Gi");
     let (apply_change, out, _) = ctl(&server, &["apply", "-f", &dir]);
     assert_eq!(out.matches(" configured").count(), n);
+    scheduled(&store, 2 * n).await;
 
     // Floor 3: one list of every volume (2N of them), the median of three.
     let mut lists = Vec::new();
