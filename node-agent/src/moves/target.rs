@@ -718,8 +718,12 @@ impl Moves {
             Ok(Ok(records)) => records,
             _ => return,
         };
+        let by_uid: std::collections::HashMap<&str, &Arc<Volume>> = volumes
+            .iter()
+            .map(|v| (v.metadata.uid.as_str(), v))
+            .collect();
         for r in on_disk {
-            let Some(v) = volumes.iter().find(|v| v.metadata.uid == r.uid) else {
+            let Some(v) = by_uid.get(r.uid.as_str()) else {
                 continue; // no Volume at all: an orphan, reported in the Machine's status
             };
             if crate::plan::stale_here(v, &self.machine) {
