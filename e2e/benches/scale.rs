@@ -114,6 +114,25 @@ fn status(v: &Volume, used: u64) -> VolumeStatus {
     s
 }
 
+/// One usage report (a status write) for each of the first `n` volumes, `used(i)` bytes used,
+/// [`PARALLEL`] in flight.
+async fn report_usage(store: &cobalt_store::Store, n: usize, used: impl Fn(usize) -> u64 + Copy) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let name = format!("vol-{i:06}");
+                store
+                    .update_status::<Volume, _>(&name, |v| Some(status(v, used(i))))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+}
+
 async fn db(client: &mut etcd_client::Client) -> (i64, i64) {
     let s = client.maintenance_client().status().await.unwrap();
     (s.db_size(), s.raft_used_db_size())
@@ -278,20 +297,7 @@ async fn main() {
     //    after compaction; and the rate this etcd takes such writes.
     let before = db(&mut client).await.1;
     let t = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let store = store.clone();
-            async move {
-                let name = format!("vol-{i:06}");
-                store
-                    .update_status::<Volume, _>(&name, |v| Some(status(v, 4096 * (i as u64 + 1))))
-                    .await
-                    .unwrap();
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
+    report_usage(&store, n, |i| 4096 * (i as u64 + 1)).await;
     let update_secs = t.elapsed().as_secs_f64();
     let after = db(&mut client).await.1;
     let per_write = (after - before) as f64 / n as f64;
@@ -340,20 +346,7 @@ async fn main() {
                 })
             })
             .collect();
-        futures::stream::iter(0..events)
-            .map(|i| {
-                let store = store.clone();
-                async move {
-                    let name = format!("vol-{i:06}");
-                    store
-                        .update_status::<Volume, _>(&name, |v| Some(status(v, 1 << 20 | i as u64)))
-                        .await
-                        .unwrap();
-                }
-            })
-            .buffer_unordered(PARALLEL)
-            .collect::<Vec<()>>()
-            .await;
+        report_usage(&store, events, |i| 1 << 20 | i as u64).await;
         let mut delivered = 0usize;
         for r in receivers {
             delivered += r.await.unwrap();
