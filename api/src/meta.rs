@@ -96,11 +96,22 @@ pub trait Resource:
     fn name(&self) -> &str {
         &self.meta().name
     }
+
+    /// The machines whose view holds a copy of this object (object and status): the agents it
+    /// concerns. The store keeps `<prefix>/views/<machine>/<plural>/<name>/…` equal to the
+    /// object in the same transaction as every write, so an agent watches its own view instead
+    /// of every object of the kind. Empty (no views) for kinds every agent reads whole.
+    fn machine_views(&self) -> std::collections::BTreeSet<&str> {
+        std::collections::BTreeSet::new()
+    }
 }
 
 /// Implements [`Resource`] for a struct with `metadata`, `spec` and `status: Option<_>` fields.
 macro_rules! resource {
     ($ty:ty, $status:ty, $kind:literal, $plural:literal) => {
+        $crate::meta::resource!($ty, $status, $kind, $plural, |_o| std::collections::BTreeSet::new());
+    };
+    ($ty:ty, $status:ty, $kind:literal, $plural:literal, $views:expr) => {
         impl $crate::Resource for $ty {
             type Status = $status;
             const KIND: &'static str = $kind;
@@ -119,6 +130,10 @@ macro_rules! resource {
             }
             fn same_spec(&self, other: &Self) -> bool {
                 self.spec == other.spec
+            }
+            fn machine_views(&self) -> std::collections::BTreeSet<&str> {
+                let views: fn(&$ty) -> std::collections::BTreeSet<&str> = $views;
+                views(self)
             }
         }
     };

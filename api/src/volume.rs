@@ -38,7 +38,13 @@ pub struct Volume {
     pub status: Option<VolumeStatus>,
 }
 
-resource!(Volume, VolumeStatus, "Volume", "volumes");
+resource!(
+    Volume,
+    VolumeStatus,
+    "Volume",
+    "volumes",
+    Volume::concerned_machines
+);
 
 impl Volume {
     pub fn new(name: impl Into<String>, spec: VolumeSpec) -> Self {
@@ -153,6 +159,23 @@ impl Volume {
             .map_or(0, |u| u.limit_bytes);
         self.spec
             .reserved_bytes_for(self.granted_size_bytes().max(in_force))
+    }
+
+    /// The machines whose agents this volume concerns, each of which sees it in its view
+    /// ([`crate::Resource::machine_views`]): the one it is bound to (`spec.machine`), the one
+    /// serving it (`status.machine`), and both ends of a move for as long as the move is
+    /// recorded (`status.move`, until the source has cleaned up).
+    pub fn concerned_machines(&self) -> std::collections::BTreeSet<&str> {
+        let status = self.status.as_ref();
+        let moving = status.and_then(|s| s.move_.as_ref());
+        self.spec
+            .machine
+            .as_deref()
+            .into_iter()
+            .chain(status.and_then(|s| s.machine.as_deref()))
+            .chain(moving.map(|m| m.from.as_str()))
+            .chain(moving.map(|m| m.to.as_str()))
+            .collect()
     }
 
     /// The machines whose ledger counts this volume: where its data is (or, never provisioned,

@@ -1,4 +1,4 @@
-//! Scale (#22), two sections:
+//! Scale (#22), four sections:
 //!
 //! - `15_etcd_limits`: what one volume costs etcd's database, what each status write adds to
 //!   its history until compaction, how many writes per second this etcd takes, and how
@@ -9,6 +9,15 @@
 //!   etcd, once its scheduler has gone over all of them, minus the same controller's on an
 //!   empty etcd measured in the same run — bytes per volume, beside the JSON bytes per volume
 //!   (the least any process holding them decoded could need). Target: ≤ 2 KB per volume.
+//! - `17_fanout`: what a volume event costs the agents. W agents (W = 1, 10, 100), each on its
+//!   own etcd connection running the store's real watch code (`ResourceWatch`, what an agent's
+//!   reflector runs) — a simulation of the agents' watches, not whole agents — watching either
+//!   their machine's view (as agents do) or every volume (as they did before views), while
+//!   status writes land on volumes of their machines: bytes delivered to all agents per event.
+//!   Target: independent of W with views.
+//! - `18_agent_memory`: a real `cobalt-agent` (loop backend, no exporter) whose machine no
+//!   volume concerns, with N volumes in etcd, minus the same agent on the empty etcd: an agent's
+//!   memory follows its own volumes, not the cluster's.
 //!
 //! Against a real etcd (the testkit's: default quota, no auto-compaction), with Volumes shaped
 //! as a running cluster keeps them: a manifest applied by `cobaltctl` (labels, the last-applied
@@ -216,6 +225,142 @@ async fn controller_rss_kib(etcd: &Etcd, volumes: usize) -> u64 {
     kib
 }
 
+/// Starts an agent named `machine` (loop backend in a temporary directory, no exporter) on
+/// `etcd`, waits until it is ready and its resident size has settled; returns its resident KiB,
+/// then stops it.
+async fn agent_rss_kib(etcd: &Etcd, machine: &str) -> u64 {
+    let dir = cobalt_testkit::loopdir::LoopDir::new();
+    std::fs::create_dir_all(dir.pool()).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let port = cobalt_testkit::free_port();
+    let mut d = Daemon::spawn(
+        std::process::Command::new(binary("cobalt-agent"))
+            .args(["--etcd-endpoints", &etcd.endpoints()[0], "--machine", machine])
+            .args(["--address", "127.0.0.1", "--exporter", "none"])
+            .args(["--backend", "loop"])
+            .arg("--pool")
+            .arg(dir.pool())
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}")),
+        "agent",
+    );
+    let pid = d.pid().unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut before: Option<(Instant, u64)> = None;
+    let kib = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never settled: {}",
+            d.log()
+        );
+        let now = rss_kib(pid);
+        let ready = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
+        match before {
+            Some((at, kib)) if at.elapsed() >= Duration::from_secs(1) => {
+                if ready && now.abs_diff(kib) * 100 <= kib {
+                    break now;
+                }
+                before = Some((Instant::now(), now));
+            }
+            Some(_) => {}
+            None => before = Some((Instant::now(), now)),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    d.terminate(Duration::from_secs(10));
+    kib
+}
+
+/// `agents` watchers, each on its own connection, watching machine `m<k>`'s view of the volumes
+/// (`views`) or every volume, while `events` status writes land on volumes of their machines
+/// (`n` volumes over 1,000 machines, as [`volume`] binds them). Returns the bytes delivered to
+/// all of them per event, the events they received, and the seconds until the last had all of
+/// its events.
+async fn agents_fanout(
+    etcd: &Etcd,
+    store: &cobalt_store::Store,
+    n: usize,
+    agents: usize,
+    views: bool,
+    events: usize,
+) -> serde_json::Value {
+    use cobalt_store::{Scope, WatchEvent};
+    let per_machine = n / 1000;
+    let volume_of = |j: usize| (j % agents) + 1000 * ((j / agents) % per_machine);
+    let mut watches = Vec::new();
+    for k in 0..agents {
+        let agent = cobalt_store::Store::connect(&cobalt_store::EtcdConfig::new(etcd.endpoints()))
+            .await
+            .unwrap();
+        let scope = if views {
+            Scope::View(format!("m{k:04}"))
+        } else {
+            Scope::All
+        };
+        let (items, revision) = agent.list_in::<Volume>(&scope).await.unwrap();
+        let expected = if views {
+            (0..events).filter(|j| j % agents == k).count()
+        } else {
+            events
+        };
+        let watch = agent.watch_after_list_in::<Volume, Volume>(&scope, &items, revision);
+        watches.push((agent, watch, expected));
+    }
+    let t = Instant::now();
+    let receivers: Vec<_> = watches
+        .into_iter()
+        .map(|(agent, mut watch, expected)| {
+            tokio::spawn(async move {
+                let mut got = 0usize;
+                while got < expected {
+                    let e = tokio::time::timeout(Duration::from_secs(60), watch.next())
+                        .await
+                        .expect("events arrive within a minute")
+                        .unwrap();
+                    if !matches!(e, WatchEvent::Progress { .. }) {
+                        got += 1;
+                    }
+                }
+                drop(agent);
+                (got, watch.bytes_received(), t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    futures::stream::iter(0..events)
+        .map(|j| {
+            let store = store.clone();
+            async move {
+                let name = format!("vol-{:06}", volume_of(j));
+                store
+                    .update_status::<Volume, _>(&name, |v| Some(status(v, (2 << 20) + j as u64)))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    let (mut delivered, mut bytes, mut secs) = (0usize, 0u64, 0f64);
+    for r in receivers {
+        let (got, b, done) = r.await.unwrap();
+        delivered += got;
+        bytes += b;
+        secs = secs.max(done);
+    }
+    json!({
+        "agents": agents,
+        "watching": if views { "own machine's view" } else { "every volume" },
+        "events": events,
+        "events_delivered": delivered,
+        "bytes_delivered_per_event": bytes / events as u64,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+    })
+}
+
 /// Keys and values of every volume in etcd, read a page at a time (one response of them all
 /// would pass gRPC's message size limit).
 async fn stored_bytes(client: &mut etcd_client::Client) -> usize {
@@ -272,6 +417,7 @@ async fn main() {
     };
     let empty = compacted(&mut client, &store).await;
     let controller_empty_kib = controller_rss_kib(&etcd, 0).await;
+    let agent_empty_kib = agent_rss_kib(&etcd, "idle").await;
 
     // 1. The database per volume (object + status), beside the JSON it holds.
     futures::stream::iter(0..n)
@@ -378,6 +524,43 @@ async fn main() {
     });
     println!("{}", serde_json::to_string_pretty(&section).unwrap());
     record_bench_section("15_etcd_limits", section);
+
+    // 17. What a volume event costs the agents: their views against every volume.
+    let mut rows = Vec::new();
+    for agents in [1usize, 10, 100] {
+        for views in [true, false] {
+            rows.push(agents_fanout(&etcd, &store, n, agents, views, 500).await);
+        }
+    }
+    let per_event = |agents: usize, views: bool| {
+        rows.iter()
+            .find(|r| {
+                r["agents"] == agents && (r["watching"] == "own machine's view") == views
+            })
+            .map_or(0, |r| r["bytes_delivered_per_event"].as_u64().unwrap_or(0))
+    };
+    let fanout_section = json!({
+        "volumes": n,
+        "machines": 1000,
+        "simulation": "agents are watches (the store's ResourceWatch, one etcd connection each), not whole agents",
+        "runs": rows,
+        "views_100_vs_1_agents": (per_event(100, true) as f64 / per_event(1, true).max(1) as f64 * 100.0).round() / 100.0,
+        "every_volume_100_vs_1_agents": (per_event(100, false) as f64 / per_event(1, false).max(1) as f64 * 100.0).round() / 100.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&fanout_section).unwrap());
+    record_bench_section("17_fanout", fanout_section);
+
+    // 18. An agent no volume concerns, with every volume in etcd.
+    let agent_kib = agent_rss_kib(&etcd, "idle").await;
+    let agent = json!({
+        "volumes": n,
+        "volumes_concerning_the_agent": 0,
+        "agent_rss_mib": (agent_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "floor_empty_etcd_agent_rss_mib": (agent_empty_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "bytes_per_cluster_volume": ((agent_kib.saturating_sub(agent_empty_kib) * 1024) as f64 / n as f64).round(),
+    });
+    println!("{}", serde_json::to_string_pretty(&agent).unwrap());
+    record_bench_section("18_agent_memory", agent);
 
     let controller_kib = controller_rss_kib(&etcd, n).await;
     let per_volume = (controller_kib.saturating_sub(controller_empty_kib) * 1024) as f64 / n as f64;

@@ -24,9 +24,9 @@ use cobalt_agent::registration::{self, Identity};
 use cobalt_agent::volumes::{export_spec, VolumeAgent};
 use cobalt_agent::{pool, usage};
 use cobalt_api::Volume;
-use cobalt_reconcile::reflector::reflect;
+use cobalt_reconcile::reflector::{reflect, reflect_in};
 use cobalt_reconcile::{Cache, CancellationToken, Config, Controller};
-use cobalt_store::Store;
+use cobalt_store::{Scope, Store};
 
 /// How often the agent looks for stale copies of volumes served elsewhere (also once at start).
 const STALE_SWEEP: Duration = Duration::from_secs(60);
@@ -89,8 +89,11 @@ async fn main() -> anyhow::Result<()> {
             config.lease_ttl,
             shutdown.clone(),
         )),
-        tokio::spawn(reflect(
+        // Only the volumes that concern this machine (its view): a volume event elsewhere in
+        // the fleet is neither delivered here nor held in memory.
+        tokio::spawn(reflect_in(
             store.clone(),
+            Scope::View(name.clone()),
             volumes.clone(),
             Some(reconcile_metrics.clone()),
             shutdown.clone(),
@@ -201,6 +204,11 @@ async fn main() -> anyhow::Result<()> {
         let m = moves.clone();
         tasks.push(tokio::spawn(async move { m.sweep_staging().await }));
     }
+    tasks.push(tokio::spawn(stop_pulls_leaving_view(
+        moves.clone(),
+        volumes.clone(),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn({
         let (m, volumes, stop) = (moves.clone(), volumes.clone(), shutdown.clone());
         async move {
@@ -324,6 +332,35 @@ async fn main() -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || exporter.stop()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Stops a move's pull as soon as its volume leaves this machine's view (a move cancelled
+/// before its cut-over), until shutdown.
+async fn stop_pulls_leaving_view(
+    moves: Arc<cobalt_agent::moves::Moves>,
+    volumes: Cache<Volume>,
+    stop: CancellationToken,
+) {
+    let mut changes = volumes.subscribe();
+    loop {
+        let gone = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = changes.recv() => match c {
+                Ok(c) => c.deleted,
+                // Fell behind: any of the missed changes may have been a departure.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if gone {
+            let present = volumes
+                .list()
+                .iter()
+                .map(|v| v.metadata.uid.clone())
+                .collect();
+            moves.stop_pulls_not_in(&present);
+        }
+    }
 }
 
 /// Restarts the exporter's server if it died, every 2 s, until shutdown.

@@ -174,11 +174,19 @@ async fn write_status(
     }
     let uids: std::collections::HashSet<&str> =
         all.iter().map(|v| v.metadata.uid.as_str()).collect();
-    let orphans: Vec<String> = on_disk
-        .iter()
-        .filter(|r| !uids.contains(r.uid.as_str()))
-        .map(|r| format!("{} ({})", r.name, r.uid))
-        .collect();
+    // The cache holds the volumes that concern this machine. A copy of any other is looked up in
+    // etcd by the name it was made for (a stale copy whose volume lives elsewhere is not an
+    // orphan; the stale-copy sweep deals with it): normally there is none, so no read.
+    let mut orphans: Vec<String> = Vec::new();
+    for r in on_disk.iter().filter(|r| !uids.contains(r.uid.as_str())) {
+        let owned = store
+            .get::<Volume>(&r.name)
+            .await?
+            .is_some_and(|v| v.metadata.uid == r.uid);
+        if !owned {
+            orphans.push(format!("{} ({})", r.name, r.uid));
+        }
+    }
     crate::metrics::orphans(orphans.len());
     store
         .update_status::<Machine, _>(name, |m| {

@@ -223,15 +223,20 @@ impl VolumeAgent {
     async fn observe(&self, v: &Volume, ctx: &Context<Volume>) -> Result<Observed, AgentError> {
         let uid = v.metadata.uid.clone();
         let on_disk = self.blocking(move |b| b.get(&uid)).await?;
-        let clone_source_uid = v.spec.source.as_ref().and_then(|s| {
-            ctx.cache()
-                .get(s.clone_of()?)
-                .filter(|src| {
-                    src.status.as_ref().and_then(|st| st.machine.as_deref())
-                        == Some(self.machine.as_str())
-                })
-                .map(|src| src.metadata.uid.clone())
-        });
+        // A clone's source concerns this machine only if it is served here: otherwise it is not
+        // in this agent's view, and is read from etcd — only while the clone is still to make.
+        let clone_source = match v.spec.source.as_ref().and_then(|s| s.clone_of()) {
+            Some(src) if on_disk.is_none() => match ctx.cache().get(src) {
+                Some(found) => Some(found),
+                None => self.store.get::<Volume>(src).await?.map(Arc::new),
+            },
+            _ => None,
+        };
+        let served_by = |src: &Volume| src.status.as_ref().and_then(|st| st.machine.clone());
+        let clone_source_uid = clone_source
+            .as_ref()
+            .filter(|src| served_by(src).as_deref() == Some(self.machine.as_str()))
+            .map(|src| src.metadata.uid.clone());
         let move_snapshots = if self.backend.can(Capability::Snapshot) {
             let uid = v.metadata.uid.clone();
             self.blocking(move |b| b.snapshots(&uid))
@@ -242,9 +247,8 @@ impl VolumeAgent {
         } else {
             Vec::new()
         };
-        let clone_source_remote = v.spec.source.as_ref().and_then(|s| {
-            let src = ctx.cache().get(s.clone_of()?)?;
-            let holder = src.status.as_ref()?.machine.clone()?;
+        let clone_source_remote = clone_source.as_ref().and_then(|src| {
+            let holder = served_by(src)?;
             (holder != self.machine).then(|| (holder, src.metadata.uid.clone()))
         });
         let restore_source = v

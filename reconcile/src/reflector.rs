@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use cobalt_api::selector::LabelSelector;
 use cobalt_api::Resource;
-use cobalt_store::{Error, Store, WatchEvent};
+use cobalt_store::{Error, Scope, Store, WatchEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -20,20 +19,31 @@ const LIST_RETRY: Backoff = Backoff {
     cap: Duration::from_secs(2),
 };
 
-/// Runs until `shutdown` is cancelled.
+/// Keeps `cache` equal to every object of kind `R`. Runs until `shutdown` is cancelled.
 pub async fn reflect<R: Resource>(
     store: Store,
     cache: Cache<R>,
     metrics: Option<Metrics>,
     shutdown: CancellationToken,
 ) {
+    reflect_in(store, Scope::All, cache, metrics, shutdown).await
+}
+
+/// Keeps `cache` equal to the objects of kind `R` in `scope`: with [`Scope::View`], the ones
+/// that concern one machine (an object that stops concerning it leaves the cache as if deleted).
+pub async fn reflect_in<R: Resource>(
+    store: Store,
+    scope: Scope,
+    cache: Cache<R>,
+    metrics: Option<Metrics>,
+    shutdown: CancellationToken,
+) {
     let kind = R::KIND;
     let mut failures = 0u32;
-    let everything = LabelSelector::default();
     while !shutdown.is_cancelled() {
         let listed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = store.list::<R>(&everything) => r,
+            r = store.list_in::<R>(&scope) => r,
         };
         let (items, revision) = match listed {
             Ok(v) => v,
@@ -52,7 +62,7 @@ pub async fn reflect<R: Resource>(
         }
         // One decoded copy of each object, shared by the watch's state and the cache.
         let items: Vec<std::sync::Arc<R>> = items.into_iter().map(std::sync::Arc::new).collect();
-        let mut watch = store.watch_after_list(&items, revision);
+        let mut watch = store.watch_after_list_in(&scope, &items, revision);
         cache.replace_all(items, revision);
         let mut restarts = watch.restarts();
         loop {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::connection::Store;
 use crate::error::{Error, Result};
 use crate::objects::{as_new, encode, Stored};
+use crate::views::{view_ops, Transition};
 
 /// Who holds a binding key, and the key's revision (what a takeover compares).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +155,18 @@ impl Store {
                 0,
             ));
             ops.push(TxnOp::put(key, encode(v)?, None));
+            ops.extend(
+                view_ops(
+                    &self.keys,
+                    Transition {
+                        old: None,
+                        new: Some(v),
+                        object_written: true,
+                        status_written: false,
+                    },
+                )?
+                .ops,
+            );
         }
         Ok(self.commit(guards, ops).await?.is_some())
     }

@@ -6,6 +6,11 @@
 //! <prefix>/machines/<name>/alive    bound to an agent's lease: present = alive
 //! <prefix>/election/<name>          etcd election keys
 //! <prefix>/events/<event name>       aggregated events, each on an expiring lease
+//! <prefix>/views/<machine>/<plural>/<name>/object|status
+//!                                   a copy of each object that concerns the machine
+//!                                   (`Resource::machine_views`), kept in the same
+//!                                   transaction as every write of the object: what its
+//!                                   agent watches instead of the whole kind
 //! ```
 //! Names are DNS-1123 labels (validated before anything is written), so they never contain '/'.
 
@@ -78,10 +83,38 @@ impl Keys {
         format!("{}/events/{name}", self.prefix)
     }
 
+    /// `<prefix>/views/<machine>/<plural>/`: machine `machine`'s copies of a kind.
+    pub fn view_kind(&self, machine: &str, plural: &str) -> String {
+        format!("{}/views/{machine}/{plural}/", self.prefix)
+    }
+
+    /// `<prefix>/views/`: every machine's view.
+    pub fn views(&self) -> String {
+        format!("{}/views/", self.prefix)
+    }
+
+    pub fn view_object(&self, machine: &str, plural: &str, name: &str) -> String {
+        format!("{}/views/{machine}/{plural}/{name}/object", self.prefix)
+    }
+
+    pub fn view_status(&self, machine: &str, plural: &str, name: &str) -> String {
+        format!("{}/views/{machine}/{plural}/{name}/status", self.prefix)
+    }
+
     /// Splits a key under `kind(plural)` into the object name and which part it is.
     pub fn parse<'a>(&self, plural: &str, key: &'a str) -> Option<(&'a str, Part)> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let rest = rest.strip_prefix(plural)?.strip_prefix('/')?;
+        Self::parse_rest(rest)
+    }
+
+    /// Splits a key under `root` (a [`Keys::kind`] or [`Keys::view_kind`]) into the object
+    /// name and which part it is.
+    pub fn parse_under<'a>(root: &str, key: &'a str) -> Option<(&'a str, Part)> {
+        Self::parse_rest(key.strip_prefix(root)?)
+    }
+
+    fn parse_rest(rest: &str) -> Option<(&str, Part)> {
         let (name, part) = rest.split_once('/')?;
         let part = match part {
             "object" => Part::Object,
@@ -110,5 +143,14 @@ mod tests {
             .object("volumes", "ab")
             .starts_with(&k.object_dir("volumes", "a")));
         assert_eq!(k.alive("n1"), "/cobalt/machines/n1/alive");
+        let view = k.view_kind("m1", "volumes");
+        assert_eq!(
+            Keys::parse_under(&view, &k.view_status("m1", "volumes", "a")),
+            Some(("a", Part::Status))
+        );
+        assert_eq!(
+            Keys::parse_under(&view, &k.view_object("m10", "volumes", "a")),
+            None
+        );
     }
 }

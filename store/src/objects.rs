@@ -20,7 +20,8 @@ use serde_json::Value;
 
 use crate::connection::Store;
 use crate::error::{Error, Result};
-use crate::keys::Part;
+use crate::keys::{Keys, Part};
+use crate::views::{view_ops, Scope, Transition};
 
 /// Keys fetched per range request when listing (keeps each response well under gRPC limits).
 const LIST_PAGE: i64 = 500;
@@ -62,13 +63,26 @@ impl Store {
         let name = obj.name().to_string();
         as_new(&mut obj);
         let key = self.keys.object(R::PLURAL, &name);
+        let mut ops = vec![TxnOp::put(key.clone(), encode(&obj)?, None)];
+        ops.extend(
+            view_ops(
+                &self.keys,
+                Transition {
+                    old: None,
+                    new: Some(&obj),
+                    object_written: true,
+                    status_written: false,
+                },
+            )?
+            .ops,
+        );
         let txn = Txn::new()
             .when(self.with_fence(vec![Compare::create_revision(
-                key.clone(),
+                key,
                 CompareOp::Equal,
                 0,
             )]))
-            .and_then(vec![TxnOp::put(key, encode(&obj)?, None)])
+            .and_then(ops)
             .or_else(self.fence_probe());
         let resp = self.call(self.client.kv_client().txn(txn)).await?;
         if !resp.succeeded() {
@@ -97,14 +111,20 @@ impl Store {
                     .get(dir, Some(GetOptions::new().with_prefix())),
             )
             .await?;
-        let mut objects = assemble::<R>(self, resp.kvs())?;
+        let mut objects = assemble::<R>(&self.keys.kind(R::PLURAL), resp.kvs())?;
         Ok(objects.pop())
     }
 
     /// Lists every object of a kind matching `selector`, and the revision they were read at
     /// (a watch from `revision + 1` continues exactly where the list ends).
     pub async fn list<R: Resource>(&self, selector: &LabelSelector) -> Result<(Vec<R>, i64)> {
-        self.list_at(selector, None).await
+        self.list_at(&Scope::All, selector, None).await
+    }
+
+    /// The objects of a kind that concern one machine (its view, see [`crate::views`]), and the
+    /// revision they were read at, for a watch of the same scope to continue from.
+    pub async fn list_in<R: Resource>(&self, scope: &Scope) -> Result<(Vec<R>, i64)> {
+        self.list_at(scope, &LabelSelector::default(), None).await
     }
 
     /// [`Store::list`] as of revision `at` (`None`: the current one). Read page by page and
@@ -112,10 +132,26 @@ impl Store {
     /// response nears gRPC's message size limit, however many objects there are).
     pub(crate) async fn list_at<R: Resource>(
         &self,
+        scope: &Scope,
         selector: &LabelSelector,
         at: Option<i64>,
     ) -> Result<(Vec<R>, i64)> {
-        let prefix = self.keys.kind(R::PLURAL);
+        let (stored, revision) = self.list_stored::<R>(scope, at).await?;
+        let objects = stored
+            .into_iter()
+            .map(|s| s.object)
+            .filter(|o| selector.matches(&o.meta().labels))
+            .collect();
+        Ok((objects, revision))
+    }
+
+    /// Every object of `scope` with the revisions behind it, read page by page.
+    pub(crate) async fn list_stored<R: Resource>(
+        &self,
+        scope: &Scope,
+        at: Option<i64>,
+    ) -> Result<(Vec<Stored<R>>, i64)> {
+        let prefix = scope.root(&self.keys, R::PLURAL);
         let end = prefix_end(&prefix);
         let mut kv = self.client.kv_client();
         let mut start = prefix.clone().into_bytes();
@@ -138,17 +174,12 @@ impl Store {
             start = last.key().to_vec();
             start.push(0);
             // Pages follow key order, so an object's status on the next page still finds it.
-            assemble_into(self, &mut stored, &page)?;
+            assemble_into(&prefix, &mut stored, &page)?;
             if !more {
                 break;
             }
         }
-        let objects = stored
-            .into_iter()
-            .map(|s| s.object)
-            .filter(|o| selector.matches(&o.meta().labels))
-            .collect();
-        Ok((objects, revision))
+        Ok((stored, revision))
     }
 
     /// Replaces the object's metadata and spec. `obj.metadata.resourceVersion` must be the
@@ -213,6 +244,22 @@ impl Store {
             let value = serde_json::to_vec(&computed).map_err(|e| Error::Invalid(e.to_string()))?;
             ops.push(TxnOp::put(status_key, value, None));
         }
+        // Both halves are guarded, so the views can copy either.
+        let mut after = new.clone();
+        *after.status_mut() = Some(computed.clone());
+        after.meta_mut().resource_version = seen.meta().resource_version.clone();
+        ops.extend(
+            view_ops(
+                &self.keys,
+                Transition {
+                    old: Some(seen),
+                    new: Some(&after),
+                    object_written: object_changed,
+                    status_written: status_changed,
+                },
+            )?
+            .ops,
+        );
         match self.commit(guards, ops).await? {
             Some(revision) => {
                 *new.status_mut() = Some(computed);
@@ -278,11 +325,12 @@ impl Store {
             }
         }
         let object_changed = encode(&new)? != encode(old)?;
-        if ops.is_empty() && !object_changed {
+        let status_written = !ops.is_empty();
+        if !status_written && !object_changed {
             return Ok(current.object);
         }
         if new.meta().is_deleting() && new.meta().finalizers.is_empty() {
-            let resp = self.commit(guards, self.delete_ops::<R>(&name)).await?;
+            let resp = self.commit(guards, self.delete_ops(old)?).await?;
             return match resp {
                 Some(_) => Ok(new),
                 None => Err(conflict()),
@@ -291,6 +339,23 @@ impl Store {
         if object_changed {
             ops.push(TxnOp::put(key, encode(&new)?, None));
         }
+        let views = view_ops(
+            &self.keys,
+            Transition {
+                old: Some(old),
+                new: Some(&new),
+                object_written: object_changed,
+                status_written,
+            },
+        )?;
+        if views.copies_unwritten && !status_written {
+            guards.push(Compare::mod_revision(
+                self.keys.status(R::PLURAL, &name),
+                CompareOp::Equal,
+                current.status_mod_revision,
+            ));
+        }
+        ops.extend(views.ops);
         match self.commit(guards, ops).await? {
             Some(revision) => {
                 if object_changed {
@@ -330,7 +395,7 @@ impl Store {
         let guard =
             Compare::mod_revision(key.clone(), CompareOp::Equal, current.object_mod_revision);
         if obj.meta().finalizers.is_empty() {
-            return match self.commit(vec![guard], self.delete_ops::<R>(name)).await? {
+            return match self.commit(vec![guard], self.delete_ops(&obj)?).await? {
                 Some(_) => Ok(Deleted::Gone(obj)),
                 None => Err(Error::Conflict {
                     kind: R::KIND,
@@ -342,11 +407,28 @@ impl Store {
         if obj.meta().is_deleting() {
             return Ok(Deleted::Pending(obj));
         }
+        let before = obj.clone();
         obj.meta_mut().deletion_timestamp = Some(Utc::now());
-        let status = obj.status_mut().take();
-        let put = TxnOp::put(key, encode(&obj)?, None);
-        *obj.status_mut() = status;
-        match self.commit(vec![guard], vec![put]).await? {
+        let mut ops = vec![TxnOp::put(key, encode(&obj)?, None)];
+        let views = view_ops(
+            &self.keys,
+            Transition {
+                old: Some(&before),
+                new: Some(&obj),
+                object_written: true,
+                status_written: false,
+            },
+        )?;
+        let mut guards = vec![guard];
+        if views.copies_unwritten {
+            guards.push(Compare::mod_revision(
+                self.keys.status(R::PLURAL, name),
+                CompareOp::Equal,
+                current.status_mod_revision,
+            ));
+        }
+        ops.extend(views.ops);
+        match self.commit(guards, ops).await? {
             Some(revision) => {
                 obj.meta_mut().resource_version = revision.to_string();
                 Ok(Deleted::Pending(obj))
@@ -398,10 +480,29 @@ impl Store {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, current.status_mod_revision),
             ];
             let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
-            if let Some(revision) = self
-                .commit(guards, vec![TxnOp::put(key, value, None)])
-                .await?
-            {
+            let mut after = object.clone();
+            *after.status_mut() = Some(status.clone());
+            let views = view_ops(
+                &self.keys,
+                Transition {
+                    old: Some(&object),
+                    new: Some(&after),
+                    object_written: false,
+                    status_written: true,
+                },
+            )?;
+            let mut guards = guards;
+            if views.copies_unwritten {
+                // A machine joins and gets the object copied: it must be the current one.
+                guards.push(Compare::mod_revision(
+                    self.keys.object(R::PLURAL, name),
+                    CompareOp::Equal,
+                    current.object_mod_revision,
+                ));
+            }
+            let mut ops = vec![TxnOp::put(key, value, None)];
+            ops.extend(views.ops);
+            if let Some(revision) = self.commit(guards, ops).await? {
                 *object.status_mut() = Some(status);
                 return Ok(StatusUpdate {
                     object,
@@ -451,12 +552,23 @@ impl Store {
             status_guard(&key, seen.status())?,
         ];
         let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
-        if let Some(written) = self
-            .commit(guards, vec![TxnOp::put(key, value, None)])
-            .await?
-        {
-            let mut object = seen.clone();
-            *object.status_mut() = Some(status);
+        let mut after = seen.clone();
+        *after.status_mut() = Some(status.clone());
+        // The object is guarded by `seen`'s resourceVersion, so a joining machine's copy of it
+        // is current.
+        let views = view_ops(
+            &self.keys,
+            Transition {
+                old: Some(seen),
+                new: Some(&after),
+                object_written: false,
+                status_written: true,
+            },
+        )?;
+        let mut ops = vec![TxnOp::put(key, value, None)];
+        ops.extend(views.ops);
+        if let Some(written) = self.commit(guards, ops).await? {
+            let object = after;
             return Ok(StatusUpdate {
                 object,
                 written: Some(written),
@@ -465,11 +577,26 @@ impl Store {
         self.update_status(&name, change).await
     }
 
-    fn delete_ops<R: Resource>(&self, name: &str) -> Vec<TxnOp> {
-        vec![
+    /// Deletes `old`'s keys and its copies in every view.
+    fn delete_ops<R: Resource>(&self, old: &R) -> Result<Vec<TxnOp>> {
+        let name = old.name();
+        let mut ops = vec![
             TxnOp::delete(self.keys.object(R::PLURAL, name), None),
             TxnOp::delete(self.keys.status(R::PLURAL, name), None),
-        ]
+        ];
+        ops.extend(
+            view_ops(
+                &self.keys,
+                Transition {
+                    old: Some(old),
+                    new: None,
+                    object_written: true,
+                    status_written: true,
+                },
+            )?
+            .ops,
+        );
+        Ok(ops)
     }
 
     /// Runs a guarded transaction. `Some(revision)` when it applied, `None` when a guard failed;
@@ -597,9 +724,13 @@ pub(crate) fn encode<R: Resource>(obj: &R) -> Result<Vec<u8>> {
     serde_json::to_vec(&value).map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// Decodes an object key. Its resourceVersion is the key's mod revision — or, for a view's copy
+/// written after the object was, the revision the copy carries (see [`crate::views`]).
 pub(crate) fn decode_object<R: Resource>(kv: &KeyValue) -> Result<R> {
     let mut obj: R = serde_json::from_slice(kv.value()).map_err(|e| corrupt(kv, e))?;
-    obj.meta_mut().resource_version = kv.mod_revision().to_string();
+    if obj.meta().resource_version.is_empty() {
+        obj.meta_mut().resource_version = kv.mod_revision().to_string();
+    }
     Ok(obj)
 }
 
@@ -614,22 +745,22 @@ fn corrupt(kv: &KeyValue, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Groups a sorted range of keys into objects with their status.
-fn assemble<R: Resource>(store: &Store, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>> {
+/// Groups a sorted range of keys under `root` into objects with their status.
+fn assemble<R: Resource>(root: &str, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>> {
     let mut out: Vec<Stored<R>> = Vec::new();
-    assemble_into(store, &mut out, kvs)?;
+    assemble_into(root, &mut out, kvs)?;
     Ok(out)
 }
 
 /// Decodes `kvs` (in key order) onto `out`, a status onto the object just before it.
 fn assemble_into<R: Resource>(
-    store: &Store,
+    root: &str,
     out: &mut Vec<Stored<R>>,
     kvs: &[KeyValue],
 ) -> Result<()> {
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key());
-        let Some((name, part)) = store.keys.parse(R::PLURAL, &key) else {
+        let Some((name, part)) = Keys::parse_under(root, &key) else {
             continue;
         };
         match part {

@@ -25,8 +25,9 @@ use etcd_client::{EventType, WatchOptions, WatchStream};
 
 use crate::connection::Store;
 use crate::error::{Error, Result};
-use crate::keys::Part;
+use crate::keys::{Keys, Part};
 use crate::objects::{decode_object, decode_status, header_revision};
+use crate::views::Scope;
 
 /// One change to a whole object. The object is shared with the watch's own state (and, through
 /// the reflector, with the cache): one decoded copy per object per process.
@@ -69,6 +70,8 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// [`Store::watch_after_list`].
 pub struct ResourceWatch<R: Resource> {
     store: Store,
+    /// The key prefix watched: the kind, or one machine's view of it.
+    root: String,
     /// Last revision whose events have all been delivered.
     revision: i64,
     /// Latest known state (object and status merged) of each name, shared with the events.
@@ -78,6 +81,8 @@ pub struct ResourceWatch<R: Resource> {
     pending: VecDeque<WatchEvent<R>>,
     failures: u32,
     restarts: u64,
+    /// Bytes of keys and values received in events.
+    bytes: u64,
     _kind: PhantomData<R>,
 }
 
@@ -86,14 +91,14 @@ impl Store {
     /// status-only changes can be reported as whole objects; [`Error::Compacted`] if it is gone.
     pub async fn watch<R: Resource>(&self, revision: i64) -> Result<ResourceWatch<R>> {
         let (items, _) = self
-            .list_at::<R>(&LabelSelector::default(), Some(revision))
+            .list_at::<R>(&Scope::All, &LabelSelector::default(), Some(revision))
             .await
             .map_err(|e| with_requested(e, revision))?;
         let objects = items
             .into_iter()
             .map(|o| (o.name().to_string(), Arc::new(o)))
             .collect();
-        Ok(self.watch_from_state(objects, revision))
+        Ok(self.watch_from_state(&Scope::All, objects, revision))
     }
 
     /// Watches kind `R` after a [`Store::list`] (with the empty selector) that returned `items`
@@ -104,6 +109,16 @@ impl Store {
         items: &[A],
         revision: i64,
     ) -> ResourceWatch<R> {
+        self.watch_after_list_in(&Scope::All, items, revision)
+    }
+
+    /// [`Store::watch_after_list`] for a [`Store::list_in`] of `scope` (one machine's view).
+    pub fn watch_after_list_in<R: Resource, A: Clone + Into<Arc<R>>>(
+        &self,
+        scope: &Scope,
+        items: &[A],
+        revision: i64,
+    ) -> ResourceWatch<R> {
         let objects = items
             .iter()
             .map(|o| {
@@ -111,22 +126,25 @@ impl Store {
                 (o.name().to_string(), o)
             })
             .collect();
-        self.watch_from_state(objects, revision)
+        self.watch_from_state(scope, objects, revision)
     }
 
     fn watch_from_state<R: Resource>(
         &self,
+        scope: &Scope,
         objects: HashMap<String, Arc<R>>,
         revision: i64,
     ) -> ResourceWatch<R> {
         ResourceWatch {
             store: self.clone(),
+            root: scope.root(&self.keys, R::PLURAL),
             revision,
             objects,
             stream: None,
             pending: VecDeque::new(),
             failures: 0,
             restarts: 0,
+            bytes: 0,
             _kind: PhantomData,
         }
     }
@@ -160,6 +178,11 @@ impl<R: Resource> ResourceWatch<R> {
     /// The objects (with their status) as of [`ResourceWatch::revision`].
     pub fn objects(&self) -> impl Iterator<Item = &R> {
         self.objects.values().map(|object| &**object)
+    }
+
+    /// Bytes of keys and values this watch has received from etcd (what its fan-out costs).
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes
     }
 
     /// How many times the stream was re-subscribed after breaking.
@@ -233,7 +256,7 @@ impl<R: Resource> ResourceWatch<R> {
     }
 
     async fn subscribe(&self) -> Result<WatchStream> {
-        let prefix = self.store.keys.kind(R::PLURAL);
+        let prefix = self.root.clone();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.revision + 1)
@@ -261,10 +284,11 @@ impl<R: Resource> ResourceWatch<R> {
 
     fn apply(&mut self, event: &etcd_client::Event) -> Result<()> {
         let Some(kv) = event.kv() else { return Ok(()) };
+        self.bytes += (kv.key().len() + kv.value().len()) as u64;
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let revision = kv.mod_revision();
         self.revision = self.revision.max(revision);
-        let Some((name, part)) = self.store.keys.parse(R::PLURAL, &key) else {
+        let Some((name, part)) = Keys::parse_under(&self.root, &key) else {
             return Ok(());
         };
         let name = name.to_string();

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use cobalt_api::selector::LabelSelector;
 use cobalt_api::{Volume, VolumePhase, VolumeSpec, VolumeStatus};
-use cobalt_store::{Deleted, Error, EtcdConfig, Store, TlsFiles, WatchEvent};
+use cobalt_store::{Deleted, Error, EtcdConfig, Scope, Store, TlsFiles, WatchEvent};
 use cobalt_testkit::certs::TestCerts;
 use cobalt_testkit::etcd::Etcd;
 
@@ -886,4 +886,196 @@ async fn events_aggregate_per_object_and_reason_and_expire_after_their_ttl() {
         },
     )
     .await;
+}
+
+/// Every key under the machine views, as (key, value).
+async fn view_keys(store: &Store) -> Vec<(String, String)> {
+    let resp = store
+        .raw()
+        .kv_client()
+        .get(
+            store.keys().views(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The volume as machine `m`'s view has it, checked equal to the object itself.
+async fn in_view(store: &Store, m: &str, name: &str) -> Option<Volume> {
+    let (items, _) = store
+        .list_in::<Volume>(&Scope::View(m.into()))
+        .await
+        .unwrap();
+    let found = items.into_iter().find(|v| v.metadata.name == name)?;
+    let real: Volume = store.get(name).await.unwrap().unwrap();
+    assert_eq!(found, real, "machine {m}'s copy of {name} differs from it");
+    Some(found)
+}
+
+#[tokio::test]
+async fn machine_views_follow_binding_serving_and_moves_in_the_same_transaction() {
+    let etcd = Etcd::start();
+    let store = etcd.store().await;
+    let m1 = Scope::View("m1".into());
+    let (_, revision) = store.list_in::<Volume>(&m1).await.unwrap();
+    let mut watch_m1 = store.watch_after_list_in::<Volume, Volume>(&m1, &[], revision);
+
+    // Unbound: no machine sees it.
+    let v = store.create(&volume("a", "1Gi")).await.unwrap();
+    assert!(view_keys(&store).await.is_empty());
+    // Bound to m1 (a spec write): m1's view has it, with the same resourceVersion.
+    let mut bound = v.clone();
+    bound.spec.machine = Some("m1".into());
+    let bound = store.replace(&bound).await.unwrap();
+    assert_eq!(in_view(&store, "m1", "a").await.unwrap(), bound);
+    // Served there (a status write).
+    let serving = store
+        .update_status::<Volume, _>("a", |_| {
+            Some(VolumeStatus {
+                machine: Some("m1".into()),
+                ..phase(VolumePhase::Ready)
+            })
+        })
+        .await
+        .unwrap()
+        .object;
+    assert_eq!(in_view(&store, "m1", "a").await.unwrap(), serving);
+    assert_eq!(
+        take_events(&mut watch_m1, 2).await,
+        ["ADDED a:1Gi:", "MODIFIED a:1Gi:Ready"]
+    );
+
+    // A move granted to m3 by a status write: m3 joins through a write that does not write the
+    // object, so its copy of the object says which revision it is — and a status write from
+    // that copy lands on the first try (its guard is the object's real revision).
+    let started = chrono::Utc::now();
+    let moving = store
+        .update_status::<Volume, _>("a", |v| {
+            let mut s = v.status.clone().unwrap();
+            s.move_ = Some(cobalt_api::MoveStatus {
+                from: "m1".into(),
+                to: "m3".into(),
+                stage: cobalt_api::MoveStage::Seeding,
+                started,
+                rounds: 0,
+                bytes_done: 0,
+                bytes_total: None,
+                bytes_sent: 0,
+                credential_sha256: None,
+                frozen: None,
+                cut_over_millis: None,
+                stalled: None,
+            });
+            Some(s)
+        })
+        .await
+        .unwrap()
+        .object;
+    let seen_by_m3 = in_view(&store, "m3", "a").await.unwrap();
+    assert_eq!(seen_by_m3, moving);
+    assert_eq!(seen_by_m3.metadata.resource_version, bound.metadata.resource_version);
+    let update = store
+        .update_status_from(&seen_by_m3, |v| {
+            let mut s = v.status.clone().unwrap();
+            s.move_.as_mut().unwrap().rounds = 1;
+            Some(s)
+        })
+        .await
+        .unwrap();
+    assert!(update.written.is_some());
+    assert_eq!(in_view(&store, "m1", "a").await.unwrap(), update.object);
+    assert_eq!(in_view(&store, "m3", "a").await.unwrap(), update.object);
+    // The spec follows (m2 is named by nobody else: m1 stays for the move, m3 as its target).
+    let mut rebound: Volume = store.get("a").await.unwrap().unwrap();
+    rebound.spec.machine = Some("m3".into());
+    store.replace(&rebound).await.unwrap();
+    // Cut over and cleaned up: the move record goes, m1 leaves and its watch sees it leave.
+    store
+        .update_status::<Volume, _>("a", |v| {
+            let mut s = v.status.clone().unwrap();
+            s.machine = Some("m3".into());
+            s.move_ = None;
+            Some(s)
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_view(&store, "m1", "a").await, None);
+    assert!(in_view(&store, "m3", "a").await.is_some());
+    // The move granted, its progress, the spec following, then the departure.
+    let events = take_events(&mut watch_m1, 4).await;
+    assert_eq!(events.last().unwrap(), "DELETED a:1Gi:Ready", "{events:?}");
+
+    // Marked for deletion (a finalizer holds it), then gone: so are all its copies.
+    let mut held: Volume = store.get("a").await.unwrap().unwrap();
+    held.metadata.finalizers = vec!["cobalt.io/test".into()];
+    store.replace(&held).await.unwrap();
+    store.delete::<Volume>("a", None).await.unwrap();
+    let marked = in_view(&store, "m3", "a").await.unwrap();
+    assert!(marked.metadata.is_deleting());
+    let mut last: Volume = store.get("a").await.unwrap().unwrap();
+    last.metadata.finalizers.clear();
+    store.replace(&last).await.unwrap();
+    assert!(store.get::<Volume>("a").await.unwrap().is_none());
+    assert_eq!(view_keys(&store).await, Vec::<(String, String)>::new());
+}
+
+#[tokio::test]
+async fn repairing_the_views_restores_missing_copies_and_removes_stray_ones() {
+    let etcd = Etcd::start();
+    let store = etcd.store().await;
+    let mut v = volume("b", "1Gi");
+    v.spec.machine = Some("m1".into());
+    store.create(&v).await.unwrap();
+    let served = store
+        .update_status::<Volume, _>("b", |_| {
+            Some(VolumeStatus {
+                machine: Some("m1".into()),
+                ..phase(VolumePhase::Ready)
+            })
+        })
+        .await
+        .unwrap()
+        .object;
+    let healthy = view_keys(&store).await;
+    assert_eq!(healthy.len(), 2, "{healthy:?}");
+    // What a cluster whose data predates the views (or a restored backup) has: no copies, and
+    // a copy of a volume on a machine it does not concern.
+    let mut kv = store.raw().kv_client();
+    kv.delete(
+        store.keys().views(),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    kv.put(store.keys().view_object("m9", "volumes", "b"), "{}", None)
+        .await
+        .unwrap();
+    kv.put(store.keys().view_object("m9", "volumes", "gone"), "{}", None)
+        .await
+        .unwrap();
+    let repaired = store.repair_views::<Volume>().await.unwrap();
+    assert_eq!(
+        repaired,
+        cobalt_store::Repaired {
+            objects: 1,
+            stray_keys: 2
+        }
+    );
+    assert_eq!(in_view(&store, "m1", "b").await.unwrap(), served);
+    assert_eq!(in_view(&store, "m9", "b").await, None);
+    assert_eq!(
+        store.repair_views::<Volume>().await.unwrap(),
+        cobalt_store::Repaired::default(),
+        "a second repair finds nothing to do"
+    );
 }

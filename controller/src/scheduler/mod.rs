@@ -105,6 +105,32 @@ pub async fn run(
     }
 }
 
+/// Brings every machine's view of the volumes in line with the volumes, once per term (agents
+/// watch their views; an etcd whose data predates them, or restored from a backup, may lack
+/// some). Retried until it succeeds or the term ends.
+async fn repair_views(fenced: Store, term: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match fenced.repair_views::<Volume>().await {
+            Ok(r) if r == cobalt_store::Repaired::default() => return,
+            Ok(r) => {
+                tracing::info!(
+                    objects = r.objects,
+                    stray_keys = r.stray_keys,
+                    "machine views repaired"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "repairing the machine views failed; retrying"),
+        }
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// One term as leader: caches, liveness poller and the two controllers, until `term` ends.
 async fn lead(
     store: Store,
@@ -133,6 +159,7 @@ async fn lead(
     };
     let alive: Alive = Arc::new(RwLock::new(initial));
     let mut tasks = vec![
+        tokio::spawn(repair_views(fenced.clone(), term.clone())),
         tokio::spawn(reflect(
             store.clone(),
             volumes.clone(),

@@ -51,6 +51,21 @@ const QUICK_ROUND: Duration = Duration::from_millis(500);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Moves {
+    /// Stops the pulls of volumes no longer in this agent's view (`present`: the uids it holds).
+    /// A move cancelled before its cut-over leaves the target's view, so its reconciler never
+    /// sees the cancellation; the pull would notice at its next fresh read, this stops it at
+    /// once. What the pull made is discarded only after a fresh read agrees.
+    pub fn stop_pulls_not_in(&self, present: &std::collections::HashSet<String>) {
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls.retain(|uid, p| {
+            let keep = present.contains(uid);
+            if !keep {
+                p.cancel.cancel();
+            }
+            keep
+        });
+    }
+
     /// Starts the pull of a move granted to this machine, stops one no longer wanted. Cheap:
     /// called by the reconciler for every volume event.
     pub fn sync(self: &Arc<Self>, v: &Volume) {
@@ -723,13 +738,17 @@ impl Moves {
             .map(|v| (v.metadata.uid.as_str(), v))
             .collect();
         for r in on_disk {
-            let Some(v) = by_uid.get(r.uid.as_str()) else {
-                continue; // no Volume at all: an orphan, reported in the Machine's status
+            // A copy of a volume not in this agent's view (it concerns other machines only) is
+            // stale if its volume still exists: `remove_stale_copy` reads it by the name the copy
+            // was made for and checks the uid. No Volume at all: an orphan, reported in the
+            // Machine's status and kept.
+            let name = match by_uid.get(r.uid.as_str()) {
+                Some(v) if crate::plan::stale_here(v, &self.machine) => v.metadata.name.clone(),
+                Some(_) => continue,
+                None => r.name.clone(),
             };
-            if crate::plan::stale_here(v, &self.machine) {
-                if let Err(e) = self.remove_stale_copy(&v.metadata.name, &r.uid).await {
-                    tracing::warn!(volume = %v.metadata.name, error = %e, "a stale copy is kept for now");
-                }
+            if let Err(e) = self.remove_stale_copy(&name, &r.uid).await {
+                tracing::warn!(volume = %name, error = %e, "a stale copy is kept for now");
             }
         }
     }
