@@ -109,7 +109,9 @@ pub trait Resource:
 /// Implements [`Resource`] for a struct with `metadata`, `spec` and `status: Option<_>` fields.
 macro_rules! resource {
     ($ty:ty, $status:ty, $kind:literal, $plural:literal) => {
-        $crate::meta::resource!($ty, $status, $kind, $plural, |_o| std::collections::BTreeSet::new());
+        $crate::meta::resource!($ty, $status, $kind, $plural, |_o| {
+            std::collections::BTreeSet::new()
+        });
     };
     ($ty:ty, $status:ty, $kind:literal, $plural:literal, $views:expr) => {
         impl $crate::Resource for $ty {

@@ -194,7 +194,26 @@ fn check_header(
             errors.push(format!("metadata.annotations[{key}]"), p);
         }
     }
+    let annotation_bytes: usize = meta
+        .annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if annotation_bytes > MAX_ANNOTATION_BYTES {
+        errors.push(
+            "metadata.annotations",
+            format!(
+                "{annotation_bytes} bytes in all is over the limit of {MAX_ANNOTATION_BYTES} (256 KiB)"
+            ),
+        );
+    }
 }
+
+/// Keys and values of an object's annotations together, at most (Kubernetes' limit). One write
+/// of a Volume carries it and its copies in the machine views it concerns (up to three) in one
+/// etcd transaction, which must stay under etcd's request limit (`--max-request-bytes`, 1.5 MiB
+/// by default).
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
 
 /// Checks a Volume; `Err` lists every problem.
 pub fn validate_volume(v: &Volume) -> Result<(), ValidationErrors> {
@@ -446,6 +465,21 @@ mod tests {
     #[test]
     fn a_plain_volume_is_valid() {
         assert_eq!(validate_volume(&volume("media-site-42")), Ok(()));
+    }
+
+    #[test]
+    fn annotations_are_bounded_in_all_so_a_write_with_its_view_copies_fits_one_etcd_request() {
+        let mut v = volume("big");
+        v.metadata
+            .annotations
+            .insert("example.com/notes".into(), "x".repeat(MAX_ANNOTATION_BYTES));
+        assert_eq!(fields(validate_volume(&v)), ["metadata.annotations"]);
+        let message = validate_volume(&v).unwrap_err().0.remove(0).message;
+        assert!(message.contains("256 KiB"), "{message}");
+        v.metadata
+            .annotations
+            .insert("example.com/notes".into(), "x".repeat(1024));
+        assert_eq!(validate_volume(&v), Ok(()));
     }
 
     #[test]

@@ -235,7 +235,12 @@ async fn agent_rss_kib(etcd: &Etcd, machine: &str) -> u64 {
     let port = cobalt_testkit::free_port();
     let mut d = Daemon::spawn(
         std::process::Command::new(binary("cobalt-agent"))
-            .args(["--etcd-endpoints", &etcd.endpoints()[0], "--machine", machine])
+            .args([
+                "--etcd-endpoints",
+                &etcd.endpoints()[0],
+                "--machine",
+                machine,
+            ])
             .args(["--address", "127.0.0.1", "--exporter", "none"])
             .args(["--backend", "loop"])
             .arg("--pool")
@@ -341,7 +346,8 @@ async fn agents_fanout(
                     .unwrap();
             }
         })
-        .buffer_unordered(PARALLEL)
+        // No more in flight than there are volumes written (each write is a status CAS).
+        .buffer_unordered(PARALLEL.min(agents * per_machine))
         .collect::<Vec<()>>()
         .await;
     let (mut delivered, mut bytes, mut secs) = (0usize, 0u64, 0f64);
@@ -534,9 +540,7 @@ async fn main() {
     }
     let per_event = |agents: usize, views: bool| {
         rows.iter()
-            .find(|r| {
-                r["agents"] == agents && (r["watching"] == "own machine's view") == views
-            })
+            .find(|r| r["agents"] == agents && (r["watching"] == "own machine's view") == views)
             .map_or(0, |r| r["bytes_delivered_per_event"].as_u64().unwrap_or(0))
     };
     let fanout_section = json!({

@@ -68,6 +68,12 @@ pub fn proc_stats(pid: u32) -> Option<(f64, f64, f64)> {
 
 /// `cobalt_runtime_alive_tasks` from the daemon's /metrics (plain HTTP/1.0, bounded).
 pub async fn alive_tasks(addr: &str) -> Option<f64> {
+    metric(addr, "cobalt_runtime_alive_tasks").await
+}
+
+/// The value of one series (its name with labels, as the exposition prints it) in the /metrics
+/// of the daemon at `addr` (`host:port`).
+pub async fn metric(addr: &str, series: &str) -> Option<f64> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cobalt\r\n\r\n")
@@ -76,7 +82,7 @@ pub async fn alive_tasks(addr: &str) -> Option<f64> {
         let mut body = String::new();
         s.read_to_string(&mut body).await.ok()?;
         body.lines()
-            .find_map(|l| l.strip_prefix("cobalt_runtime_alive_tasks "))?
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
             .trim()
             .parse()
             .ok()

@@ -494,3 +494,120 @@ async fn a_clone_excluded_from_its_sources_machine_is_seeded_on_another() {
     .await;
     assert!(copy.status.as_ref().unwrap().clone_seed.is_none());
 }
+
+/// One series of agent `m`'s /metrics (0 while absent: a counter appears at its first event).
+async fn agent_metric(c: &Cluster, m: &str, series: &str) -> f64 {
+    let machine = c.machines.iter().find(|x| x.name == m).expect("a machine");
+    cobalt_e2e::soak::metric(&format!("{}:7421", machine.host.addr), series)
+        .await
+        .unwrap_or(0.0)
+}
+
+const CACHED: &str = "cobalt_cached_objects{kind=\"Volume\"}";
+const EVENTS: &str = "cobalt_watch_events_total{kind=\"Volume\"}";
+
+/// Waits until each agent holds `want[i]` volumes (m1, m2, m3).
+async fn agents_hold(c: &Cluster, want: [f64; 3]) {
+    until(
+        "each agent holding its own volumes",
+        Duration::from_secs(30),
+        || async {
+            let mut held = [0.0; 3];
+            for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+                held[i] = agent_metric(c, m, CACHED).await;
+            }
+            (held == want).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_receives_only_the_volumes_of_its_machine_and_a_move_hands_one_over() {
+    let mut c = Cluster::start("binpack").await;
+    machines_ready(&c, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = c.client.addr.to_string();
+    // m3 is the one hdd machine; the ssd volume goes to m1 or m2.
+    let manifest = [
+        volume_yaml("hdd-a", "64Mi", "disk: hdd", &client, "rw"),
+        volume_yaml("hdd-b", "64Mi", "disk: hdd", &client, "rw"),
+        volume_yaml("ssd", "64Mi", "disk: ssd", &client, "rw"),
+    ]
+    .join("---\n");
+    apply(&mut c, &dir, "v.yaml", &manifest).await;
+    for name in ["hdd-a", "hdd-b"] {
+        assert_eq!(machine_of(&ready(&mut c, name).await), "m3");
+    }
+    let ssd = ready(&mut c, "ssd").await;
+    let (from, to) = match machine_of(&ssd).as_str() {
+        "m1" => ("m1", "m2"),
+        _ => ("m2", "m1"),
+    };
+    let idx = |m: &str| m[1..].parse::<usize>().unwrap() - 1;
+    let mut want = [0.0, 0.0, 2.0];
+    want[idx(from)] = 1.0;
+    agents_hold(&c, want).await;
+
+    // Changes to m3's volumes (an export change, then the status it brings) reach m3 only.
+    let before: Vec<f64> =
+        futures::future::join_all(["m1", "m2", "m3"].map(|m| agent_metric(&c, m, EVENTS))).await;
+    let changed = [
+        volume_yaml("hdd-a", "64Mi", "disk: hdd", &client, "ro"),
+        volume_yaml("hdd-b", "64Mi", "disk: hdd", &client, "ro"),
+        volume_yaml("ssd", "64Mi", "disk: ssd", &client, "rw"),
+    ]
+    .join("---\n");
+    apply(&mut c, &dir, "v.yaml", &changed).await;
+    for name in ["hdd-a", "hdd-b"] {
+        until(
+            "the export change applied",
+            Duration::from_secs(30),
+            || async {
+                let v: Volume = c.store.get(name).await.ok()??;
+                let s = v.status.as_ref()?;
+                (s.observed_generation == 2 && s.phase == cobalt_api::VolumePhase::Ready)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    until(
+        "m3 received its volumes' changes",
+        Duration::from_secs(30),
+        || async { (agent_metric(&c, "m3", EVENTS).await >= before[2] + 4.0).then_some(()) },
+    )
+    .await;
+    for m in ["m1", "m2"] {
+        assert_eq!(
+            agent_metric(&c, m, EVENTS).await,
+            before[idx(m)],
+            "machine {m} received events of volumes on m3"
+        );
+    }
+
+    // A move hands the ssd volume over: the target holds it, then the source lets it go, and
+    // the data written before it is read back at the new machine.
+    let data = cobalt_testkit::nfs::pattern(3, 1 << 20);
+    c.nfs_write(&server(&ssd), "ssd/data.bin", &data)
+        .expect("1 MiB over NFS");
+    let o = c.ctl(&["move", "volume/ssd", "--to", to]).await;
+    assert!(o.status.success(), "{}", out(&o));
+    let moved = until("the move finished", Duration::from_secs(60), || async {
+        let v: Volume = c.store.get("ssd").await.ok()??;
+        let s = v.status.as_ref()?;
+        (s.machine.as_deref() == Some(to)
+            && s.move_.is_none()
+            && s.phase == cobalt_api::VolumePhase::Ready)
+            .then_some(v)
+    })
+    .await;
+    let mut want = [0.0, 0.0, 2.0];
+    want[idx(to)] = 1.0;
+    agents_hold(&c, want).await;
+    assert_eq!(
+        c.nfs_read(&server(&moved), "ssd/data.bin")
+            .expect("read at the target"),
+        data
+    );
+}

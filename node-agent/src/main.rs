@@ -179,7 +179,24 @@ async fn main() -> anyhow::Result<()> {
         _ = volumes.ready() => readiness.volumes_loaded.store(true, Ordering::SeqCst),
     }
     let mut set = ExportSet::new();
-    for v in volumes.list() {
+    let mut candidates = volumes.list();
+    // A copy on the pool whose volume is not in this machine's view is looked up fresh: an etcd
+    // whose views have not been written yet (controllers not upgraded first, or restored from an
+    // old backup) must not make the agent withdraw what it serves. Normally there is none.
+    let in_view: std::collections::HashSet<String> =
+        candidates.iter().map(|v| v.metadata.uid.clone()).collect();
+    for r in backend.list().unwrap_or_default() {
+        if in_view.contains(&r.uid) {
+            continue;
+        }
+        if let Ok(Some(v)) = store.get::<Volume>(&r.name).await {
+            if v.metadata.uid == r.uid && role(&v, &name) == Role::Serving {
+                tracing::warn!(volume = %r.name, "a volume served here is missing from this machine's view (written by the scheduler leader); exporting it as a fresh read says");
+                candidates.push(Arc::new(v));
+            }
+        }
+    }
+    for v in candidates {
         let serving = matches!(role(&v, &name), Role::Serving | Role::MoveRequested { .. });
         // A move from here whose cut-over has begun is never served here again.
         let cut_over = v

@@ -37,6 +37,9 @@ pub struct Metrics {
     queue_depth: Family<KindLabel, Gauge>,
     watch_restarts: Family<KindLabel, Counter>,
     relists: Family<KindLabel, Counter>,
+    watch_events: Family<KindLabel, Counter>,
+    watch_bytes: Family<KindLabel, Counter>,
+    cached: Family<KindLabel, Gauge>,
 }
 
 fn kind(k: &str) -> KindLabel {
@@ -56,6 +59,9 @@ impl Metrics {
             queue_depth: Family::default(),
             watch_restarts: Family::default(),
             relists: Family::default(),
+            watch_events: Family::default(),
+            watch_bytes: Family::default(),
+            cached: Family::default(),
         };
         registry.register(
             "cobalt_reconcile",
@@ -87,6 +93,21 @@ impl Metrics {
             "Full lists (start and after compaction)",
             m.relists.clone(),
         );
+        registry.register(
+            "cobalt_watch_events",
+            "Object changes received from etcd watches",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "cobalt_watch_received_bytes",
+            "Bytes of keys and values received from etcd watches",
+            m.watch_bytes.clone(),
+        );
+        registry.register(
+            "cobalt_cached_objects",
+            "Objects held in the reflector's cache (an agent: the ones in its machine's view)",
+            m.cached.clone(),
+        );
         registry.register_collector(Box::new(RuntimeTasks));
         m
     }
@@ -114,6 +135,16 @@ impl Metrics {
 
     pub(crate) fn relisted(&self, k: &str) {
         self.relists.get_or_create(&kind(k)).inc();
+    }
+
+    /// After the reflector applied a list or a watch event: the cache's size, and (for an event)
+    /// the bytes its watch received for it.
+    pub(crate) fn reflected(&self, k: &str, cached: usize, event_bytes: Option<u64>) {
+        self.cached.get_or_create(&kind(k)).set(cached as i64);
+        if let Some(bytes) = event_bytes {
+            self.watch_events.get_or_create(&kind(k)).inc();
+            self.watch_bytes.get_or_create(&kind(k)).inc_by(bytes);
+        }
     }
 }
 

@@ -64,7 +64,11 @@ pub async fn reflect_in<R: Resource>(
         let items: Vec<std::sync::Arc<R>> = items.into_iter().map(std::sync::Arc::new).collect();
         let mut watch = store.watch_after_list_in(&scope, &items, revision);
         cache.replace_all(items, revision);
+        if let Some(m) = &metrics {
+            m.reflected(kind, cache.len(), None);
+        }
         let mut restarts = watch.restarts();
+        let mut received = watch.bytes_received();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -76,6 +80,7 @@ pub async fn reflect_in<R: Resource>(
                     m.watch_restarted(kind);
                 }
             }
+            let change = matches!(&next, Ok(e) if !matches!(e, WatchEvent::Progress { .. }));
             match next {
                 Ok(
                     WatchEvent::Added { object, revision }
@@ -92,6 +97,11 @@ pub async fn reflect_in<R: Resource>(
                 Err(e) => {
                     tracing::debug!(kind, error = %e, "watch interrupted; it resumes by itself")
                 }
+            }
+            if let (true, Some(m)) = (change, &metrics) {
+                let now = watch.bytes_received();
+                m.reflected(kind, cache.len(), Some(now - received));
+                received = now;
             }
         }
     }

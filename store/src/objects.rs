@@ -77,11 +77,7 @@ impl Store {
             .ops,
         );
         let txn = Txn::new()
-            .when(self.with_fence(vec![Compare::create_revision(
-                key,
-                CompareOp::Equal,
-                0,
-            )]))
+            .when(self.with_fence(vec![Compare::create_revision(key, CompareOp::Equal, 0)]))
             .and_then(ops)
             .or_else(self.fence_probe());
         let resp = self.call(self.client.kv_client().txn(txn)).await?;
@@ -753,7 +749,7 @@ fn assemble<R: Resource>(root: &str, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>>
 }
 
 /// Decodes `kvs` (in key order) onto `out`, a status onto the object just before it.
-fn assemble_into<R: Resource>(
+pub(crate) fn assemble_into<R: Resource>(
     root: &str,
     out: &mut Vec<Stored<R>>,
     kvs: &[KeyValue],

@@ -23,7 +23,7 @@
 //! it takes over, so a cluster whose data predates views, or an etcd restored from a backup
 //! taken before them, is brought in line before agents rely on them).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use cobalt_api::Resource;
 use etcd_client::{Compare, CompareOp, GetOptions, TxnOp};
@@ -32,7 +32,7 @@ use serde_json::Value;
 use crate::connection::Store;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::objects::{encode, prefix_end};
+use crate::objects::{assemble_into, encode, prefix_end, Stored};
 
 /// Which copies of a kind a list or watch reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,7 +91,11 @@ pub(crate) fn view_ops<R: Resource>(keys: &Keys, t: Transition<'_, R>) -> Result
                     copies_unwritten = true;
                     encode_with_version(new)?
                 };
-                ops.push(TxnOp::put(keys.view_object(m, R::PLURAL, name), value, None));
+                ops.push(TxnOp::put(
+                    keys.view_object(m, R::PLURAL, name),
+                    value,
+                    None,
+                ));
             }
             if joins || t.status_written {
                 copies_unwritten |= joins && !t.status_written;
@@ -140,30 +144,34 @@ pub struct Repaired {
     pub stray_keys: usize,
 }
 
+/// What a view holds of one object on one machine, as hashes (the repair keeps one per copy,
+/// not the copies): the object copy's bytes and `mod_revision`, the status copy's bytes.
+#[derive(Default)]
+struct Held {
+    object: Option<(u64, i64)>,
+    status: Option<u64>,
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 impl Store {
     /// Makes every machine's view of kind `R` equal to the objects: copies missing or different
     /// are written, copies nothing wants are removed. Each object's fix is one transaction
     /// guarded by the object's and its status's mod revisions (an object written meanwhile was
-    /// kept right by that write and is left alone). Reads the whole kind and every view: meant
-    /// for a leader taking over, not for every reconcile.
+    /// kept right by that write and is left alone). Reads every view, then the kind a page at a
+    /// time, holding a digest per copy and one page of objects: meant for a leader taking over,
+    /// not for every reconcile.
     pub async fn repair_views<R: Resource>(&self) -> Result<Repaired> {
-        let (objects, _) = self.list_stored::<R>(&Scope::All, None).await?;
-        // (machine, name) → (object copy without its resourceVersion, the revision it says it
-        // is; status copy) as stored in the views.
-        type Copy = (Option<(Value, i64)>, Option<Vec<u8>>);
-        let mut copies: BTreeMap<(String, String), Copy> = BTreeMap::new();
+        // name → machine → what its view holds.
+        let mut held: HashMap<String, BTreeMap<String, Held>> = HashMap::new();
         let views = self.keys.views();
-        let mut kv = self.client.kv_client();
-        let end = prefix_end(&views);
-        let mut start = views.clone().into_bytes();
-        loop {
-            let options = GetOptions::new().with_range(end.clone()).with_limit(500);
-            let mut resp = self.call(kv.get(start.clone(), Some(options))).await?;
-            let more = resp.more();
-            let page = resp.take_kvs();
-            let Some(last) = page.last() else { break };
-            start = last.key().to_vec();
-            start.push(0);
+        let mut pages = self.pages(&views);
+        while let Some(page) = pages.next().await? {
             for item in &page {
                 let key = String::from_utf8_lossy(item.key());
                 let parts: Vec<&str> = key
@@ -176,125 +184,185 @@ impl Store {
                 if plural != R::PLURAL {
                     continue;
                 }
-                let entry = copies
-                    .entry((machine.to_string(), name.to_string()))
+                let h = held
+                    .entry(name.to_string())
+                    .or_default()
+                    .entry(machine.to_string())
                     .or_default();
                 match part {
-                    "object" => entry.0 = Some(without_version(item.value(), item.mod_revision())),
-                    "status" => entry.1 = Some(item.value().to_vec()),
+                    "object" => h.object = Some((digest(item.value()), item.mod_revision())),
+                    "status" => h.status = Some(digest(item.value())),
                     _ => {}
                 }
             }
-            if !more {
-                break;
-            }
         }
         let mut done = Repaired::default();
-        let mut wanted: BTreeSet<(String, String)> = BTreeSet::new();
-        for stored in &objects {
-            let o = &stored.object;
-            let mut ops = Vec::new();
-            for m in o.machine_views() {
-                wanted.insert((m.to_string(), o.name().to_string()));
-                let have = copies
-                    .get(&(m.to_string(), o.name().to_string()))
-                    .cloned()
-                    .unwrap_or_default();
-                let object = encode_with_version(o)?;
-                let current = (
-                    without_version(&object, 0).0,
-                    stored.object_mod_revision,
-                );
-                let status = o
-                    .status()
-                    .map(|s| serde_json::to_vec(s).map_err(|e| Error::Invalid(e.to_string())))
-                    .transpose()?;
-                if have.0.as_ref() != Some(&current) {
-                    ops.push(TxnOp::put(
-                        self.keys.view_object(m, R::PLURAL, o.name()),
-                        object,
-                        None,
-                    ));
-                }
-                if have.1 != status {
-                    let key = self.keys.view_status(m, R::PLURAL, o.name());
-                    ops.push(match status {
-                        Some(s) => TxnOp::put(key, s, None),
-                        None => TxnOp::delete(key, None),
-                    });
-                }
-            }
-            if ops.is_empty() {
-                continue;
-            }
-            let guards = vec![
-                Compare::mod_revision(
-                    self.keys.object(R::PLURAL, o.name()),
-                    CompareOp::Equal,
-                    stored.object_mod_revision,
-                ),
-                Compare::mod_revision(
-                    self.keys.status(R::PLURAL, o.name()),
-                    CompareOp::Equal,
-                    stored.status_mod_revision,
-                ),
-            ];
-            if self.commit(guards, ops).await?.is_some() {
-                done.objects += 1;
+        // The objects, each with its status: a status key follows its object's key, possibly
+        // on the next page, so an object is repaired when the next one starts.
+        let root = self.keys.kind(R::PLURAL);
+        let mut objects: Vec<Stored<R>> = Vec::new();
+        let mut last: Option<Stored<R>> = None;
+        let mut pages = self.pages(&root);
+        while let Some(page) = pages.next().await? {
+            objects.extend(last.take());
+            assemble_into(&root, &mut objects, &page)?;
+            last = objects.pop();
+            for stored in objects.drain(..) {
+                let copies = held.remove(stored.object.name()).unwrap_or_default();
+                self.repair_one(&stored, copies, &mut done).await?;
             }
         }
-        // Copies no object wants. Each removal is guarded by the object still not wanting it:
-        // absent, or present at the revision read above (a write since then keeps its views).
-        let revisions: BTreeMap<&str, (i64, i64)> = objects
-            .iter()
-            .map(|s| {
-                (
-                    s.object.name(),
-                    (s.object_mod_revision, s.status_mod_revision),
-                )
-            })
-            .collect();
-        for (machine, name) in copies.keys() {
-            if wanted.contains(&(machine.clone(), name.clone())) {
-                continue;
-            }
-            let (object_rev, status_rev) = revisions.get(name.as_str()).copied().unwrap_or((0, 0));
-            let guards = vec![
-                Compare::mod_revision(
-                    self.keys.object(R::PLURAL, name),
-                    CompareOp::Equal,
-                    object_rev,
-                ),
-                Compare::mod_revision(
-                    self.keys.status(R::PLURAL, name),
-                    CompareOp::Equal,
-                    status_rev,
-                ),
-            ];
-            let ops = vec![
-                TxnOp::delete(self.keys.view_object(machine, R::PLURAL, name), None),
-                TxnOp::delete(self.keys.view_status(machine, R::PLURAL, name), None),
-            ];
-            if self.commit(guards, ops).await?.is_some() {
-                done.stray_keys += 1;
+        if let Some(stored) = last {
+            let copies = held.remove(stored.object.name()).unwrap_or_default();
+            self.repair_one(&stored, copies, &mut done).await?;
+        }
+        // Copies of objects that do not exist: removed while the object still does not.
+        for (name, machines) in held {
+            for machine in machines.keys() {
+                let guards = vec![
+                    Compare::create_revision(
+                        self.keys.object(R::PLURAL, &name),
+                        CompareOp::Equal,
+                        0,
+                    ),
+                    Compare::create_revision(
+                        self.keys.status(R::PLURAL, &name),
+                        CompareOp::Equal,
+                        0,
+                    ),
+                ];
+                if self
+                    .commit(guards, self.view_deletes::<R>(machine, &name))
+                    .await?
+                    .is_some()
+                {
+                    done.stray_keys += 1;
+                }
             }
         }
         Ok(done)
     }
-}
 
-/// A view's object copy without its resourceVersion, and the revision of the object it is:
-/// the one it carries (a copy written after the object was), else the copy's own `mod_revision`
-/// (written with the object, in the same transaction).
-fn without_version(bytes: &[u8], mod_revision: i64) -> (Value, i64) {
-    let mut value: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-    let mut revision = mod_revision;
-    if let Some(Value::Object(meta)) = value.get_mut("metadata") {
-        if let Some(rv) = meta.remove("resourceVersion") {
-            if let Some(r) = rv.as_str().and_then(|r| r.parse().ok()) {
-                revision = r;
+    /// Repairs the copies of one object, given what the views hold of it.
+    async fn repair_one<R: Resource>(
+        &self,
+        stored: &Stored<R>,
+        mut copies: BTreeMap<String, Held>,
+        done: &mut Repaired,
+    ) -> Result<()> {
+        let o = &stored.object;
+        let name = o.name();
+        let with_object = encode(o)?;
+        let with_version = encode_with_version(o)?;
+        let status = o
+            .status()
+            .map(|s| serde_json::to_vec(s).map_err(|e| Error::Invalid(e.to_string())))
+            .transpose()?;
+        let (plain, versioned) = (digest(&with_object), digest(&with_version));
+        let mut ops = Vec::new();
+        for m in o.machine_views() {
+            let have = copies.remove(m).unwrap_or_default();
+            // Right if written with the object (same revision, no resourceVersion inside) or
+            // after it (carrying the object's resourceVersion).
+            let object_right = match have.object {
+                Some((d, rev)) => {
+                    (d == plain && rev == stored.object_mod_revision) || d == versioned
+                }
+                None => false,
+            };
+            if !object_right {
+                ops.push(TxnOp::put(
+                    self.keys.view_object(m, R::PLURAL, name),
+                    with_version.clone(),
+                    None,
+                ));
+            }
+            if have.status != status.as_deref().map(digest) {
+                let key = self.keys.view_status(m, R::PLURAL, name);
+                ops.push(match &status {
+                    Some(s) => TxnOp::put(key, s.clone(), None),
+                    None => TxnOp::delete(key, None),
+                });
             }
         }
+        let strays: Vec<String> = copies.into_keys().collect();
+        for m in &strays {
+            ops.extend(self.view_deletes::<R>(m, name));
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let guards = vec![
+            Compare::mod_revision(
+                self.keys.object(R::PLURAL, name),
+                CompareOp::Equal,
+                stored.object_mod_revision,
+            ),
+            Compare::mod_revision(
+                self.keys.status(R::PLURAL, name),
+                CompareOp::Equal,
+                stored.status_mod_revision,
+            ),
+        ];
+        let copied = ops.len() > 2 * strays.len();
+        if self.commit(guards, ops).await?.is_some() {
+            done.objects += usize::from(copied);
+            done.stray_keys += strays.len();
+        }
+        Ok(())
     }
-    (value, revision)
+
+    fn view_deletes<R: Resource>(&self, machine: &str, name: &str) -> Vec<TxnOp> {
+        vec![
+            TxnOp::delete(self.keys.view_object(machine, R::PLURAL, name), None),
+            TxnOp::delete(self.keys.view_status(machine, R::PLURAL, name), None),
+        ]
+    }
+
+    /// The keys under `prefix`, a page at a time, all at the revision of the first page.
+    fn pages(&self, prefix: &str) -> Pages<'_> {
+        Pages {
+            store: self,
+            kv: self.client.kv_client(),
+            end: prefix_end(prefix),
+            start: Some(prefix.as_bytes().to_vec()),
+            revision: 0,
+        }
+    }
+}
+
+/// See [`Store::pages`].
+struct Pages<'a> {
+    store: &'a Store,
+    kv: etcd_client::KvClient,
+    end: Vec<u8>,
+    /// `None` once the last page was read.
+    start: Option<Vec<u8>>,
+    revision: i64,
+}
+
+impl Pages<'_> {
+    async fn next(&mut self) -> Result<Option<Vec<etcd_client::KeyValue>>> {
+        let Some(start) = self.start.take() else {
+            return Ok(None);
+        };
+        let mut options = GetOptions::new()
+            .with_range(self.end.clone())
+            .with_limit(500);
+        if self.revision > 0 {
+            options = options.with_revision(self.revision);
+        }
+        let mut resp = self.store.call(self.kv.get(start, Some(options))).await?;
+        if self.revision == 0 {
+            self.revision = crate::objects::header_revision(resp.header());
+        }
+        let more = resp.more();
+        let page = resp.take_kvs();
+        if let (true, Some(last)) = (more, page.last()) {
+            let mut next = last.key().to_vec();
+            next.push(0);
+            self.start = Some(next);
+        }
+        Ok((!page.is_empty()).then_some(page))
+    }
 }

@@ -983,7 +983,10 @@ async fn machine_views_follow_binding_serving_and_moves_in_the_same_transaction(
         .object;
     let seen_by_m3 = in_view(&store, "m3", "a").await.unwrap();
     assert_eq!(seen_by_m3, moving);
-    assert_eq!(seen_by_m3.metadata.resource_version, bound.metadata.resource_version);
+    assert_eq!(
+        seen_by_m3.metadata.resource_version,
+        bound.metadata.resource_version
+    );
     let update = store
         .update_status_from(&seen_by_m3, |v| {
             let mut s = v.status.clone().unwrap();
@@ -1060,9 +1063,13 @@ async fn repairing_the_views_restores_missing_copies_and_removes_stray_ones() {
     kv.put(store.keys().view_object("m9", "volumes", "b"), "{}", None)
         .await
         .unwrap();
-    kv.put(store.keys().view_object("m9", "volumes", "gone"), "{}", None)
-        .await
-        .unwrap();
+    kv.put(
+        store.keys().view_object("m9", "volumes", "gone"),
+        "{}",
+        None,
+    )
+    .await
+    .unwrap();
     let repaired = store.repair_views::<Volume>().await.unwrap();
     assert_eq!(
         repaired,
