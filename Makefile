@@ -90,6 +90,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench claims
 	$(CARGO) bench -p cobalt-e2e --bench gitops
 	$(CARGO) bench -p cobalt-e2e --bench scale
+	$(CARGO) bench -p cobalt-e2e --bench scheduling
 
 demo: deps
 	bash scripts/demo.sh

@@ -340,10 +340,20 @@ async fn agents_fanout(
             let store = store.clone();
             async move {
                 let name = format!("vol-{:06}", volume_of(j));
-                store
-                    .update_status::<Volume, _>(&name, |v| Some(status(v, (2 << 20) + j as u64)))
-                    .await
-                    .unwrap();
+                // etcd busy delivering to 100 watchers of everything can pass a request's
+                // deadline: retried, a bounded number of times.
+                for attempt in 1.. {
+                    match store
+                        .update_status::<Volume, _>(&name, |v| {
+                            Some(status(v, (2 << 20) + j as u64))
+                        })
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(cobalt_store::Error::Unavailable { .. }) if attempt < 10 => {}
+                        Err(e) => panic!("status write of {name}: {e}"),
+                    }
+                }
             }
         })
         // No more in flight than there are volumes written (each write is a status CAS).
