@@ -42,6 +42,23 @@ fn volume(i: usize) -> Volume {
     v
 }
 
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 async fn decisions_bound(http: &reqwest::Client, url: &str) -> f64 {
     let text = match http.get(url).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
@@ -126,6 +143,8 @@ async fn main() {
     let url = format!("http://127.0.0.1:{port}/metrics");
     let deadline = Instant::now() + Duration::from_secs(1800);
     let mut first: Option<Instant> = None;
+    let (controller_pid, etcd_pid) = (d.pid().unwrap(), etcd.pid().unwrap());
+    let mut cpu_at_first = (0.0, 0.0);
     let last = loop {
         assert!(
             Instant::now() < deadline,
@@ -135,12 +154,17 @@ async fn main() {
         let bound = decisions_bound(&http, &url).await;
         if bound > 0.0 && first.is_none() {
             first = Some(Instant::now());
+            cpu_at_first = (cpu_seconds(controller_pid), cpu_seconds(etcd_pid));
         }
         if bound >= n as f64 {
             break Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let cpu = (
+        cpu_seconds(controller_pid) - cpu_at_first.0,
+        cpu_seconds(etcd_pid) - cpu_at_first.1,
+    );
     d.terminate(Duration::from_secs(10));
     // The floor: a binding's transaction with the bytes of a real one (vol-000000's object and
     // status as the scheduler wrote them), N times, 16 in flight, on keys of its own.
@@ -161,7 +185,11 @@ async fn main() {
             async move {
                 let key = format!("/floor/volumes/vol-{i:06}/object");
                 let txn = Txn::new()
-                    .when(vec![Compare::mod_revision(key.clone(), CompareOp::Equal, 0)])
+                    .when(vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
                     .and_then(vec![
                         TxnOp::put(key, object.clone(), None),
                         TxnOp::put(
@@ -189,7 +217,10 @@ async fn main() {
     let floor_secs = t.elapsed().as_secs_f64();
     client
         .kv_client()
-        .delete("/floor/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .delete(
+            "/floor/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
 
@@ -206,6 +237,9 @@ async fn main() {
         "bind_seconds": (bind_secs * 100.0).round() / 100.0,
         "binds_per_second": binds_per_second.round(),
         "floor_txns_per_second": floor_per_second.round(),
+        // CPU each process used while binding (2 cores here: at most 2 s per second).
+        "controller_cpu_seconds": (cpu.0 * 100.0).round() / 100.0,
+        "etcd_cpu_seconds": (cpu.1 * 100.0).round() / 100.0,
         "floor_concurrency": WRITE_CONCURRENCY,
         "ratio": (binds_per_second / floor_per_second * 100.0).round() / 100.0,
         "target_ratio": 0.7,

@@ -100,6 +100,24 @@ impl<R: Resource> Cache<R> {
         self.read().keys().cloned().collect()
     }
 
+    /// The names of the objects `pred` accepts, ordered by name: one pass under the read lock,
+    /// copying nothing else (what a secondary watch's mapping wants from a large cache).
+    pub fn names_where(&self, mut pred: impl FnMut(&R) -> bool) -> Vec<String> {
+        self.read()
+            .iter()
+            .filter(|(_, o)| pred(o))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The first name (in name order) of an object `pred` accepts.
+    pub fn first_name_where(&self, mut pred: impl FnMut(&R) -> bool) -> Option<String> {
+        self.read()
+            .iter()
+            .find(|(_, o)| pred(o))
+            .map(|(name, _)| name.clone())
+    }
+
     pub fn len(&self) -> usize {
         self.read().len()
     }

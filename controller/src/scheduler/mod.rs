@@ -215,24 +215,25 @@ async fn lead(
         last_write: tokio::sync::Mutex::new(0),
         events: events.clone(),
     };
-    let volume_controller = Controller::new(volumes.clone(), scheduler, volume_config)
-        .with_metrics(reconcile_metrics.clone())
-        // A machine change (capacity, labels, cordon) may make pending volumes placeable, and
-        // concerns the volumes bound to it.
-        .watches(machines.clone(), {
-            let volumes = volumes.clone();
-            move |m: &Machine| {
-                volumes
-                    .list()
-                    .iter()
-                    .filter(|v| {
-                        v.spec.machine.is_none()
-                            || v.spec.machine.as_deref() == Some(m.metadata.name.as_str())
-                    })
-                    .map(|v| v.metadata.name.clone())
-                    .collect()
-            }
-        });
+    let volume_controller =
+        Controller::new(volumes.clone(), scheduler, volume_config)
+            .with_metrics(reconcile_metrics.clone())
+            // A machine change (capacity, labels, cordon) may make pending volumes placeable, and
+            // concerns the volumes bound to it.
+            // A machine's change concerns the volumes bound to it, and placement: one unbound
+            // volume is enough, since reconciling any places every pending volume in one pass (a
+            // key per pending volume made each of 1,000 machines' first reports queue every one).
+            .watches(machines.clone(), {
+                let volumes = volumes.clone();
+                move |m: &Machine| {
+                    let name = m.metadata.name.as_str();
+                    let mut keys = volumes.names_where(|v| v.spec.machine.as_deref() == Some(name));
+                    keys.extend(volumes.first_name_where(|v| {
+                        v.spec.machine.is_none() && !v.metadata.is_deleting()
+                    }));
+                    keys
+                }
+            });
     let held: claims::Held = Default::default();
     let claim_controller = Controller::new(
         claims.clone(),
