@@ -482,6 +482,26 @@ pub struct MoveStatus {
     pub stalled: Option<String>,
 }
 
+impl MoveStatus {
+    /// A move from `from` to `to` just granted at `started`: stage Seeding, nothing sent yet.
+    pub fn granted(from: &str, to: &str, started: DateTime<Utc>) -> Self {
+        MoveStatus {
+            from: from.to_string(),
+            to: to.to_string(),
+            stage: MoveStage::Seeding,
+            started,
+            rounds: 0,
+            bytes_done: 0,
+            bytes_total: None,
+            bytes_sent: 0,
+            credential_sha256: None,
+            frozen: None,
+            cut_over_millis: None,
+            stalled: None,
+        }
+    }
+}
+
 /// Where a move is. A move can be cancelled (`spec.machine` set back) until CuttingOver.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -665,20 +685,7 @@ mod tests {
             ["m1"],
             "a move not granted reserves nothing on its target"
         );
-        v.status.as_mut().unwrap().move_ = Some(MoveStatus {
-            from: "m1".into(),
-            to: "m2".into(),
-            stage: MoveStage::Seeding,
-            started: Utc::now(),
-            rounds: 0,
-            bytes_done: 0,
-            bytes_total: None,
-            bytes_sent: 0,
-            credential_sha256: None,
-            frozen: None,
-            cut_over_millis: None,
-            stalled: None,
-        });
+        v.status.as_mut().unwrap().move_ = Some(MoveStatus::granted("m1", "m2", Utc::now()));
         assert_eq!(v.ledger_machines().collect::<Vec<_>>(), ["m1", "m2"]);
         let (reason, message) = v.moving().unwrap().describe();
         assert_eq!(reason, "Seeding");

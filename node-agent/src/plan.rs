@@ -790,18 +790,9 @@ mod tests {
     fn moving(mut v: Volume, stage: MoveStage) -> Volume {
         v.spec.machine = Some("m2".into());
         v.status.as_mut().unwrap().move_ = Some(cobalt_api::MoveStatus {
-            from: "m1".into(),
-            to: "m2".into(),
             stage,
-            started: Utc::now(),
             rounds: 1,
-            bytes_done: 0,
-            bytes_total: None,
-            bytes_sent: 0,
-            credential_sha256: None,
-            frozen: None,
-            cut_over_millis: None,
-            stalled: None,
+            ..cobalt_api::MoveStatus::granted("m1", "m2", Utc::now())
         });
         v
     }

@@ -165,7 +165,7 @@ impl Store {
                         status_written: false,
                     },
                 )?
-                .ops,
+                .into_ops(),
             );
         }
         Ok(self.commit(guards, ops).await?.is_some())

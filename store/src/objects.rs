@@ -74,7 +74,7 @@ impl Store {
                     status_written: false,
                 },
             )?
-            .ops,
+            .into_ops(),
         );
         let txn = Txn::new()
             .when(self.with_fence(vec![Compare::create_revision(key, CompareOp::Equal, 0)]))
@@ -254,7 +254,7 @@ impl Store {
                     status_written: status_changed,
                 },
             )?
-            .ops,
+            .into_ops(),
         );
         match self.commit(guards, ops).await? {
             Some(revision) => {
@@ -351,7 +351,7 @@ impl Store {
                 current.status_mod_revision,
             ));
         }
-        ops.extend(views.ops);
+        ops.extend(views.into_ops());
         match self.commit(guards, ops).await? {
             Some(revision) => {
                 if object_changed {
@@ -423,7 +423,7 @@ impl Store {
                 current.status_mod_revision,
             ));
         }
-        ops.extend(views.ops);
+        ops.extend(views.into_ops());
         match self.commit(guards, ops).await? {
             Some(revision) => {
                 obj.meta_mut().resource_version = revision.to_string();
@@ -497,7 +497,7 @@ impl Store {
                 ));
             }
             let mut ops = vec![TxnOp::put(key, value, None)];
-            ops.extend(views.ops);
+            ops.extend(views.into_ops());
             if let Some(revision) = self.commit(guards, ops).await? {
                 *object.status_mut() = Some(status);
                 return Ok(StatusUpdate {
@@ -562,7 +562,7 @@ impl Store {
             },
         )?;
         let mut ops = vec![TxnOp::put(key, value, None)];
-        ops.extend(views.ops);
+        ops.extend(views.into_ops());
         if let Some(written) = self.commit(guards, ops).await? {
             let object = after;
             return Ok(StatusUpdate {
@@ -590,7 +590,7 @@ impl Store {
                     status_written: true,
                 },
             )?
-            .ops,
+            .into_ops(),
         );
         Ok(ops)
     }

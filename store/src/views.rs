@@ -68,8 +68,27 @@ pub(crate) struct Transition<'a, R> {
 /// The view writes of a transaction, and whether it copies a half it does not write (then the
 /// caller must guard that half, so the copy is current).
 pub(crate) struct ViewOps {
-    pub ops: Vec<TxnOp>,
+    writes: Vec<ViewWrite>,
     pub copies_unwritten: bool,
+}
+
+/// One write to a view key.
+#[derive(Debug, PartialEq)]
+enum ViewWrite {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+impl ViewOps {
+    pub(crate) fn into_ops(self) -> Vec<TxnOp> {
+        self.writes
+            .into_iter()
+            .map(|w| match w {
+                ViewWrite::Put(key, value) => TxnOp::put(key, value, None),
+                ViewWrite::Delete(key) => TxnOp::delete(key, None),
+            })
+            .collect()
+    }
 }
 
 /// The writes keeping every machine's view of one object equal to it across `t`.
@@ -91,22 +110,17 @@ pub(crate) fn view_ops<R: Resource>(keys: &Keys, t: Transition<'_, R>) -> Result
                     copies_unwritten = true;
                     encode_with_version(new)?
                 };
-                ops.push(TxnOp::put(
-                    keys.view_object(m, R::PLURAL, name),
-                    value,
-                    None,
-                ));
+                ops.push(ViewWrite::Put(keys.view_object(m, R::PLURAL, name), value));
             }
             if joins || t.status_written {
                 copies_unwritten |= joins && !t.status_written;
                 let key = keys.view_status(m, R::PLURAL, name);
                 match new.status() {
-                    Some(s) => ops.push(TxnOp::put(
+                    Some(s) => ops.push(ViewWrite::Put(
                         key,
                         serde_json::to_vec(s).map_err(|e| Error::Invalid(e.to_string()))?,
-                        None,
                     )),
-                    None if !joins => ops.push(TxnOp::delete(key, None)),
+                    None if !joins => ops.push(ViewWrite::Delete(key)),
                     None => {}
                 }
             }
@@ -115,12 +129,12 @@ pub(crate) fn view_ops<R: Resource>(keys: &Keys, t: Transition<'_, R>) -> Result
     if let Some(old) = t.old {
         let name = old.name();
         for m in before.difference(&after) {
-            ops.push(TxnOp::delete(keys.view_object(m, R::PLURAL, name), None));
-            ops.push(TxnOp::delete(keys.view_status(m, R::PLURAL, name), None));
+            ops.push(ViewWrite::Delete(keys.view_object(m, R::PLURAL, name)));
+            ops.push(ViewWrite::Delete(keys.view_status(m, R::PLURAL, name)));
         }
     }
     Ok(ViewOps {
-        ops,
+        writes: ops,
         copies_unwritten,
     })
 }
@@ -364,5 +378,111 @@ impl Pages<'_> {
             self.start = Some(next);
         }
         Ok((!page.is_empty()).then_some(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cobalt_api::{MoveStatus, Volume, VolumeSpec, VolumeStatus};
+
+    fn volume(spec: Option<&str>, serving: Option<&str>, moving_to: Option<&str>) -> Volume {
+        let mut v = Volume::new(
+            "v",
+            VolumeSpec {
+                size: "1Gi".parse().unwrap(),
+                machine: spec.map(str::to_string),
+                ..Default::default()
+            },
+        );
+        v.metadata.resource_version = "7".into();
+        if serving.is_some() || moving_to.is_some() {
+            v.status = Some(VolumeStatus {
+                machine: serving.map(str::to_string),
+                move_: moving_to.map(|to| {
+                    MoveStatus::granted(serving.unwrap_or_default(), to, chrono::Utc::now())
+                }),
+                ..Default::default()
+            });
+        }
+        v
+    }
+
+    /// The writes as "put|delete <key under the views>", in order.
+    fn described(ops: &ViewOps) -> Vec<String> {
+        let short = |k: &str| k.trim_start_matches("/cobalt/views/").to_string();
+        ops.writes
+            .iter()
+            .map(|w| match w {
+                ViewWrite::Put(k, _) => format!("put {}", short(k)),
+                ViewWrite::Delete(k) => format!("delete {}", short(k)),
+            })
+            .collect()
+    }
+
+    fn ops(old: Option<&Volume>, new: Option<&Volume>, object: bool, status: bool) -> ViewOps {
+        view_ops(
+            &Keys::new("/cobalt"),
+            Transition {
+                old,
+                new,
+                object_written: object,
+                status_written: status,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_machine_joining_through_a_status_write_gets_both_halves_and_asks_for_a_guard() {
+        let before = volume(Some("m1"), Some("m1"), None);
+        let after = volume(Some("m1"), Some("m1"), Some("m2"));
+        let o = ops(Some(&before), Some(&after), false, true);
+        assert_eq!(
+            described(&o),
+            [
+                "put m1/volumes/v/status",
+                "put m2/volumes/v/object",
+                "put m2/volumes/v/status"
+            ]
+        );
+        assert!(o.copies_unwritten, "the object copied must be guarded");
+    }
+
+    #[test]
+    fn a_status_write_that_keeps_the_set_puts_one_status_copy_per_machine() {
+        let before = volume(Some("m1"), Some("m1"), None);
+        let o = ops(Some(&before), Some(&before), false, true);
+        assert_eq!(described(&o), ["put m1/volumes/v/status"]);
+        assert!(!o.copies_unwritten);
+    }
+
+    #[test]
+    fn a_machine_leaving_loses_both_copies_and_a_delete_removes_all() {
+        let moving = volume(Some("m2"), Some("m1"), Some("m2"));
+        let done = volume(Some("m2"), Some("m2"), None);
+        assert_eq!(
+            described(&ops(Some(&moving), Some(&done), false, true)),
+            [
+                "put m2/volumes/v/status",
+                "delete m1/volumes/v/object",
+                "delete m1/volumes/v/status"
+            ]
+        );
+        assert_eq!(
+            described(&ops(Some(&done), None, true, true)),
+            ["delete m2/volumes/v/object", "delete m2/volumes/v/status"]
+        );
+    }
+
+    #[test]
+    fn a_copy_written_without_the_object_carries_its_resource_version() {
+        let v = volume(Some("m1"), None, None);
+        let bytes = encode_with_version(&v).unwrap();
+        let back: Volume = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.metadata.resource_version, "7");
+        assert!(back.status.is_none());
+        let plain: Volume = serde_json::from_slice(&encode(&v).unwrap()).unwrap();
+        assert_eq!(plain.metadata.resource_version, "");
     }
 }

@@ -962,20 +962,7 @@ async fn machine_views_follow_binding_serving_and_moves_in_the_same_transaction(
     let moving = store
         .update_status::<Volume, _>("a", |v| {
             let mut s = v.status.clone().unwrap();
-            s.move_ = Some(cobalt_api::MoveStatus {
-                from: "m1".into(),
-                to: "m3".into(),
-                stage: cobalt_api::MoveStage::Seeding,
-                started,
-                rounds: 0,
-                bytes_done: 0,
-                bytes_total: None,
-                bytes_sent: 0,
-                credential_sha256: None,
-                frozen: None,
-                cut_over_millis: None,
-                stalled: None,
-            });
+            s.move_ = Some(cobalt_api::MoveStatus::granted("m1", "m3", started));
             Some(s)
         })
         .await

@@ -9,7 +9,7 @@
 //! agents carry the granted move out (node-agent `moves`); the scheduler never touches data.
 
 use chrono::{DateTime, Utc};
-use cobalt_api::{Capability, MoveStage, MoveStatus, Volume};
+use cobalt_api::{Capability, MoveStatus, Volume};
 
 use super::placement::MachineView;
 
@@ -124,25 +124,13 @@ pub fn admit(v: &Volume, machines: &[MachineView], now: DateTime<Utc>) -> MoveDe
             ),
         );
     }
-    MoveDecision::Grant(MoveStatus {
-        from: holder.to_string(),
-        to: target.to_string(),
-        stage: MoveStage::Seeding,
-        started: now,
-        rounds: 0,
-        bytes_done: 0,
-        bytes_total: None,
-        bytes_sent: 0,
-        credential_sha256: None,
-        frozen: None,
-        cut_over_millis: None,
-        stalled: None,
-    })
+    MoveDecision::Grant(MoveStatus::granted(holder, target, now))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cobalt_api::MoveStage;
     use cobalt_api::{Compression, VolumeSpec, VolumeStatus};
 
     const MIB: u64 = 1 << 20;
