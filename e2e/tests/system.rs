@@ -552,6 +552,11 @@ async fn an_agent_receives_only_the_volumes_of_its_machine_and_a_move_hands_one_
     // Changes to m3's volumes (an export change, then the status it brings) reach m3 only.
     let before: Vec<f64> =
         futures::future::join_all(["m1", "m2", "m3"].map(|m| agent_metric(&c, m, EVENTS))).await;
+    let mut generation = std::collections::BTreeMap::new();
+    for name in ["hdd-a", "hdd-b"] {
+        let v: Volume = c.store.get(name).await.unwrap().unwrap();
+        generation.insert(name, v.metadata.generation);
+    }
     let changed = [
         volume_yaml("hdd-a", "64Mi", "disk: hdd", &client, "ro"),
         volume_yaml("hdd-b", "64Mi", "disk: hdd", &client, "ro"),
@@ -560,13 +565,14 @@ async fn an_agent_receives_only_the_volumes_of_its_machine_and_a_move_hands_one_
     .join("---\n");
     apply(&mut c, &dir, "v.yaml", &changed).await;
     for name in ["hdd-a", "hdd-b"] {
+        let was = generation[name];
         until(
             "the export change applied",
             Duration::from_secs(30),
             || async {
                 let v: Volume = c.store.get(name).await.ok()??;
-                let s = v.status.as_ref()?;
-                (s.observed_generation == 2 && s.phase == cobalt_api::VolumePhase::Ready)
+                let (s, g) = (v.status.as_ref()?, v.metadata.generation);
+                (g > was && s.observed_generation == g && s.phase == cobalt_api::VolumePhase::Ready)
                     .then_some(())
             },
         )
