@@ -31,7 +31,7 @@ use cobalt_api::Access;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{stable_id, write_atomically, ExportError, ExportSet, ExportSpec, Exporter};
+use super::{assign_ids, write_atomically, ExportError, ExportSet, ExportSpec, Exporter};
 
 /// How long a (re)started ganesha may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(15);
@@ -116,13 +116,43 @@ fn incarnation(e: &ExportSpec) -> String {
     format!("{}-{born:x}", m.dev())
 }
 
-/// One volume's export block (pure).
-pub fn render_export(e: &ExportSpec, mountpoint: &Path) -> String {
+/// The key and seed [`super::assign_ids`] takes for an export at `mountpoint`.
+fn id_request(e: &ExportSpec, mountpoint: &Path) -> (String, String) {
+    let key = mountpoint.display().to_string();
+    let seed = format!("{}/{key}", e.uid);
+    (key, seed)
+}
+
+/// The Export_Id and Path of each export file's text (what ganesha holds after its last reload).
+fn ids_in_force<'a>(files: impl Iterator<Item = &'a String>) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    for text in files {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .map(|v| {
+                    v.trim()
+                        .trim_end_matches(';')
+                        .trim()
+                        .trim_matches('"')
+                        .to_string()
+                })
+        };
+        if let (Some(id), Some(path)) = (field("Export_Id ="), field("Path =")) {
+            if let Ok(id) = id.parse() {
+                out.insert(path, id);
+            }
+        }
+    }
+    out
+}
+
+/// One volume's export block (pure), with Export_Id `id`.
+pub fn render_export(e: &ExportSpec, mountpoint: &Path, id: u32) -> String {
     let mut out = format!(
         "# {name} (uid {uid}); written by cobalt-agent\nEXPORT {{\n  Export_Id = {id};\n  Path = \"{path}\";\n  Pseudo = \"/{name}\";\n  Protocols = 4;\n  SecType = sys;\n  Access_Type = None;\n  Squash = Root_Squash;\n  FSAL {{ Name = VFS; }}\n",
         name = e.name,
         uid = e.uid,
-        id = stable_id(&format!("{}/{}", e.uid, mountpoint.display())),
         path = mountpoint.display()
     );
     for c in &e.clients {
@@ -209,6 +239,14 @@ impl GaneshaExporter {
             .filter(|e| !e.clients.is_empty())
             .map(|e| exports_d.join(format!("{}.conf", e.name)))
             .collect();
+        // The ids ganesha holds until it reloads, read before any file goes: a new export must
+        // not take the id of one leaving in the same reload.
+        let in_force = ids_in_force(
+            disk.files
+                .iter()
+                .filter(|(p, _)| p.starts_with(&exports_d))
+                .map(|(_, text)| text),
+        );
         // Remove exports no longer wanted: file first (after the reload ganesha lets go), then mount.
         let stale: Vec<PathBuf> = disk
             .files
@@ -230,8 +268,16 @@ impl GaneshaExporter {
         }
         let mut includes = Vec::new();
         let mut wanted_mounts = BTreeSet::new();
-        for e in set.values().filter(|e| !e.clients.is_empty()) {
-            let mp = self.mountpoint(e);
+        let exported: Vec<(&ExportSpec, PathBuf)> = set
+            .values()
+            .filter(|e| !e.clients.is_empty())
+            .map(|e| (e, self.mountpoint(e)))
+            .collect();
+        let requests: Vec<(String, String)> =
+            exported.iter().map(|(e, mp)| id_request(e, mp)).collect();
+        let ids = assign_ids(&requests, &in_force);
+        for (e, mp) in exported {
+            let id = ids[&id_request(e, &mp).0];
             wanted_mounts.insert(mp.clone());
             if !disk.mounts.contains(&mp) {
                 std::fs::create_dir_all(&mp).map_err(io("create", &mp))?;
@@ -239,7 +285,7 @@ impl GaneshaExporter {
                 disk.mounts.insert(mp.clone());
             }
             let file = exports_d.join(format!("{}.conf", e.name));
-            changed |= disk.write(file.clone(), render_export(e, &mp))?;
+            changed |= disk.write(file.clone(), render_export(e, &mp, id))?;
             includes.push(file);
         }
         changed |= disk.write(
@@ -536,6 +582,21 @@ mod tests {
     use cobalt_api::ExportClient;
 
     #[test]
+    fn the_ids_in_force_are_read_back_from_the_export_files() {
+        let e = ExportSpec {
+            name: "media".into(),
+            uid: "u-1".into(),
+            source: "/pool/u-1".into(),
+            clients: vec![],
+        };
+        let text = render_export(&e, Path::new("/state/ganesha/exports/media.7-1f"), 4242);
+        assert_eq!(
+            ids_in_force([text].iter()),
+            HashMap::from([("/state/ganesha/exports/media.7-1f".to_string(), 4242)])
+        );
+    }
+
+    #[test]
     fn an_export_lists_each_client_with_its_access_and_squash_and_denies_the_rest() {
         let e = ExportSpec {
             name: "media".into(),
@@ -554,7 +615,7 @@ mod tests {
                 },
             ],
         };
-        let text = render_export(&e, Path::new("/state/ganesha/exports/media"));
+        let text = render_export(&e, Path::new("/state/ganesha/exports/media"), 17);
         assert!(text.contains("Pseudo = \"/media\";"));
         assert!(text.contains("Path = \"/state/ganesha/exports/media\";"));
         assert!(
@@ -565,10 +626,7 @@ mod tests {
             .contains("CLIENT { Clients = 10.0.0.0/24; Access_Type = RW; Squash = Root_Squash; }"));
         assert!(text
             .contains("CLIENT { Clients = 10.0.1.7; Access_Type = RO; Squash = No_Root_Squash; }"));
-        assert!(text.contains(&format!(
-            "Export_Id = {};",
-            stable_id("u-1//state/ganesha/exports/media")
-        )));
+        assert!(text.contains("Export_Id = 17;"));
         let main = render_main(12049, Path::new("/r"), &[PathBuf::from("/x/media.conf")]);
         assert!(
             main.contains("NFS_Port = 12049;")

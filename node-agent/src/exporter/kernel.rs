@@ -1,13 +1,14 @@
-//! The kernel NFS exporter: `/etc/exports.d/cobalt.exports` (one line per volume, a stable fsid,
+//! The kernel NFS exporter: `/etc/exports.d/cobalt.exports` (one line per volume, an fsid of its own,
 //! rw/ro, root_squash/no_root_squash, sync) and `exportfs -ra` to apply it. Written only when
 //! the content changes.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
 use cobalt_api::Access;
 
-use super::{stable_id, write_if_changed, ExportError, ExportSet, Exporter};
+use super::{assign_ids, write_if_changed, ExportError, ExportSet, Exporter};
 
 pub struct KernelExporter {
     pub file: PathBuf,
@@ -26,10 +27,31 @@ impl KernelExporter {
     }
 }
 
-/// The exports file for `set` (pure).
-pub fn render(set: &ExportSet) -> String {
+/// The fsid of each exported path in an exports file's text (what the kernel has in force).
+pub fn fsids_in_force(text: &str) -> HashMap<String, u32> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (path, rest) = l.split_once(' ')?;
+            let fsid = rest.split("fsid=").nth(1)?;
+            let fsid: String = fsid.chars().take_while(char::is_ascii_digit).collect();
+            Some((path.to_string(), fsid.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The exports file for `set` (pure), each export with an fsid of its own ([`assign_ids`]),
+/// keeping those of `in_force` (from [`fsids_in_force`]).
+pub fn render(set: &ExportSet, in_force: &HashMap<String, u32>) -> String {
     let mut out = String::from("# Written by cobalt-agent; edits are overwritten.\n");
+    let requests: Vec<(String, String)> = set
+        .values()
+        .filter(|e| !e.clients.is_empty())
+        .map(|e| (e.source.display().to_string(), e.uid.clone()))
+        .collect();
+    let ids = assign_ids(&requests, in_force);
     for e in set.values().filter(|e| !e.clients.is_empty()) {
+        let fsid = ids[&e.source.display().to_string()];
         let rules: Vec<String> = e
             .clients
             .iter()
@@ -46,7 +68,7 @@ pub fn render(set: &ExportSet) -> String {
                     } else {
                         "no_root_squash"
                     },
-                    stable_id(&e.uid)
+                    fsid
                 )
             })
             .collect();
@@ -64,7 +86,8 @@ impl Exporter for KernelExporter {
                 source,
             })?;
         }
-        if !write_if_changed(&self.file, &render(set))? {
+        let in_force = fsids_in_force(&std::fs::read_to_string(&self.file).unwrap_or_default());
+        if !write_if_changed(&self.file, &render(set, &in_force))? {
             return Ok(());
         }
         let out = Command::new(&self.exportfs)
@@ -85,5 +108,35 @@ impl Exporter for KernelExporter {
 
     fn port(&self) -> u16 {
         self.port
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exporter::ExportSpec;
+    use cobalt_api::ExportClient;
+
+    #[test]
+    fn fsids_are_read_back_and_kept_when_another_export_comes() {
+        let spec = |name: &str, uid: &str| ExportSpec {
+            name: name.into(),
+            uid: uid.into(),
+            source: format!("/pool/{uid}").into(),
+            clients: vec![ExportClient {
+                host: "10.0.0.0/24".into(),
+                access: Access::Rw,
+                root_squash: true,
+            }],
+        };
+        let mut set = ExportSet::new();
+        set.insert("a".into(), spec("a", "u-a"));
+        let text = render(&set, &HashMap::new());
+        let first = fsids_in_force(&text);
+        // Another export comes: a keeps its fsid, the new one gets a different one.
+        set.insert("b".into(), spec("b", "u-b"));
+        let again = fsids_in_force(&render(&set, &first));
+        assert_eq!(again["/pool/u-a"], first["/pool/u-a"]);
+        assert_ne!(again["/pool/u-b"], again["/pool/u-a"]);
     }
 }
