@@ -36,8 +36,11 @@ use super::{assign_ids, write_atomically, ExportError, ExportSet, ExportSpec, Ex
 /// How long a (re)started ganesha may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(15);
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
-/// How long ganesha may take to confirm a reload (≈0.2 s normally).
+/// How long ganesha may take to confirm a reload (≈5 ms here with a handful of exports).
 const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+/// How soon the log is read again after a SIGHUP, doubling up to [`RELOAD_POLL_MAX`].
+const RELOAD_POLL_FIRST: Duration = Duration::from_micros(250);
+const RELOAD_POLL_MAX: Duration = Duration::from_millis(10);
 /// What ganesha logs (at NIV_EVENT) once a SIGHUP's export reload is done.
 const RELOAD_DONE: &str = "Reread exports complete";
 
@@ -468,6 +471,9 @@ impl GaneshaExporter {
         let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
         let start = Instant::now();
+        // A reload usually completes within a few milliseconds: look again soon, then less
+        // often (a fixed 10 ms pause made every export wait for it, in front of Ready).
+        let mut pause = RELOAD_POLL_FIRST;
         loop {
             let mut tail = String::new();
             if let Ok(mut f) = std::fs::File::open(&log) {
@@ -504,7 +510,8 @@ impl GaneshaExporter {
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RELOAD_POLL_MAX);
         }
     }
 }
