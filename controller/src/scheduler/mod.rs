@@ -213,6 +213,7 @@ async fn lead(
         strategy: config.strategy,
         metrics,
         last_write: tokio::sync::Mutex::new(0),
+        last_pass: Default::default(),
         events: events.clone(),
     };
     let volume_controller =

@@ -22,7 +22,7 @@ use cobalt_api::Capability;
 use crate::config::PlacementStrategy;
 
 /// What placement needs to know of one machine.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct MachineView {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -45,7 +45,7 @@ impl MachineView {
 }
 
 /// What placement needs to know of one volume.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Request {
     pub name: String,
     pub reserved_bytes: u64,
