@@ -80,8 +80,8 @@ pub struct VolumeScheduler {
     /// Serialises placement; holds the revision of the last binding written.
     pub last_write: Mutex<i64>,
     /// What the last placement pass decided from, once every decision of it was written (see
-    /// [`PassInputs`]); only touched under `last_write`.
-    pub last_pass: std::sync::Mutex<Option<PassInputs>>,
+    /// [`LastPass`]); only touched under `last_write`.
+    pub last_pass: std::sync::Mutex<Option<LastPass>>,
     pub events: cobalt_store::Recorder,
 }
 
@@ -94,9 +94,11 @@ pub enum SchedulerError {
 /// A digest of everything a placement pass decides from: each pending volume's request,
 /// resourceVersion and Scheduled condition, and every machine as placement sees it (readiness,
 /// labels, capacity, reservations). Placement is a pure function of these, so a pass whose
-/// inputs equal the last complete pass's would decide and write the same again: it is skipped.
-/// Without this every pending volume's reconcile (a resync reconciles each) ran a pass over all
-/// of them — with 20,000 volumes that could not be placed, the scheduler kept etcd busy at idle.
+/// inputs equal the last complete pass's would decide and write the same again: it is skipped
+/// (the caches moved, but not in anything placement reads — a usage report, say).
+/// Without these skips every pending volume's reconcile (a resync reconciles each) ran a pass
+/// over all of them with a read of each — with 20,000 volumes that could not be placed, the
+/// scheduler kept etcd busy at idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassInputs(u64);
 
@@ -124,6 +126,27 @@ impl PassInputs {
         }
         PassInputs(h.finish())
     }
+}
+
+/// The last complete placement pass: what it saw and what it decided from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastPass {
+    /// The revisions of the volume and machine caches and the live machines it started from.
+    /// While they stand still nothing placement reads has changed — except a snapshot a
+    /// pending restore waits for, which the caches do not hold — so a pass (a resync
+    /// reconciles every pending volume, each asking for one) is skipped without even listing.
+    seen: (i64, i64, u64),
+    waits_for_snapshots: bool,
+    inputs: PassInputs,
+}
+
+fn alive_digest(alive: &Alive) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(a) = alive.read() {
+        a.hash(&mut h);
+    }
+    h.finish()
 }
 
 fn is_alive(alive: &Alive, machine: &str) -> bool {
@@ -571,6 +594,16 @@ impl VolumeScheduler {
             }
             .into());
         }
+        // Read before the lists, so a change landing in between makes the next pass run.
+        let seen = (
+            cache.revision(),
+            self.machines.revision(),
+            alive_digest(&self.alive),
+        );
+        let last = *self.last_pass.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|l| l.seen == seen && !l.waits_for_snapshots) {
+            return Ok(());
+        }
         let start = std::time::Instant::now();
         let volumes = cache.list();
         let mut views = self.machine_views(&volumes);
@@ -628,7 +661,15 @@ impl VolumeScheduler {
             })
             .collect();
         let inputs = PassInputs::of(&pending, &requests, &views);
-        if *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) == Some(inputs) {
+        let this_pass = LastPass {
+            seen,
+            waits_for_snapshots: pending
+                .iter()
+                .any(|v| v.spec.source.as_ref().is_some_and(|s| s.snapshot.is_some())),
+            inputs,
+        };
+        if last.is_some_and(|l| l.inputs == inputs) {
+            *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = Some(this_pass);
             return Ok(());
         }
         let decisions = place_batch(self.strategy, requests, &mut views);
@@ -657,7 +698,7 @@ impl VolumeScheduler {
             }
         }
         // A pass with a failed write is not remembered: the next reconcile runs it again.
-        *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = complete.then_some(inputs);
+        *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = complete.then_some(this_pass);
         Ok(())
     }
 
