@@ -9,6 +9,7 @@
 //!   - {name: local, server: http://127.0.0.1:7420}
 //! ```
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
 const API: &str = "/apis/cobalt.io/v1alpha1";
 /// Deadline of one non-watch request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Threads that decode one large list at most.
+const MAX_DECODE_THREADS: usize = 8;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -169,6 +172,19 @@ impl Client {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<(StatusCode, Value), CtlError> {
+        let (code, text) = self.send_text(r).await?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if code.is_success() {
+            Ok((code, body))
+        } else {
+            Err(CtlError::Api(failure(code, &body)))
+        }
+    }
+
+    async fn send_text(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, String), CtlError> {
         let resp = r
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -176,12 +192,7 @@ impl Client {
             .map_err(|e| self.connect_error(e))?;
         let code = resp.status();
         let text = resp.text().await.map_err(|e| self.connect_error(e))?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if code.is_success() {
-            Ok((code, body))
-        } else {
-            Err(CtlError::Api(failure(code, &body)))
-        }
+        Ok((code, text))
     }
 
     fn connect_error(&self, e: reqwest::Error) -> CtlError {
@@ -245,6 +256,23 @@ impl Client {
             r = r.query(&[("labelSelector", s)]);
         }
         Ok(self.send(r).await?.1)
+    }
+
+    /// Every object of `kind`, by name: what `apply` and `diff` of many manifests compare
+    /// against. A large cluster's list is tens of megabytes of JSON, and decoding it is what a
+    /// repository re-applied unchanged waits for once it has arrived, so its items are decoded
+    /// on every core (the server is done by then).
+    pub async fn list_by_name(&self, kind: Kind) -> Result<HashMap<String, Value>, CtlError> {
+        let (code, text) = self
+            .send_text(self.request(reqwest::Method::GET, self.url(kind, None)))
+            .await?;
+        if !code.is_success() {
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return Err(CtlError::Api(failure(code, &body)));
+        }
+        tokio::task::spawn_blocking(move || items_by_name(&text))
+            .await
+            .map_err(|e| CtlError::Other(format!("decoding the list failed: {e}")))?
     }
 
     pub async fn create(&self, kind: Kind, body: &Value, dry_run: bool) -> Result<Value, CtlError> {
@@ -342,6 +370,52 @@ impl WatchStream {
             }
         }
     }
+}
+
+/// A list's items by name, each decoded into a [`Value`], the items split over the machine's
+/// cores (at most [`MAX_DECODE_THREADS`]).
+fn items_by_name(text: &str) -> Result<HashMap<String, Value>, CtlError> {
+    #[derive(Deserialize)]
+    struct List<'a> {
+        #[serde(default, borrow)]
+        items: Vec<&'a serde_json::value::RawValue>,
+    }
+    let bad =
+        |e: serde_json::Error| CtlError::Other(format!("the server's list is not valid: {e}"));
+    let list: List = serde_json::from_str(text).map_err(bad)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_DECODE_THREADS);
+    let per_thread = list.items.len().div_ceil(threads).max(1);
+    let decode = |items: &[&serde_json::value::RawValue]| {
+        items
+            .iter()
+            .filter_map(|raw| {
+                let item: Value = match serde_json::from_str(raw.get()) {
+                    Ok(item) => item,
+                    Err(e) => return Some(Err(e)),
+                };
+                let name = item.pointer("/metadata/name")?.as_str()?.to_string();
+                Some(Ok((name, item)))
+            })
+            .collect::<Result<Vec<(String, Value)>, serde_json::Error>>()
+    };
+    let parts = std::thread::scope(|s| {
+        let running: Vec<_> = list
+            .items
+            .chunks(per_thread)
+            .map(|items| s.spawn(move || decode(items)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Vec<_>>()
+    });
+    let mut by_name = HashMap::with_capacity(list.items.len());
+    for part in parts {
+        by_name.extend(part.map_err(bad)?);
+    }
+    Ok(by_name)
 }
 
 fn failure(code: StatusCode, body: &Value) -> ApiFailure {

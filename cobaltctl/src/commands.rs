@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use reqwest::StatusCode;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::client::{Client, CtlError};
 use crate::kinds::Kind;
 use crate::manifests;
-use crate::merge::{comparable, desired, LAST_APPLIED};
+use crate::merge::{comparable, desired, unchanged, LAST_APPLIED};
 use crate::output::{self, Format};
 
 /// Bound on conflict retries of one apply (another writer changed the object in between).
@@ -59,13 +60,14 @@ impl Live {
                 }
             })
         });
-        let list = |kind: Kind| async move { (kind, c.list(kind, None).await) };
+        let list = |kind: Kind| async move { (kind, c.list_by_name(kind).await) };
         let mut lists = futures::stream::FuturesUnordered::new();
         let mut listed = HashMap::new();
         let mut list_error = None;
-        let mut record = |kind: Kind, result: Result<Value, CtlError>| match result {
-            Ok(l) => {
-                listed.insert(kind, by_name(l));
+        let mut record = |kind: Kind, result: Result<HashMap<String, Value>, CtlError>| match result
+        {
+            Ok(by_name) => {
+                listed.insert(kind, by_name);
             }
             Err(e) => {
                 list_error.get_or_insert(e);
@@ -106,20 +108,6 @@ impl Live {
             Some(known) => Ok(known.map(Cow::Borrowed)),
             None => Ok(c.get(o.kind, &o.name).await?.map(Cow::Owned)),
         }
-    }
-}
-
-/// A list's items by name, moved out of the list (no copy).
-fn by_name(mut list: Value) -> HashMap<String, Value> {
-    match list.get_mut("items").map(Value::take) {
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|item| {
-                let name = item.pointer("/metadata/name")?.as_str()?.to_string();
-                Some((name, item))
-            })
-            .collect(),
-        _ => HashMap::new(),
     }
 }
 
@@ -195,7 +183,15 @@ pub async fn apply(
     if let Some(selector) = prune {
         prune_leftovers(c, &objects, &live, selector, dry_run, parallel).await?;
     }
+    leave_to_exit((objects, live));
     Ok(0)
+}
+
+/// Leaves `parsed` for the process's exit to free: cobaltctl exits right after a verb, and
+/// freeing a repository's worth of parsed manifests and listed objects one allocation at a
+/// time took longer than comparing them (0.18 s of a 1.9 s re-apply of 10,000 manifests).
+fn leave_to_exit<T>(parsed: T) {
+    std::mem::forget(parsed);
 }
 
 /// `--prune -l SELECTOR`: deletes objects that carry the selector's labels and apply's
@@ -218,25 +214,28 @@ async fn prune_leftovers(
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let annotation = format!("/metadata/annotations/{}", LAST_APPLIED.replace('/', "~1"));
     for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot, Kind::Claim] {
-        let items: Vec<Value> = match live.listed.get(&kind) {
+        let listed_here;
+        let items: Vec<&Value> = match live.listed.get(&kind) {
             Some(by_name) => by_name
                 .values()
                 .filter(|item| {
                     let labels = item
                         .pointer("/metadata/labels")
-                        .and_then(|l| serde_json::from_value(l.clone()).ok())
+                        .and_then(|l| std::collections::BTreeMap::deserialize(l).ok())
                         .unwrap_or_default();
                     parsed.matches(&labels)
                 })
-                .cloned()
                 .collect(),
-            None => c.list(kind, Some(selector)).await?["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
+            None => {
+                listed_here = c.list(kind, Some(selector)).await?;
+                listed_here["items"]
+                    .as_array()
+                    .map(|items| items.iter().collect())
+                    .unwrap_or_default()
+            }
         };
         let mut leftovers: Vec<String> = items
-            .iter()
+            .into_iter()
             .filter(|item| item.pointer(&annotation).is_some())
             .filter_map(|item| item.pointer("/metadata/name")?.as_str())
             .filter(|name| !applied.contains(&(kind, *name)))
@@ -286,6 +285,9 @@ pub(crate) async fn apply_one(
                 Err(e) => return Err(e.into()),
             }
         };
+        if unchanged(live, &o.value) {
+            return Ok("unchanged");
+        }
         let want = desired(live, &o.value);
         if comparable(&want) == comparable(live) {
             return Ok("unchanged");
@@ -743,9 +745,10 @@ pub async fn diff(
     use futures::StreamExt;
     let (objects, live) = Live::load(c, files, recursive).await?;
     let mut different = false;
-    let mut results = std::pin::pin!(in_order(&objects, parallel, |o| live.get(c, o)));
+    let mut results = Box::pin(in_order(&objects, parallel, |o| live.get(c, o)));
     while let Some((o, live)) = results.next().await {
         let (before, after) = match live?.as_deref() {
+            Some(l) if unchanged(l, &o.value) => continue,
             Some(l) => {
                 let (before, after) = (strip(l), strip(&desired(l, &o.value)));
                 if before == after {
@@ -769,6 +772,8 @@ pub async fn diff(
             );
         }
     }
+    drop(results);
+    leave_to_exit((objects, live));
     Ok(if different { 1 } else { 0 })
 }
 

@@ -91,6 +91,33 @@ pub fn desired(live: &Value, manifest: &Value) -> Value {
     out
 }
 
+/// True when applying `manifest` to `live` would change nothing: `live` was last applied from
+/// this very manifest and still holds every field the manifest sets. Then the three-way merge
+/// returns `live` as it is, so this answers what `comparable(desired(live, manifest)) ==
+/// comparable(live)` answers, without copying `live` — the common case of a repository
+/// re-applied unchanged. `false` means "work out the merge".
+pub fn unchanged(live: &Value, manifest: &Value) -> bool {
+    let manifest = managed(manifest);
+    let last = live
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            LAST_APPLIED.replace('/', "~1")
+        ))
+        .and_then(Value::as_str);
+    last == Some(manifest.to_string().as_str()) && holds(live, &manifest)
+}
+
+/// Every field of `manifest` is in `live` with the same value (objects compared key by key,
+/// everything else whole, as [`three_way`] merges them).
+fn holds(live: &Value, manifest: &Value) -> bool {
+    match (live, manifest) {
+        (Value::Object(l), Value::Object(m)) => m
+            .iter()
+            .all(|(key, mv)| l.get(key).is_some_and(|lv| holds(lv, mv))),
+        _ => live == manifest,
+    }
+}
+
 /// `v` without status and server-set metadata, for comparing what apply would change.
 pub fn comparable(v: &Value) -> Value {
     let mut c = v.clone();
@@ -141,6 +168,52 @@ mod tests {
         let once = desired(&live, &manifest);
         let twice = desired(&once, &manifest);
         assert_eq!(comparable(&once), comparable(&twice));
+    }
+
+    #[test]
+    fn unchanged_agrees_with_the_merge() {
+        let manifest = json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Volume", "metadata": {"name": "a", "labels": {"app": "x"}}, "spec": {"size": "1Gi", "export": {"clients": [{"host": "h", "access": "rw"}]}}});
+        let mut live = manifest.clone();
+        live["metadata"]["uid"] = json!("u");
+        live["metadata"]["labels"]["added-by-hand"] = json!("y");
+        live["spec"]["machine"] = json!("n");
+        live["status"] = json!({"phase": "Ready"});
+        // Never applied: the merge adds the annotation, so it is a change.
+        assert!(!unchanged(&live, &manifest));
+        let applied = desired(&live, &manifest);
+        assert!(
+            unchanged(&applied, &manifest),
+            "re-applying what was applied"
+        );
+        assert_eq!(
+            comparable(&desired(&applied, &manifest)),
+            comparable(&applied)
+        );
+        // Someone changed a field the manifest sets, or removed one: the merge puts it back.
+        for (path, value) in [
+            ("/spec/size", Some(json!("2Gi"))),
+            ("/metadata/labels/app", Some(json!("z"))),
+            ("/spec/export/clients", Some(json!([]))),
+            ("/spec/export", None),
+        ] {
+            let mut edited = applied.clone();
+            match value {
+                Some(v) => *edited.pointer_mut(path).unwrap() = v,
+                None => {
+                    edited["spec"].as_object_mut().unwrap().remove("export");
+                }
+            }
+            assert!(!unchanged(&edited, &manifest), "{path} edited");
+            assert_ne!(
+                comparable(&desired(&edited, &manifest)),
+                comparable(&edited),
+                "{path}: the merge changes it back"
+            );
+        }
+        // A different manifest than the last applied one is never taken as unchanged.
+        let mut other = manifest.clone();
+        other["spec"]["compression"] = json!("zstd");
+        assert!(!unchanged(&applied, &other));
     }
 
     #[test]
