@@ -82,6 +82,8 @@ pub struct VolumeScheduler {
     /// What the last placement pass decided from, once every decision of it was written (see
     /// [`LastPass`]); only touched under `last_write`.
     pub last_pass: std::sync::Mutex<Option<LastPass>>,
+    /// Placement passes started, and when the next may start (see [`VolumeScheduler::schedule_pending`]).
+    pub passes: PassPacing,
     pub events: cobalt_store::Recorder,
 }
 
@@ -139,6 +141,20 @@ pub struct LastPass {
     waits_for_snapshots: bool,
     inputs: PassInputs,
 }
+
+/// How placement passes follow each other while volumes keep changing (a burst of creates).
+/// A pass walks every pending volume, so back to back they would take a core from the API
+/// serving the burst: after a pass that took D, the next starts no sooner than D later (at most
+/// half a core, [`MAX_PASS_PAUSE`] at most), and every reconcile that was waiting for a pass
+/// when one started is answered by it instead of running its own.
+#[derive(Default)]
+pub struct PassPacing {
+    started: std::sync::atomic::AtomicU64,
+    next_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The longest pause between two placement passes.
+const MAX_PASS_PAUSE: Duration = Duration::from_millis(250);
 
 fn alive_digest(alive: &Alive) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -581,7 +597,23 @@ impl VolumeScheduler {
             }
             .into());
         }
+        use std::sync::atomic::Ordering;
+        let asked_at = self.passes.started.load(Ordering::SeqCst);
         let mut last_write = self.last_write.lock().await;
+        if self.passes.started.load(Ordering::SeqCst) > asked_at {
+            // A pass began after this reconcile asked and has ended (its lock is ours now): it
+            // saw this volume as it is.
+            return Ok(());
+        }
+        let next_at = *self
+            .passes
+            .next_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = next_at {
+            tokio::time::sleep_until(at).await;
+        }
+        self.passes.started.fetch_add(1, Ordering::SeqCst);
         if !cache.wait_for_revision(*last_write, OWN_WRITE_WAIT).await {
             tracing::warn!(
                 revision = *last_write,
@@ -685,21 +717,33 @@ impl VolumeScheduler {
         .buffer_unordered(WRITE_CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
-        let mut complete = true;
+        let mut failed = None;
         for result in writes {
             match result {
                 Ok(revision) => *last_write = (*last_write).max(revision),
                 // A fenced write means we are no longer leader: stop this pass.
                 Err(e @ cobalt_store::Error::Fenced { .. }) => return Err(e.into()),
                 Err(e) => {
-                    complete = false;
-                    tracing::warn!(error = %e, "writing a placement decision failed; it will be retried")
+                    tracing::warn!(error = %e, "writing a placement decision failed; it will be retried");
+                    failed.get_or_insert(e);
                 }
             }
         }
+        let complete = failed.is_none();
         // A pass with a failed write is not remembered: the next reconcile runs it again.
         *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = complete.then_some(this_pass);
-        Ok(())
+        let took = start.elapsed().min(MAX_PASS_PAUSE);
+        *self
+            .passes
+            .next_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now() + took);
+        // The reconciles this pass answered returned without a pass of their own: a failed
+        // write makes this one retry (with backoff) on their behalf.
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Writes one decision; returns the highest revision written.

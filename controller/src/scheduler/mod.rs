@@ -214,6 +214,7 @@ async fn lead(
         metrics,
         last_write: tokio::sync::Mutex::new(0),
         last_pass: Default::default(),
+        passes: Default::default(),
         events: events.clone(),
     };
     let volume_controller =
