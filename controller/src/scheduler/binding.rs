@@ -144,9 +144,10 @@ pub struct LastPass {
 
 /// How placement passes follow each other while volumes keep changing (a burst of creates).
 /// A pass walks every pending volume, so back to back they would take a core from the API
-/// serving the burst: after a pass that took D, the next starts no sooner than D later (at most
-/// half a core, [`MAX_PASS_PAUSE`] at most), and every reconcile that was waiting for a pass
-/// when one started is answered by it instead of running its own.
+/// serving the burst: after a pass whose deciding took D (its writes, which wait on etcd, not
+/// counted), the next starts no sooner than D later (at most half a core; [`MAX_PASS_PAUSE`]
+/// at most), and every reconcile that was waiting for a pass when one started is answered by
+/// it instead of running its own.
 #[derive(Default)]
 pub struct PassPacing {
     started: std::sync::atomic::AtomicU64,
@@ -705,7 +706,9 @@ impl VolumeScheduler {
             return Ok(());
         }
         let decisions = place_batch(self.strategy, requests, &mut views);
-        self.metrics.placed(decisions.len(), start.elapsed());
+        // Deciding is what takes a core; the writes after it wait on etcd.
+        let placing_took = start.elapsed();
+        self.metrics.placed(decisions.len(), placing_took);
         let by_name: HashMap<&str, &Arc<Volume>> = pending
             .iter()
             .map(|v| (v.metadata.name.as_str(), v))
@@ -732,7 +735,7 @@ impl VolumeScheduler {
         let complete = failed.is_none();
         // A pass with a failed write is not remembered: the next reconcile runs it again.
         *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = complete.then_some(this_pass);
-        let took = start.elapsed().min(MAX_PASS_PAUSE);
+        let took = placing_took.min(MAX_PASS_PAUSE);
         *self
             .passes
             .next_at
