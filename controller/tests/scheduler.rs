@@ -203,12 +203,41 @@ async fn one_controller_leads_and_another_takes_over_within_ttl_plus_one_second(
     );
     // Settled, the leader and its standby write nothing: waiting for leadership is one
     // long-lived campaign, not a campaign repeated (and its key rewritten) every deadline.
+    // Settled includes the events of what happened so far, which are written in the background.
+    until(
+        "the events of the machine and the binding",
+        Duration::from_secs(10),
+        || async {
+            let (events, _) = store.list_events(&Default::default()).await.ok()?;
+            let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
+            (reasons.contains(&"MachineReady") && reasons.contains(&"Bound")).then_some(())
+        },
+    )
+    .await;
     let quiet_from = store.revision().await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await; // a window in which nothing may happen
+    let written = store
+        .raw()
+        .get(
+            "/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_min_mod_revision(quiet_from + 1)
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = written
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
     assert_eq!(
         store.revision().await.unwrap(),
         quiet_from,
-        "an idle leader and standby wrote to etcd"
+        "an idle leader and standby wrote to etcd: {keys:?}"
     );
 
     daemons[leader_index].kill();
