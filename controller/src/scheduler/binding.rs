@@ -50,6 +50,7 @@ use tokio::sync::Mutex;
 
 use super::metrics::SchedulerMetrics;
 use super::moves::{self, MoveDecision};
+use super::passes::{Pass, Passes, Seen};
 use super::placement::{place_batch, Decision, MachineView, Request};
 use crate::config::PlacementStrategy;
 
@@ -79,11 +80,9 @@ pub struct VolumeScheduler {
     pub metrics: SchedulerMetrics,
     /// Serialises placement; holds the revision of the last binding written.
     pub last_write: Mutex<i64>,
-    /// What the last placement pass decided from, once every decision of it was written (see
-    /// [`LastPass`]); only touched under `last_write`.
-    pub last_pass: std::sync::Mutex<Option<LastPass>>,
-    /// Placement passes started, and when the next may start (see [`VolumeScheduler::schedule_pending`]).
-    pub passes: PassPacing,
+    /// When a placement pass may be skipped or must wait (see [`Passes`]); decided under
+    /// `last_write`.
+    pub passes: Passes,
     pub events: cobalt_store::Recorder,
 }
 
@@ -91,79 +90,6 @@ pub struct VolumeScheduler {
 pub enum SchedulerError {
     #[error(transparent)]
     Store(#[from] cobalt_store::Error),
-}
-
-/// A digest of everything a placement pass decides from: each pending volume's request,
-/// resourceVersion and Scheduled condition, and every machine as placement sees it (readiness,
-/// labels, capacity, reservations). Placement is a pure function of these, so a pass whose
-/// inputs equal the last complete pass's would decide and write the same again: it is skipped
-/// (the caches moved, but not in anything placement reads — a usage report, say).
-/// Without these skips every pending volume's reconcile (a resync reconciles each) ran a pass
-/// over all of them with a read of each — with 20,000 volumes that could not be placed, the
-/// scheduler kept etcd busy at idle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PassInputs(u64);
-
-impl PassInputs {
-    fn of(pending: &[Arc<Volume>], requests: &[Request], machines: &[MachineView]) -> PassInputs {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        requests.hash(&mut h);
-        machines.hash(&mut h);
-        for v in pending {
-            v.metadata.resource_version.hash(&mut h);
-            let scheduled = v
-                .status
-                .as_ref()
-                .and_then(|s| find_condition(&s.conditions, "Scheduled"));
-            if let Some(c) = scheduled {
-                match c.status {
-                    ConditionStatus::True => 0u8,
-                    ConditionStatus::False => 1,
-                    ConditionStatus::Unknown => 2,
-                }
-                .hash(&mut h);
-                (&c.reason, &c.message, c.observed_generation).hash(&mut h);
-            }
-        }
-        PassInputs(h.finish())
-    }
-}
-
-/// The last complete placement pass: what it saw and what it decided from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LastPass {
-    /// The revisions of the volume and machine caches and the live machines it started from.
-    /// While they stand still nothing placement reads has changed — except a snapshot a
-    /// pending restore waits for, which the caches do not hold — so a pass (a resync
-    /// reconciles every pending volume, each asking for one) is skipped without even listing.
-    seen: (i64, i64, u64),
-    waits_for_snapshots: bool,
-    inputs: PassInputs,
-}
-
-/// How placement passes follow each other while volumes keep changing (a burst of creates).
-/// A pass walks every pending volume, so back to back they would take a core from the API
-/// serving the burst: after a pass whose deciding took D (its writes, which wait on etcd, not
-/// counted), the next starts no sooner than D later (at most half a core; [`MAX_PASS_PAUSE`]
-/// at most), and every reconcile that was waiting for a pass when one started is answered by
-/// it instead of running its own.
-#[derive(Default)]
-pub struct PassPacing {
-    started: std::sync::atomic::AtomicU64,
-    next_at: std::sync::Mutex<Option<tokio::time::Instant>>,
-}
-
-/// The longest pause between two placement passes.
-const MAX_PASS_PAUSE: Duration = Duration::from_millis(250);
-
-fn alive_digest(alive: &Alive) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    if let Ok(a) = alive.read() {
-        a.hash(&mut h);
-    }
-    h.finish()
 }
 
 fn is_alive(alive: &Alive, machine: &str) -> bool {
@@ -584,7 +510,8 @@ impl VolumeScheduler {
         })
     }
 
-    /// Places every pending volume (one pass under the placement lock).
+    /// Places every pending volume (one pass under the placement lock), unless
+    /// [`super::passes`] says the pass is answered, changes nothing, or must wait.
     async fn schedule_pending(&self, cache: &Cache<Volume>) -> Result<(), SchedulerError> {
         // Placing before the machines are known would call every volume unschedulable.
         if tokio::time::timeout(OWN_WRITE_WAIT, self.machines.ready())
@@ -598,23 +525,13 @@ impl VolumeScheduler {
             }
             .into());
         }
-        use std::sync::atomic::Ordering;
-        let asked_at = self.passes.started.load(Ordering::SeqCst);
+        let asked = self.passes.ask();
         let mut last_write = self.last_write.lock().await;
-        if self.passes.started.load(Ordering::SeqCst) > asked_at {
+        if !self.passes.begin(asked).await {
             // A pass began after this reconcile asked and has ended (its lock is ours now): it
             // saw this volume as it is.
             return Ok(());
         }
-        let next_at = *self
-            .passes
-            .next_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(at) = next_at {
-            tokio::time::sleep_until(at).await;
-        }
-        self.passes.started.fetch_add(1, Ordering::SeqCst);
         if !cache.wait_for_revision(*last_write, OWN_WRITE_WAIT).await {
             tracing::warn!(
                 revision = *last_write,
@@ -628,13 +545,8 @@ impl VolumeScheduler {
             .into());
         }
         // Read before the lists, so a change landing in between makes the next pass run.
-        let seen = (
-            cache.revision(),
-            self.machines.revision(),
-            alive_digest(&self.alive),
-        );
-        let last = *self.last_pass.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|l| l.seen == seen && !l.waits_for_snapshots) {
+        let seen = Seen::now(cache, &self.machines, &self.alive);
+        if self.passes.nothing_changed_since_last(&seen) {
             return Ok(());
         }
         let start = std::time::Instant::now();
@@ -693,16 +605,8 @@ impl VolumeScheduler {
                 }),
             })
             .collect();
-        let inputs = PassInputs::of(&pending, &requests, &views);
-        let this_pass = LastPass {
-            seen,
-            waits_for_snapshots: pending
-                .iter()
-                .any(|v| v.spec.source.as_ref().is_some_and(|s| s.snapshot.is_some())),
-            inputs,
-        };
-        if last.is_some_and(|l| l.inputs == inputs) {
-            *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = Some(this_pass);
+        let this_pass = Pass::new(seen, &pending, &requests, &views);
+        if self.passes.decides_as_last(this_pass) {
             return Ok(());
         }
         let decisions = place_batch(self.strategy, requests, &mut views);
@@ -732,15 +636,7 @@ impl VolumeScheduler {
                 }
             }
         }
-        let complete = failed.is_none();
-        // A pass with a failed write is not remembered: the next reconcile runs it again.
-        *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = complete.then_some(this_pass);
-        let took = placing_took.min(MAX_PASS_PAUSE);
-        *self
-            .passes
-            .next_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now() + took);
+        self.passes.ended(this_pass, failed.is_none(), placing_took);
         // The reconciles this pass answered returned without a pass of their own: a failed
         // write makes this one retry (with backoff) on their behalf.
         match failed {

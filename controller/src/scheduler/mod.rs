@@ -12,6 +12,7 @@ pub mod claims;
 pub mod lifecycle;
 pub mod metrics;
 pub mod moves;
+pub mod passes;
 pub mod placement;
 pub mod rebalance;
 
@@ -213,7 +214,6 @@ async fn lead(
         strategy: config.strategy,
         metrics,
         last_write: tokio::sync::Mutex::new(0),
-        last_pass: Default::default(),
         passes: Default::default(),
         events: events.clone(),
     };
