@@ -163,3 +163,110 @@ impl Passes {
             Some(tokio::time::Instant::now() + deciding.min(MAX_PASS_PAUSE));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::RwLock;
+
+    use cobalt_api::{Quantity, VolumeSource, VolumeSpec};
+
+    use super::*;
+
+    fn volume(name: &str, restore: bool) -> Arc<Volume> {
+        let mut v = Volume::new(
+            name,
+            VolumeSpec {
+                size: Quantity::from_bytes(1 << 30),
+                ..Default::default()
+            },
+        );
+        v.metadata.resource_version = "7".into();
+        if restore {
+            v.spec.source = Some(VolumeSource {
+                volume: None,
+                snapshot: Some("nightly".into()),
+            });
+        }
+        Arc::new(v)
+    }
+
+    fn request(name: &str) -> Request {
+        Request {
+            name: name.into(),
+            reserved_bytes: 1 << 30,
+            selector: BTreeMap::new(),
+            required_machine: None,
+            needs: vec![],
+        }
+    }
+
+    fn seen() -> Seen {
+        let alive: Alive = Arc::new(RwLock::new(BTreeSet::from(["m1".to_string()])));
+        Seen::now(&Cache::new(), &Cache::new(), &alive)
+    }
+
+    fn pass(restore: bool) -> Pass {
+        Pass::new(seen(), &[volume("a", restore)], &[request("a")], &[])
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_waiting_while_a_pass_began_is_answered_by_it() {
+        let passes = Passes::default();
+        let waiting = passes.ask();
+        assert!(
+            passes.begin(passes.ask()).await,
+            "the first asker runs a pass"
+        );
+        assert!(
+            !passes.begin(waiting).await,
+            "one that asked before that pass began is answered by it"
+        );
+        assert!(
+            passes.begin(passes.ask()).await,
+            "one asking afterwards runs its own"
+        );
+    }
+
+    #[test]
+    fn only_a_complete_pass_lets_the_next_be_skipped() {
+        let passes = Passes::default();
+        assert!(!passes.nothing_changed_since_last(&seen()));
+        assert!(!passes.decides_as_last(pass(false)));
+        passes.ended(pass(false), false, Duration::ZERO);
+        assert!(
+            !passes.nothing_changed_since_last(&seen()),
+            "a pass with a failed write is run again"
+        );
+        passes.ended(pass(false), true, Duration::ZERO);
+        assert!(passes.nothing_changed_since_last(&seen()));
+        assert!(passes.decides_as_last(pass(false)));
+        let other = Pass::new(seen(), &[volume("b", false)], &[request("b")], &[]);
+        assert!(!passes.decides_as_last(other), "other inputs decide anew");
+    }
+
+    #[test]
+    fn a_restore_waiting_for_its_snapshot_is_placed_again_though_the_caches_stand_still() {
+        let passes = Passes::default();
+        passes.ended(pass(true), true, Duration::ZERO);
+        assert!(!passes.nothing_changed_since_last(&seen()));
+    }
+
+    #[tokio::test]
+    async fn a_pass_waits_as_long_after_the_last_as_that_one_took_to_decide() {
+        let passes = Passes::default();
+        passes.ended(pass(false), true, Duration::from_millis(40));
+        let t = std::time::Instant::now();
+        assert!(passes.begin(passes.ask()).await);
+        assert!(
+            t.elapsed() >= Duration::from_millis(35),
+            "{:?}",
+            t.elapsed()
+        );
+        // Never longer than the bound, however long the last pass took.
+        passes.ended(pass(false), true, Duration::from_secs(3600));
+        let t = std::time::Instant::now();
+        assert!(passes.begin(passes.ask()).await);
+        assert!(t.elapsed() < MAX_PASS_PAUSE + Duration::from_secs(5));
+    }
+}
