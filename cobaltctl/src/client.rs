@@ -173,12 +173,11 @@ impl Client {
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<(StatusCode, Value), CtlError> {
         let (code, text) = self.send_text(r).await?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if code.is_success() {
-            Ok((code, body))
-        } else {
-            Err(CtlError::Api(failure(code, &body)))
+        if !code.is_success() {
+            return Err(api_error(code, text));
         }
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((code, body))
     }
 
     async fn send_text(
@@ -267,8 +266,7 @@ impl Client {
             .send_text(self.request(reqwest::Method::GET, self.url(kind, None)))
             .await?;
         if !code.is_success() {
-            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-            return Err(CtlError::Api(failure(code, &body)));
+            return Err(api_error(code, text));
         }
         tokio::task::spawn_blocking(move || items_by_name(&text))
             .await
@@ -416,6 +414,12 @@ fn items_by_name(text: &str) -> Result<HashMap<String, Value>, CtlError> {
         by_name.extend(part.map_err(bad)?);
     }
     Ok(by_name)
+}
+
+/// The API error an unsuccessful answer carries (a body that is not JSON is kept as text).
+fn api_error(code: StatusCode, text: String) -> CtlError {
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    CtlError::Api(failure(code, &body))
 }
 
 fn failure(code: StatusCode, body: &Value) -> ApiFailure {
