@@ -125,7 +125,11 @@ pub struct ClaimStatus {
     #[serde(default)]
     pub observed_generation: i64,
     /// `Bound` (False says why the claim waits) and `Ready` (the volume is served to the host).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub conditions: Vec<Condition>,
 }
 
@@ -174,7 +178,7 @@ impl Claim {
     }
 
     /// Whether volume `labels` satisfy this claim's selector and group (ordinals aside).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &crate::compact::StringMap) -> bool {
         self.spec
             .selector
             .iter()
@@ -188,8 +192,9 @@ impl Claim {
 
     /// The labels a volume made from this claim's template carries: the selector's, the group
     /// and the ordinal.
-    pub fn template_labels(&self, ordinal: Option<u32>) -> BTreeMap<String, String> {
-        let mut labels = self.spec.selector.clone();
+    pub fn template_labels(&self, ordinal: Option<u32>) -> crate::compact::StringMap {
+        let mut labels: crate::compact::StringMap =
+            self.spec.selector.clone().into_iter().collect();
         if let Some(g) = &self.spec.group {
             labels.insert(GROUP_LABEL.into(), g.clone());
         }
@@ -208,7 +213,7 @@ mod tests {
     fn a_claim_matches_volumes_with_its_selector_and_group() {
         let mut c = Claim::new("web-1", "10.0.0.7");
         c.spec.selector.insert("app".into(), "web".into());
-        let mut labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let mut labels = crate::compact::StringMap::from([("app", "web")]);
         assert!(c.matches(&labels));
         c.spec.group = Some("web".into());
         assert!(!c.matches(&labels), "the group label is required too");

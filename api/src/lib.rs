@@ -18,6 +18,7 @@
 //! ```
 
 pub mod claim;
+pub mod compact;
 pub mod condition;
 pub mod duration;
 pub mod event;
@@ -34,6 +35,7 @@ pub mod validate;
 pub mod volume;
 
 pub use claim::{Claim, ClaimPhase, ClaimSpec, ClaimStatus, ClaimStrategy};
+pub use compact::StringMap;
 pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
 pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
 pub use meta::{ObjectMeta, Resource, API_VERSION};

@@ -119,7 +119,11 @@ pub struct MachineStatus {
     pub agent_url: Option<String>,
     #[serde(default)]
     pub observed_generation: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub conditions: Vec<Condition>,
 }
 

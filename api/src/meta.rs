@@ -6,12 +6,12 @@
 //! the spec changes); values a user sends for those are ignored on create and must match on
 //! replace. `deletionTimestamp` is set by a delete while `finalizers` remain.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::compact::StringMap;
 
 /// The one API version of this release.
 pub const API_VERSION: &str = "cobalt.io/v1alpha1";
@@ -23,10 +23,10 @@ pub struct ObjectMeta {
     /// Unique within its kind: a DNS-1123 label (lowercase letters, digits and '-', at most 63).
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub name: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "StringMap::is_empty")]
+    pub labels: StringMap,
+    #[serde(default, skip_serializing_if = "StringMap::is_empty")]
+    pub annotations: StringMap,
     /// Set by the store on create; names the object's data for its whole life.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uid: String,
@@ -41,7 +41,11 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<DateTime<Utc>>,
     /// While any remain, a delete only marks the object (deletionTimestamp).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub finalizers: Vec<String>,
 }
 

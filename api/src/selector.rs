@@ -9,7 +9,6 @@
 //! assert!(sel.matches(&labels));
 //! ```
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -33,7 +32,7 @@ pub struct SelectorError {
 }
 
 impl LabelSelector {
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &crate::compact::StringMap) -> bool {
         self.0.iter().all(|t| match t {
             Term::Equals(k, v) => labels.get(k) == Some(v),
             Term::NotEquals(k, v) => labels.get(k) != Some(v),
@@ -112,7 +111,7 @@ impl fmt::Display for LabelSelector {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> crate::compact::StringMap {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

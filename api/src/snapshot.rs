@@ -120,7 +120,11 @@ pub struct SnapshotStatus {
     /// When the snapshot was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub conditions: Vec<Condition>,
 }
 

@@ -220,7 +220,7 @@ impl Volume {
 
     /// The move in progress, if any.
     pub fn moving(&self) -> Option<&MoveStatus> {
-        self.status.as_ref().and_then(|s| s.move_.as_ref())
+        self.status.as_ref().and_then(|s| s.move_.as_deref())
     }
 }
 
@@ -339,7 +339,7 @@ pub struct Placement {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Export {
     /// Hosts allowed to mount; none listed = exported to nobody.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::compact::exact_vec")]
     pub clients: Vec<ExportClient>,
 }
 
@@ -368,6 +368,10 @@ pub enum Access {
     Ro,
 }
 
+/// What agents and the scheduler observed of a volume.
+///
+/// The parts a volume carries only for a while (a move, the last move, a clone's seeding) are
+/// boxed: a controller holds every volume's status, and most have none of them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeStatus {
@@ -391,27 +395,39 @@ pub struct VolumeStatus {
     /// The move in progress: present from the scheduler's grant (room reserved on the target)
     /// until the source has destroyed its copy.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "move")]
-    pub move_: Option<MoveStatus>,
+    pub move_: Option<Box<MoveStatus>>,
     /// The last move that finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_move: Option<LastMove>,
+    pub last_move: Option<Box<LastMove>>,
     /// A clone being seeded from a snapshot of its source on another machine (written by the
     /// clone's agent until the clone is provisioned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clone_seed: Option<CloneSeed>,
+    pub clone_seed: Option<Box<CloneSeed>>,
     /// The Snapshots of this volume held on its machine, or being taken (names). Written by the
     /// agent before it takes one; while it is not empty the volume does not move.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub snapshots: Vec<String>,
     /// Bytes held only by this volume's snapshots (counted in the machine's ledger).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub snapshot_bytes: u64,
     /// Claims whose host the volume's export includes now (written by its agent).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub claims: Vec<String>,
     #[serde(default)]
     pub observed_generation: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::compact::exact_vec"
+    )]
     pub conditions: Vec<Condition>,
 }
 
@@ -685,7 +701,8 @@ mod tests {
             ["m1"],
             "a move not granted reserves nothing on its target"
         );
-        v.status.as_mut().unwrap().move_ = Some(MoveStatus::granted("m1", "m2", Utc::now()));
+        v.status.as_mut().unwrap().move_ =
+            Some(Box::new(MoveStatus::granted("m1", "m2", Utc::now())));
         assert_eq!(v.ledger_machines().collect::<Vec<_>>(), ["m1", "m2"]);
         let (reason, message) = v.moving().unwrap().describe();
         assert_eq!(reason, "Seeding");

@@ -221,7 +221,7 @@ async fn prune_leftovers(
                 .filter(|item| {
                     let labels = item
                         .pointer("/metadata/labels")
-                        .and_then(|l| std::collections::BTreeMap::deserialize(l).ok())
+                        .and_then(|l| cobalt_api::StringMap::deserialize(l).ok())
                         .unwrap_or_default();
                     parsed.matches(&labels)
                 })

@@ -5,10 +5,12 @@
 //!   delivering every volume event to every watcher grows with the number of watchers (today
 //!   every agent watches every volume). bench/README.md turns these into the cluster sizes at
 //!   which etcd becomes the limit.
-//! - `16_controller_memory`: a real `cobalt-controller`'s resident memory with N volumes in
-//!   etcd, once its scheduler has gone over all of them, minus the same controller's on an
-//!   empty etcd measured in the same run — bytes per volume, beside the JSON bytes per volume
-//!   (the least any process holding them decoded could need). Target: ≤ 2 KB per volume.
+//! - `16_controller_memory`: a real `cobalt-controller`'s resident memory with 100,000 volumes
+//!   in etcd (the N of the other sections, filled up to 100,000 with the same volumes) bound to
+//!   1,000 registered, alive machines, once its scheduler has gone over all of them, minus the
+//!   same controller's on an empty etcd measured in the same run — bytes per volume, beside the
+//!   JSON bytes per volume. Target: ≤ 2 KB per volume. `COBALT_BENCH_ONLY=controller-memory`
+//!   runs this section alone; `COBALT_BENCH_MEMORY_VOLUMES` sets its number of volumes.
 //! - `17_fanout`: what a volume event costs the agents. W agents (W = 1, 10, 100), each on its
 //!   own etcd connection running the store's real watch code (`ResourceWatch`, what an agent's
 //!   reflector runs) — a simulation of the agents' watches, not whole agents — watching either
@@ -21,8 +23,9 @@
 //!
 //! Against a real etcd (the testkit's: default quota, no auto-compaction), with Volumes shaped
 //! as a running cluster keeps them: a manifest applied by `cobaltctl` (labels, the last-applied
-//! annotation, finalizer) and the status an agent writes (machine, endpoint, usage, four
-//! conditions). N = 10,000 volumes; `COBALT_BENCH_QUICK=1`: 2,000.
+//! annotation, finalizer), bound by the scheduler, and the status an agent writes (machine,
+//! endpoint, usage, four conditions). N = 10,000 volumes; `COBALT_BENCH_QUICK=1`: 2,000 (and
+//! 2,000 for section 16).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,9 @@ use serde_json::json;
 
 /// Writes in flight while filling and updating.
 const PARALLEL: usize = 32;
+
+/// The machines the volumes are bound to.
+const MACHINES: usize = 1000;
 
 fn volume(i: usize) -> Volume {
     let name = format!("vol-{i:06}");
@@ -55,8 +61,12 @@ fn volume(i: usize) -> Volume {
     v.metadata
         .annotations
         .insert("cobalt.io/last-applied".into(), applied);
+    // Bound by the scheduler, as most volumes are.
+    v.metadata
+        .annotations
+        .insert("cobalt.io/scheduled-by".into(), "scheduler".into());
     v.metadata.finalizers = vec![cobalt_api::AGENT_FINALIZER.into()];
-    v.spec.machine = Some(format!("m{:04}", i % 1000));
+    v.spec.machine = Some(format!("m{:04}", i % MACHINES));
     v
 }
 
@@ -88,8 +98,8 @@ fn status(v: &Volume, used: u64) -> VolumeStatus {
         c,
         "Scheduled",
         ConditionStatus::True,
-        "Placed",
-        &format!("placed on machine {machine} (spread)"),
+        "Bound",
+        &format!("bound to machine {machine}"),
         g,
         now,
     );
@@ -294,8 +304,8 @@ async fn agents_fanout(
     events: usize,
 ) -> serde_json::Value {
     use cobalt_store::{Scope, WatchEvent};
-    let per_machine = n / 1000;
-    let volume_of = |j: usize| (j % agents) + 1000 * ((j / agents) % per_machine);
+    let per_machine = n / MACHINES;
+    let volume_of = |j: usize| (j % agents) + MACHINES * ((j / agents) % per_machine);
     let mut watches = Vec::new();
     for k in 0..agents {
         let agent = cobalt_store::Store::connect(&cobalt_store::EtcdConfig::new(etcd.endpoints()))
@@ -417,11 +427,16 @@ fn mib(b: i64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = if std::env::var("COBALT_BENCH_QUICK").is_ok() {
-        2_000
-    } else {
-        10_000
-    };
+    let quick = std::env::var("COBALT_BENCH_QUICK").is_ok();
+    let n: usize = if quick { 2_000 } else { 10_000 };
+    // The memory target is set at 100,000 volumes.
+    let memory_n: usize = std::env::var("COBALT_BENCH_MEMORY_VOLUMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { n } else { 100_000 })
+        .max(n);
+    let only_controller_memory =
+        std::env::var("COBALT_BENCH_ONLY").is_ok_and(|v| v == "controller-memory");
     let etcd = Etcd::start();
     let store = etcd.store().await;
     let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
@@ -433,24 +448,17 @@ async fn main() {
     };
     let empty = compacted(&mut client, &store).await;
     let controller_empty_kib = controller_rss_kib(&etcd, 0).await;
+
+    if only_controller_memory {
+        fill(&store, 0..memory_n).await;
+        controller_memory(&etcd, memory_n, controller_empty_kib, None).await;
+        return;
+    }
+
     let agent_empty_kib = agent_rss_kib(&etcd, "idle").await;
 
     // 1. The database per volume (object + status), beside the JSON it holds.
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let store = store.clone();
-            async move {
-                let v = store.create(&volume(i)).await.unwrap();
-                let s = status(&v, 0);
-                store
-                    .update_status::<Volume, _>(&v.metadata.name, |_| Some(s.clone()))
-                    .await
-                    .unwrap();
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
+    fill(&store, 0..n).await;
     let json_bytes = stored_bytes(&mut client).await;
     let live = compacted(&mut client, &store).await;
     let per_volume = (live - empty) as f64 / n as f64;
@@ -555,7 +563,7 @@ async fn main() {
     };
     let fanout_section = json!({
         "volumes": n,
-        "machines": 1000,
+        "machines": MACHINES,
         "simulation": "agents are watches (the store's ResourceWatch, one etcd connection each), not whole agents",
         "runs": rows,
         "views_100_vs_1_agents": (per_event(100, true) as f64 / per_event(1, true).max(1) as f64 * 100.0).round() / 100.0,
@@ -576,16 +584,107 @@ async fn main() {
     println!("{}", serde_json::to_string_pretty(&agent).unwrap());
     record_bench_section("18_agent_memory", agent);
 
-    let controller_kib = controller_rss_kib(&etcd, n).await;
-    let per_volume = (controller_kib.saturating_sub(controller_empty_kib) * 1024) as f64 / n as f64;
+    // 16. The controller, at the scale of the target: the same volumes, up to `memory_n`.
+    fill(&store, n..memory_n).await;
+    controller_memory(
+        &etcd,
+        memory_n,
+        controller_empty_kib,
+        Some(json_bytes as f64 / n as f64),
+    )
+    .await;
+}
+
+/// Creates volumes `range` ([`volume`]) with an agent's status ([`status`]), [`PARALLEL`] in
+/// flight.
+async fn fill(store: &cobalt_store::Store, range: std::ops::Range<usize>) {
+    futures::stream::iter(range)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let v = store.create(&volume(i)).await.unwrap();
+                let s = status(&v, 0);
+                store
+                    .update_status::<Volume, _>(&v.metadata.name, |_| Some(s.clone()))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Section 16: a controller's resident memory with the `n` volumes in etcd, beside the same
+/// controller's on the empty etcd; records it.
+async fn controller_memory(etcd: &Etcd, n: usize, empty_kib: u64, json_per_volume: Option<f64>) {
+    let json_per_volume = match json_per_volume {
+        Some(b) => b,
+        None => {
+            let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+                .await
+                .unwrap();
+            stored_bytes(&mut client).await as f64 / n as f64
+        }
+    };
+    // The controller of a healthy cluster: every volume's machine registered and alive, so it
+    // holds the volumes as they are and writes none of them (their status is what it would
+    // write: bound, granted).
+    let store = etcd.store().await;
+    let _alive = register_machines(&store).await;
+    let before = store.revision().await.unwrap();
+    let controller_kib = controller_rss_kib(etcd, n).await;
+    let written = store.revision().await.unwrap() - before;
+    let per_volume = (controller_kib.saturating_sub(empty_kib) * 1024) as f64 / n as f64;
     let memory = json!({
         "volumes": n,
         "controller_rss_mib": (controller_kib as f64 / 1024.0 * 10.0).round() / 10.0,
-        "floor_empty_controller_rss_mib": (controller_empty_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "floor_empty_controller_rss_mib": (empty_kib as f64 / 1024.0 * 10.0).round() / 10.0,
         "bytes_per_volume": per_volume.round(),
-        "json_bytes_per_volume": (json_bytes as f64 / n as f64).round(),
+        "json_bytes_per_volume": json_per_volume.round(),
         "target_bytes_per_volume": 2048,
+        "machines": MACHINES,
+        "etcd_revisions_while_measured": written,
     });
     println!("{}", serde_json::to_string_pretty(&memory).unwrap());
     record_bench_section("16_controller_memory", memory);
+}
+
+/// Registers the [`MACHINES`] machines the volumes are bound to (100 TiB each), alive while the
+/// returned lease lives.
+async fn register_machines(store: &cobalt_store::Store) -> cobalt_store::Lease {
+    use cobalt_api::{Capacity, Machine, MachineSpec, MachineStatus};
+    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+    futures::stream::iter(0..MACHINES)
+        .map(|i| {
+            let (store, lease) = (store.clone(), &lease);
+            async move {
+                let name = format!("m{i:04}");
+                let spec = MachineSpec {
+                    max_fill: 100,
+                    ..Default::default()
+                };
+                store.create(&Machine::new(&name, spec)).await.unwrap();
+                store
+                    .update_status::<Machine, _>(&name, |_| {
+                        Some(MachineStatus {
+                            capacity: Capacity {
+                                total_bytes: 100 << 40,
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        })
+                    })
+                    .await
+                    .unwrap();
+                lease
+                    .put_attached(&store.keys().alive(&name), &name)
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    lease
 }

@@ -789,11 +789,11 @@ mod tests {
 
     fn moving(mut v: Volume, stage: MoveStage) -> Volume {
         v.spec.machine = Some("m2".into());
-        v.status.as_mut().unwrap().move_ = Some(cobalt_api::MoveStatus {
+        v.status.as_mut().unwrap().move_ = Some(Box::new(cobalt_api::MoveStatus {
             stage,
             rounds: 1,
             ..cobalt_api::MoveStatus::granted("m1", "m2", Utc::now())
-        });
+        }));
         v
     }
 

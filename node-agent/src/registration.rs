@@ -74,7 +74,7 @@ pub async fn register(
             ..Default::default()
         },
     );
-    m.metadata.labels = me.labels.clone();
+    m.metadata.labels = me.labels.clone().into_iter().collect();
     m.metadata.labels.extend(backend_labels.clone());
     match store.create(&m).await {
         Ok(_) | Err(cobalt_store::Error::AlreadyExists { .. }) => Ok(()),

@@ -480,14 +480,14 @@ impl VolumeAgent {
                         .update_status_from(&fresh, |v: &Volume| {
                             let mut s = v.status.clone()?;
                             let m = s.move_.take().filter(|m| m.from == me)?;
-                            s.last_move = Some(LastMove {
+                            s.last_move = Some(Box::new(LastMove {
                                 from: m.from,
                                 to: m.to,
                                 started: m.started,
                                 finished: Utc::now(),
                                 bytes_sent: m.bytes_sent,
                                 cut_over_millis: m.cut_over_millis,
-                            });
+                            }));
                             s.conditions.retain(|c| c.type_ != "Moving");
                             Some(s)
                         })

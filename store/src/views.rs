@@ -23,7 +23,7 @@
 //! it takes over, so a cluster whose data predates views, or an etcd restored from a backup
 //! taken before them, is brought in line before agents rely on them).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use cobalt_api::Resource;
 use etcd_client::{Compare, CompareOp, GetOptions, TxnOp};
@@ -166,6 +166,36 @@ struct Held {
     status: Option<u64>,
 }
 
+/// What the views hold of one object: per machine, a [`Held`]. A list, not a map: an object is
+/// in one view, two during a move, and the repair holds one of these per object of the kind
+/// (a map would allocate a whole node for each).
+#[derive(Default)]
+struct Copies(Vec<(String, Held)>);
+
+impl Copies {
+    fn entry(&mut self, machine: &str) -> &mut Held {
+        let i = match self.0.iter().position(|(m, _)| m == machine) {
+            Some(i) => i,
+            None => {
+                // Room for exactly one more: most objects are in one view.
+                self.0.reserve_exact(1);
+                self.0.push((machine.to_string(), Held::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    fn remove(&mut self, machine: &str) -> Option<Held> {
+        let i = self.0.iter().position(|(m, _)| m == machine)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn machines(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(m, _)| m)
+    }
+}
+
 fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -181,8 +211,8 @@ impl Store {
     /// time, holding a digest per copy and one page of objects: meant for a leader taking over,
     /// not for every reconcile.
     pub async fn repair_views<R: Resource>(&self) -> Result<Repaired> {
-        // name → machine → what its view holds.
-        let mut held: HashMap<String, BTreeMap<String, Held>> = HashMap::new();
+        // name → what the views hold of it.
+        let mut held: HashMap<String, Copies> = HashMap::new();
         let views = self.keys.views();
         let mut pages = self.pages(&views);
         while let Some(page) = pages.next().await? {
@@ -198,11 +228,7 @@ impl Store {
                 if plural != R::PLURAL {
                     continue;
                 }
-                let h = held
-                    .entry(name.to_string())
-                    .or_default()
-                    .entry(machine.to_string())
-                    .or_default();
+                let h = held.entry(name.to_string()).or_default().entry(machine);
                 match part {
                     "object" => h.object = Some((digest(item.value()), item.mod_revision())),
                     "status" => h.status = Some(digest(item.value())),
@@ -231,8 +257,8 @@ impl Store {
             self.repair_one(&stored, copies, &mut done).await?;
         }
         // Copies of objects that do not exist: removed while the object still does not.
-        for (name, machines) in held {
-            for machine in machines.keys() {
+        for (name, copies) in held {
+            for machine in copies.machines() {
                 let guards = vec![
                     Compare::create_revision(
                         self.keys.object(R::PLURAL, &name),
@@ -261,7 +287,7 @@ impl Store {
     async fn repair_one<R: Resource>(
         &self,
         stored: &Stored<R>,
-        mut copies: BTreeMap<String, Held>,
+        mut copies: Copies,
         done: &mut Repaired,
     ) -> Result<()> {
         let o = &stored.object;
@@ -299,7 +325,7 @@ impl Store {
                 });
             }
         }
-        let strays: Vec<String> = copies.into_keys().collect();
+        let strays: Vec<String> = copies.0.into_iter().map(|(m, _)| m).collect();
         for m in &strays {
             ops.extend(self.view_deletes::<R>(m, name));
         }
@@ -400,7 +426,11 @@ mod tests {
             v.status = Some(VolumeStatus {
                 machine: serving.map(str::to_string),
                 move_: moving_to.map(|to| {
-                    MoveStatus::granted(serving.unwrap_or_default(), to, chrono::Utc::now())
+                    Box::new(MoveStatus::granted(
+                        serving.unwrap_or_default(),
+                        to,
+                        chrono::Utc::now(),
+                    ))
                 }),
                 ..Default::default()
             });

@@ -962,7 +962,9 @@ async fn machine_views_follow_binding_serving_and_moves_in_the_same_transaction(
     let moving = store
         .update_status::<Volume, _>("a", |v| {
             let mut s = v.status.clone().unwrap();
-            s.move_ = Some(cobalt_api::MoveStatus::granted("m1", "m3", started));
+            s.move_ = Some(Box::new(cobalt_api::MoveStatus::granted(
+                "m1", "m3", started,
+            )));
             Some(s)
         })
         .await

@@ -371,7 +371,7 @@ impl VolumeScheduler {
                             return None;
                         }
                         let mut s = s.clone();
-                        s.move_ = Some(grant.clone());
+                        s.move_ = Some(Box::new(grant.clone()));
                         s.phase = VolumePhase::Moving;
                         let (reason, message) = grant.describe();
                         set_condition(

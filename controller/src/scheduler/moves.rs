@@ -178,7 +178,7 @@ mod tests {
             panic!("not granted");
         };
         m.stage = stage;
-        v.status.as_mut().unwrap().move_ = Some(m);
+        v.status.as_mut().unwrap().move_ = Some(Box::new(m));
     }
 
     #[test]

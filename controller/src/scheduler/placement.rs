@@ -25,7 +25,7 @@ use crate::config::PlacementStrategy;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct MachineView {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: cobalt_api::StringMap,
     pub ready: bool,
     pub unschedulable: bool,
     pub total_bytes: u64,
@@ -321,7 +321,7 @@ mod tests {
     fn machine(name: &str, total_gib: u64, reserved_gib: u64) -> MachineView {
         MachineView {
             name: name.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ready: true,
             unschedulable: false,
             total_bytes: total_gib * GIB,

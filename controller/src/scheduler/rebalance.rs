@@ -506,7 +506,7 @@ mod tests {
     fn machine(name: &str, total_gib: u64) -> MachineView {
         MachineView {
             name: name.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ready: true,
             unschedulable: false,
             total_bytes: total_gib * GIB,

@@ -482,10 +482,10 @@ impl Moves {
                 {
                     return None;
                 }
-                s.clone_seed = Some(cobalt_api::CloneSeed {
+                s.clone_seed = Some(Box::new(cobalt_api::CloneSeed {
                     from: from_.clone(),
                     credential_sha256: hash.clone(),
-                });
+                }));
                 Some(s)
             })
             .await
