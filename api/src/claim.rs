@@ -46,10 +46,12 @@ pub const HOLD_SECONDS: std::ops::RangeInclusive<u32> = 2..=3600;
 pub struct Claim {
     /// Always `cobalt.io/v1alpha1`.
     #[schemars(extend("const" = "cobalt.io/v1alpha1"))]
-    pub api_version: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub api_version: crate::compact::Word,
     /// Always `Claim`.
     #[schemars(extend("const" = "Claim"))]
-    pub kind: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub kind: crate::compact::Word,
     pub metadata: ObjectMeta,
     pub spec: ClaimSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,8 +149,8 @@ pub enum ClaimPhase {
 impl Claim {
     pub fn new(name: impl Into<String>, host: impl Into<String>) -> Self {
         Claim {
-            api_version: API_VERSION.to_string(),
-            kind: "Claim".to_string(),
+            api_version: API_VERSION.into(),
+            kind: "Claim".into(),
             metadata: ObjectMeta::named(name),
             spec: ClaimSpec {
                 host: host.into(),

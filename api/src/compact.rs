@@ -1,6 +1,6 @@
 //! Shapes that keep objects small in memory, with the wire format and schema of the plain ones:
-//! [`StringMap`], the map of strings that labels and annotations are, and [`exact_vec`] for
-//! lists.
+//! [`StringMap`], the map of strings that labels and annotations are; [`Word`], a short string
+//! most objects share; and [`exact_vec`] for lists.
 //!
 //! A `BTreeMap<String, String>` allocates a whole node (about 540 bytes) for its first entry,
 //! and most objects carry one to three labels and an annotation or two; a controller holding
@@ -9,6 +9,7 @@
 //! documents itself (JSON Schema) as the JSON object a `BTreeMap` is: the wire format is the
 //! same, keys in order.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use schemars::JsonSchema;
@@ -228,6 +229,111 @@ impl JsonSchema for StringMap {
     }
 }
 
+/// A short string that most objects share: a condition's type and reason, a kind, the API
+/// version. One of Cobalt's own words ([`WORDS`]) is held as a `&'static str` and costs no
+/// allocation (a Ready volume carries eight of them in its conditions); any other is kept as it
+/// came. Serialized and documented as a plain string.
+pub type Word = Cow<'static, str>;
+
+/// The words [`word`] holds without allocating, sorted: the API version, the kinds, and the
+/// condition types and reasons Cobalt writes.
+pub const WORDS: &[&str] = &[
+    "AgentAlive",
+    "Applied",
+    "Bound",
+    "CapacityReserved",
+    "CapacityUnknown",
+    "Claim",
+    "CleaningUp",
+    "CloneUnsupported",
+    "Converging",
+    "Created",
+    "Creating",
+    "CuttingOver",
+    "DataMissing",
+    "Deleting",
+    "Drained",
+    "Draining",
+    "Exported",
+    "Failed",
+    "Found",
+    "InsufficientCapacity",
+    "Machine",
+    "MachineLost",
+    "MachineReady",
+    "MoveFinished",
+    "MoveUnsupported",
+    "Moving",
+    "NoClients",
+    "NoExporter",
+    "NotExported",
+    "NotReady",
+    "OrphanVolumes",
+    "Pending",
+    "Pinned",
+    "PinnedOvercommitted",
+    "Placed",
+    "Provisioned",
+    "Quota",
+    "Ready",
+    "ResizeBlocked",
+    "ResizeUnsupported",
+    "Resized",
+    "Resizing",
+    "RestoreUnsupported",
+    "Scheduled",
+    "Seeding",
+    "Served",
+    "Serving",
+    "Snapshot",
+    "SnapshotUnsupported",
+    "SourceNotReady",
+    "Taken",
+    "TargetLacksCapability",
+    "TargetNotReady",
+    "TargetUnknown",
+    "Unexported",
+    "Unschedulable",
+    "Volume",
+    "VolumeDeleting",
+    "VolumeNotReady",
+    "cobalt.io/v1alpha1",
+];
+
+/// `s` as a [`Word`]: borrowed from [`WORDS`] if it is one, else copied.
+pub fn word(s: &str) -> Word {
+    match WORDS.binary_search(&s) {
+        Ok(i) => Cow::Borrowed(WORDS[i]),
+        Err(_) => Cow::Owned(s.to_string()),
+    }
+}
+
+/// Deserializes a string as a [`Word`], without allocating for one of [`WORDS`].
+pub(crate) fn deserialize_word<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Word, D::Error> {
+    struct AWord;
+    impl Visitor<'_> for AWord {
+        type Value = Word;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Word, E> {
+            Ok(word(s))
+        }
+
+        fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Word, E> {
+            Ok(match WORDS.binary_search(&s.as_str()) {
+                Ok(i) => Cow::Borrowed(WORDS[i]),
+                Err(_) => Cow::Owned(s),
+            })
+        }
+    }
+    deserializer.deserialize_str(AWord)
+}
+
 /// Deserializes a list into a `Vec` exactly as large as its items: decoding grows a `Vec` by
 /// doubling (room for four of the first item), and a cache holding 100,000 objects keeps every
 /// spare slot. For the lists of objects kept long (conditions, finalizers, export clients).
@@ -267,6 +373,25 @@ mod tests {
         assert!(m.contains_key("app") && !m.contains_key("z"));
         assert!(m.iter().eq(b.iter()));
         assert_eq!(m.len(), b.len());
+    }
+
+    #[test]
+    fn words_are_sorted_and_held_without_allocating() {
+        assert!(WORDS.is_sorted(), "binary search needs WORDS sorted");
+        assert!(matches!(word("Ready"), Cow::Borrowed(_)));
+        assert!(matches!(word("SomethingNew"), Cow::Owned(_)));
+        let c: crate::Condition = serde_json::from_str(
+            r#"{"type": "Ready", "status": "True", "reason": "Serving", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert!(matches!(c.type_, Cow::Borrowed("Ready")));
+        assert!(matches!(c.reason, Cow::Borrowed("Serving")));
+        // Escaped, so not borrowed from the input: still found.
+        let escaped: crate::Condition = serde_json::from_str(
+            r#"{"type": "Re\u0061dy", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert!(matches!(escaped.type_, Cow::Borrowed("Ready")));
     }
 
     #[test]

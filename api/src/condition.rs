@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::compact::{word, Word};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {
     True,
@@ -19,11 +21,15 @@ pub enum ConditionStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
-    #[serde(rename = "type")]
-    pub type_: String,
+    #[serde(rename = "type", deserialize_with = "crate::compact::deserialize_word")]
+    pub type_: Word,
     pub status: ConditionStatus,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
+    #[serde(
+        default,
+        skip_serializing_if = "str::is_empty",
+        deserialize_with = "crate::compact::deserialize_word"
+    )]
+    pub reason: Word,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     pub last_transition_time: DateTime<Utc>,
@@ -58,14 +64,16 @@ pub fn set_condition(
                 c.status = status;
                 c.last_transition_time = now;
             }
-            c.reason = reason.to_string();
+            if c.reason != reason {
+                c.reason = word(reason);
+            }
             c.message = message.to_string();
             c.observed_generation = observed_generation;
         }
         None => conditions.push(Condition {
-            type_: type_.to_string(),
+            type_: word(type_),
             status,
-            reason: reason.to_string(),
+            reason: word(reason),
             message: message.to_string(),
             last_transition_time: now,
             observed_generation,

@@ -16,10 +16,12 @@ use crate::meta::{resource, ObjectMeta, API_VERSION};
 pub struct Machine {
     /// Always `cobalt.io/v1alpha1`.
     #[schemars(extend("const" = "cobalt.io/v1alpha1"))]
-    pub api_version: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub api_version: crate::compact::Word,
     /// Always `Machine`.
     #[schemars(extend("const" = "Machine"))]
-    pub kind: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub kind: crate::compact::Word,
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: MachineSpec,
@@ -32,8 +34,8 @@ resource!(Machine, MachineStatus, "Machine", "machines");
 impl Machine {
     pub fn new(name: impl Into<String>, spec: MachineSpec) -> Self {
         Machine {
-            api_version: API_VERSION.to_string(),
-            kind: "Machine".to_string(),
+            api_version: API_VERSION.into(),
+            kind: "Machine".into(),
             metadata: ObjectMeta::named(name),
             spec,
             status: None,

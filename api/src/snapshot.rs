@@ -39,10 +39,12 @@ pub const SCHEDULED_LABEL: &str = "cobalt.io/scheduled";
 pub struct Snapshot {
     /// Always `cobalt.io/v1alpha1`.
     #[schemars(extend("const" = "cobalt.io/v1alpha1"))]
-    pub api_version: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub api_version: crate::compact::Word,
     /// Always `Snapshot`.
     #[schemars(extend("const" = "Snapshot"))]
-    pub kind: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub kind: crate::compact::Word,
     pub metadata: ObjectMeta,
     pub spec: SnapshotSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,8 +56,8 @@ resource!(Snapshot, SnapshotStatus, "Snapshot", "snapshots");
 impl Snapshot {
     pub fn new(name: impl Into<String>, volume: impl Into<String>) -> Self {
         Snapshot {
-            api_version: API_VERSION.to_string(),
-            kind: "Snapshot".to_string(),
+            api_version: API_VERSION.into(),
+            kind: "Snapshot".into(),
             metadata: ObjectMeta::named(name),
             spec: SnapshotSpec {
                 volume: volume.into(),

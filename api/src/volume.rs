@@ -28,10 +28,12 @@ pub const AGENT_FINALIZER: &str = "cobalt.io/agent";
 pub struct Volume {
     /// Always `cobalt.io/v1alpha1`.
     #[schemars(extend("const" = "cobalt.io/v1alpha1"))]
-    pub api_version: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub api_version: crate::compact::Word,
     /// Always `Volume`.
     #[schemars(extend("const" = "Volume"))]
-    pub kind: String,
+    #[serde(deserialize_with = "crate::compact::deserialize_word")]
+    pub kind: crate::compact::Word,
     pub metadata: ObjectMeta,
     pub spec: VolumeSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,8 +51,8 @@ resource!(
 impl Volume {
     pub fn new(name: impl Into<String>, spec: VolumeSpec) -> Self {
         Volume {
-            api_version: API_VERSION.to_string(),
-            kind: "Volume".to_string(),
+            api_version: API_VERSION.into(),
+            kind: "Volume".into(),
             metadata: ObjectMeta::named(name),
             spec,
             status: None,

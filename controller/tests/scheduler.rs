@@ -363,7 +363,7 @@ async fn selectors_and_cordons_are_respected_and_unschedulable_volumes_say_why_t
     let s = v.status.unwrap();
     assert_eq!(s.phase, VolumePhase::Scheduled);
     let c = find_condition(&s.conditions, "Scheduled").unwrap();
-    assert_eq!((c.reason.as_str(), c.is_true()), ("Bound", true));
+    assert_eq!((&*c.reason, c.is_true()), ("Bound", true));
 }
 
 /// Volumes that cannot be placed are told why once; after that, resyncs of every one of them

@@ -24,7 +24,7 @@ fn bound_reason(cl: &Claim) -> String {
     cl.status
         .as_ref()
         .and_then(|s| cobalt_api::find_condition(&s.conditions, "Bound"))
-        .map(|b| b.reason.clone())
+        .map(|b| b.reason.to_string())
         .unwrap_or_default()
 }
 

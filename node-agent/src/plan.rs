@@ -818,10 +818,7 @@ mod tests {
         assert_eq!(s.phase, VolumePhase::Moving);
         assert_eq!(s.endpoint, None);
         let ready = find_condition(&s.conditions, "Ready").unwrap();
-        assert_eq!(
-            (ready.is_true(), ready.reason.as_str()),
-            (false, "CuttingOver")
-        );
+        assert_eq!((ready.is_true(), &*ready.reason), (false, "CuttingOver"));
         // Snapshots of an ongoing move are kept; those of a cancelled one go.
         let mut with_snaps = seen(on_disk(&v));
         with_snaps.move_snapshots = vec!["move-1".into()];
