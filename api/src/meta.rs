@@ -71,6 +71,56 @@ impl ObjectMeta {
     }
 }
 
+/// A shared object in a set keyed by its name: the name inside the object is the key, so a
+/// cache or a watch holding 100,000 objects does not hold a copy of each name beside it. Equal,
+/// ordered and hashed by name alone; look it up with a `&str`.
+pub struct ByName<R>(pub std::sync::Arc<R>);
+
+impl<R: Resource> std::borrow::Borrow<str> for ByName<R> {
+    fn borrow(&self) -> &str {
+        self.0.name()
+    }
+}
+
+impl<R: Resource> PartialEq for ByName<R> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
+}
+
+impl<R: Resource> Eq for ByName<R> {}
+
+impl<R: Resource> PartialOrd for ByName<R> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<R: Resource> Ord for ByName<R> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.name().cmp(other.0.name())
+    }
+}
+
+impl<R: Resource> std::hash::Hash for ByName<R> {
+    /// As the name's `str` hashes, as `Borrow<str>` requires.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state)
+    }
+}
+
+impl<R> Clone for ByName<R> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+
+impl<R: std::fmt::Debug> std::fmt::Debug for ByName<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A kind stored by Cobalt: an object (metadata + spec) and a separately written status.
 pub trait Resource:
     Serialize + DeserializeOwned + Clone + PartialEq + Send + Sync + std::fmt::Debug + 'static
@@ -145,3 +195,36 @@ macro_rules! resource {
     };
 }
 pub(crate) use resource;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Volume, VolumeSpec};
+    use std::collections::{BTreeSet, HashSet};
+    use std::sync::Arc;
+
+    fn volume(name: &str, machine: &str) -> ByName<Volume> {
+        let mut v = Volume::new(name, VolumeSpec::default());
+        v.spec.machine = Some(machine.into());
+        ByName(Arc::new(v))
+    }
+
+    #[test]
+    fn by_name_is_found_by_its_name_and_replaced_whole() {
+        let mut ordered: BTreeSet<_> = [volume("b", "m1"), volume("a", "m1")].into();
+        let mut hashed: HashSet<_> = ordered.iter().cloned().collect();
+        assert_eq!(ordered.get("a").unwrap().0.name(), "a");
+        assert!(hashed.contains("b") && !hashed.contains("c"));
+        assert_eq!(
+            ordered.iter().map(|o| o.0.name()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        // `replace`, not `insert`, swaps in the newer object of the same name.
+        ordered.replace(volume("a", "m2"));
+        hashed.replace(volume("a", "m2"));
+        for got in [&ordered.get("a").unwrap().0, &hashed.get("a").unwrap().0] {
+            assert_eq!(got.spec.machine.as_deref(), Some("m2"));
+        }
+        assert_eq!((ordered.len(), hashed.len()), (2, 2));
+    }
+}

@@ -8,11 +8,11 @@
 //! The cache also tracks the revision it has caught up to, so a reconciler that wrote revision W
 //! can wait until the cache reflects its own write ([`Cache::wait_for_revision`]).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cobalt_api::Resource;
+use cobalt_api::{ByName, Resource};
 use tokio::sync::{broadcast, watch};
 
 /// How many announced changes a slow subscriber may fall behind before it is told it lagged.
@@ -50,7 +50,8 @@ impl<R: Resource> Clone for Cache<R> {
 }
 
 struct Inner<R> {
-    objects: RwLock<BTreeMap<String, Arc<R>>>,
+    /// Keyed by the name inside each object (no copy of it beside).
+    objects: RwLock<BTreeSet<ByName<R>>>,
     revision: watch::Sender<i64>,
     ready: watch::Sender<bool>,
     changes: broadcast::Sender<Change<R>>,
@@ -66,7 +67,7 @@ impl<R: Resource> Cache<R> {
     pub fn new() -> Self {
         Cache {
             inner: Arc::new(Inner {
-                objects: RwLock::new(BTreeMap::new()),
+                objects: RwLock::new(BTreeSet::new()),
                 revision: watch::channel(0).0,
                 ready: watch::channel(false).0,
                 changes: broadcast::channel(CHANGE_BUFFER).0,
@@ -74,13 +75,13 @@ impl<R: Resource> Cache<R> {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<R>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeSet<ByName<R>>> {
         // A panic while holding the lock cannot leave the map half-updated (single inserts),
         // so a poisoned lock is still consistent.
         self.inner.objects.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<R>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<ByName<R>>> {
         self.inner
             .objects
             .write()
@@ -88,16 +89,16 @@ impl<R: Resource> Cache<R> {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<R>> {
-        self.read().get(name).cloned()
+        self.read().get(name).map(|o| o.0.clone())
     }
 
     /// Every object, ordered by name.
     pub fn list(&self) -> Vec<Arc<R>> {
-        self.read().values().cloned().collect()
+        self.read().iter().map(|o| o.0.clone()).collect()
     }
 
     pub fn keys(&self) -> Vec<String> {
-        self.read().keys().cloned().collect()
+        self.read().iter().map(|o| o.0.name().to_string()).collect()
     }
 
     /// The names of the objects `pred` accepts, ordered by name: one pass under the read lock,
@@ -105,8 +106,8 @@ impl<R: Resource> Cache<R> {
     pub fn names_where(&self, mut pred: impl FnMut(&R) -> bool) -> Vec<String> {
         self.read()
             .iter()
-            .filter(|(_, o)| pred(o))
-            .map(|(name, _)| name.clone())
+            .filter(|o| pred(&o.0))
+            .map(|o| o.0.name().to_string())
             .collect()
     }
 
@@ -114,8 +115,8 @@ impl<R: Resource> Cache<R> {
     pub fn first_name_where(&self, mut pred: impl FnMut(&R) -> bool) -> Option<String> {
         self.read()
             .iter()
-            .find(|(_, o)| pred(o))
-            .map(|(name, _)| name.clone())
+            .find(|o| pred(&o.0))
+            .map(|o| o.0.name().to_string())
     }
 
     pub fn len(&self) -> usize {
@@ -161,7 +162,7 @@ impl<R: Resource> Cache<R> {
     pub fn upsert(&self, object: impl Into<Arc<R>>, revision: i64) {
         let object: Arc<R> = object.into();
         let name = object.name().to_string();
-        self.write().insert(name.clone(), object.clone());
+        self.write().replace(ByName(object.clone()));
         let _ = self.inner.changes.send(Change {
             name,
             object,
@@ -172,8 +173,8 @@ impl<R: Resource> Cache<R> {
 
     /// Removes an object deleted at `revision`.
     pub fn remove(&self, name: &str, revision: i64) {
-        let removed = self.write().remove(name);
-        if let Some(object) = removed {
+        let removed = self.write().take(name);
+        if let Some(ByName(object)) = removed {
             let _ = self.inner.changes.send(Change {
                 name: name.to_string(),
                 object,
@@ -186,35 +187,29 @@ impl<R: Resource> Cache<R> {
     /// Replaces the whole content after a (re)list at `revision`, announcing only real changes:
     /// objects that vanished while the watch was broken are announced as deleted.
     pub fn replace_all(&self, objects: Vec<impl Into<Arc<R>>>, revision: i64) {
-        let fresh: BTreeMap<String, Arc<R>> = objects
-            .into_iter()
-            .map(|o| {
-                let o: Arc<R> = o.into();
-                (o.name().to_string(), o)
-            })
-            .collect();
+        let fresh: BTreeSet<ByName<R>> = objects.into_iter().map(|o| ByName(o.into())).collect();
         let mut announce = Vec::new();
         {
-            let mut map = self.write();
-            for (name, old) in map.iter() {
-                if !fresh.contains_key(name) {
+            let mut set = self.write();
+            for ByName(old) in set.iter() {
+                if !fresh.contains(old.name()) {
                     announce.push(Change {
-                        name: name.clone(),
+                        name: old.name().to_string(),
                         object: old.clone(),
                         deleted: true,
                     });
                 }
             }
-            for (name, new) in &fresh {
-                if map.get(name).is_none_or(|old| old != new) {
+            for ByName(new) in &fresh {
+                if set.get(new.name()).is_none_or(|old| old.0 != *new) {
                     announce.push(Change {
-                        name: name.clone(),
+                        name: new.name().to_string(),
                         object: new.clone(),
                         deleted: false,
                     });
                 }
             }
-            *map = fresh;
+            *set = fresh;
         }
         for change in announce {
             let _ = self.inner.changes.send(change);

@@ -14,13 +14,13 @@
 //! BOOKMARKs, the reconcile cache's read-your-writes) know how far the stream has come even
 //! when nothing changes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cobalt_api::selector::LabelSelector;
-use cobalt_api::Resource;
+use cobalt_api::{ByName, Resource};
 use etcd_client::{EventType, WatchOptions, WatchStream};
 
 use crate::connection::Store;
@@ -75,7 +75,7 @@ pub struct ResourceWatch<R: Resource> {
     /// Last revision whose events have all been delivered.
     revision: i64,
     /// Latest known state (object and status merged) of each name, shared with the events.
-    objects: HashMap<String, Arc<R>>,
+    objects: HashSet<ByName<R>>,
     /// The etcd watch; its request half must live as long as the stream (dropping it ends the watch).
     stream: Option<WatchStream>,
     pending: VecDeque<WatchEvent<R>>,
@@ -94,10 +94,7 @@ impl Store {
             .list_at::<R>(&Scope::All, &LabelSelector::default(), Some(revision))
             .await
             .map_err(|e| with_requested(e, revision))?;
-        let objects = items
-            .into_iter()
-            .map(|o| (o.name().to_string(), Arc::new(o)))
-            .collect();
+        let objects = items.into_iter().map(|o| ByName(Arc::new(o))).collect();
         Ok(self.watch_from_state(&Scope::All, objects, revision))
     }
 
@@ -119,20 +116,14 @@ impl Store {
         items: &[A],
         revision: i64,
     ) -> ResourceWatch<R> {
-        let objects = items
-            .iter()
-            .map(|o| {
-                let o: Arc<R> = o.clone().into();
-                (o.name().to_string(), o)
-            })
-            .collect();
+        let objects = items.iter().map(|o| ByName(o.clone().into())).collect();
         self.watch_from_state(scope, objects, revision)
     }
 
     fn watch_from_state<R: Resource>(
         &self,
         scope: &Scope,
-        objects: HashMap<String, Arc<R>>,
+        objects: HashSet<ByName<R>>,
         revision: i64,
     ) -> ResourceWatch<R> {
         ResourceWatch {
@@ -177,7 +168,7 @@ impl<R: Resource> ResourceWatch<R> {
 
     /// The objects (with their status) as of [`ResourceWatch::revision`].
     pub fn objects(&self) -> impl Iterator<Item = &R> {
-        self.objects.values().map(|object| &**object)
+        self.objects.iter().map(|object| &*object.0)
     }
 
     /// Bytes of keys and values this watch has received from etcd (what its fan-out costs).
@@ -291,28 +282,27 @@ impl<R: Resource> ResourceWatch<R> {
         let Some((name, part)) = Keys::parse_under(&self.root, &key) else {
             return Ok(());
         };
-        let name = name.to_string();
         match (part, event.event_type()) {
             (Part::Object, EventType::Put) => {
                 let mut object = decode_object::<R>(kv)?;
-                let event = match self.objects.remove(&name) {
+                let event = match self.objects.take(name) {
                     Some(old) => {
-                        *object.status_mut() = old.status().cloned();
+                        *object.status_mut() = old.0.status().cloned();
                         let object = Arc::new(object);
-                        self.objects.insert(name, object.clone());
+                        self.objects.insert(ByName(object.clone()));
                         WatchEvent::Modified { object, revision }
                     }
                     None => {
                         let object = Arc::new(object);
-                        self.objects.insert(name, object.clone());
+                        self.objects.insert(ByName(object.clone()));
                         WatchEvent::Added { object, revision }
                     }
                 };
                 self.pending.push_back(event);
             }
             (Part::Object, EventType::Delete) => {
-                if let Some(old) = self.objects.remove(&name) {
-                    let mut object = Arc::unwrap_or_clone(old);
+                if let Some(old) = self.objects.take(name) {
+                    let mut object = Arc::unwrap_or_clone(old.0);
                     object.meta_mut().resource_version = revision.to_string();
                     self.pending.push_back(WatchEvent::Deleted {
                         object: Arc::new(object),
@@ -321,17 +311,17 @@ impl<R: Resource> ResourceWatch<R> {
                 }
             }
             (Part::Status, kind) => {
-                if let Some(current) = self.objects.get_mut(&name) {
+                if let Some(current) = self.objects.get(name) {
                     let status = match kind {
                         EventType::Put => Some(decode_status::<R>(kv)?),
                         EventType::Delete => None,
                     };
                     // The object's fields are copied once; the old state goes when its last
                     // reader (the cache, an event in flight) lets go of it.
-                    let mut object = R::clone(current);
+                    let mut object = R::clone(&current.0);
                     *object.status_mut() = status;
                     let object = Arc::new(object);
-                    *current = object.clone();
+                    self.objects.replace(ByName(object.clone()));
                     self.pending
                         .push_back(WatchEvent::Modified { object, revision });
                 }

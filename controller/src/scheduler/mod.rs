@@ -112,7 +112,14 @@ pub async fn run(
 async fn repair_views(fenced: Store, term: CancellationToken) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match fenced.repair_views::<Volume>().await {
+        // A term that ends stops the repair between two objects' transactions (each is guarded
+        // on its own): at 100,000 volumes it takes seconds, which a stopping leader must not
+        // wait for.
+        let repaired = tokio::select! {
+            _ = term.cancelled() => return,
+            r = fenced.repair_views::<Volume>() => r,
+        };
+        match repaired {
             Ok(r) if r == cobalt_store::Repaired::default() => return,
             Ok(r) => {
                 tracing::info!(
