@@ -195,6 +195,15 @@ impl Queue {
         self.entries.is_empty()
     }
 
+    /// Gives back the room a wave of keys left behind (a list or resync of every object grows
+    /// the queue to all of them; drained, it keeps that room until the next wave).
+    pub fn shrink_to_fit(&mut self) {
+        self.entries.shrink_to_fit();
+        self.in_flight.shrink_to_fit();
+        self.rerun.shrink_to_fit();
+        self.failures.shrink_to_fit();
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
