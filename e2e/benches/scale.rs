@@ -631,7 +631,9 @@ async fn controller_memory(etcd: &Etcd, n: usize, empty_kib: u64, json_per_volum
     // holds the volumes as they are and writes none of them (their status is what it would
     // write: bound, granted). `etcd_revisions_while_measured` shows it.
     let store = etcd.store().await;
-    let _alive = register_machines(&store).await;
+    let _alive =
+        cobalt_e2e::register_bench_machines(&store, MACHINES, 100 << 40, |_| Default::default())
+            .await;
     // A first controller brings the machines' status in line (their phase, events); the one
     // measured then finds nothing to write, as one restarted in a healthy cluster.
     controller_rss_kib(etcd, n).await;
@@ -651,43 +653,4 @@ async fn controller_memory(etcd: &Etcd, n: usize, empty_kib: u64, json_per_volum
     });
     println!("{}", serde_json::to_string_pretty(&memory).unwrap());
     record_bench_section("16_controller_memory", memory);
-}
-
-/// Registers the [`MACHINES`] machines the volumes are bound to (100 TiB each), alive while the
-/// returned lease lives.
-async fn register_machines(store: &cobalt_store::Store) -> cobalt_store::Lease {
-    use cobalt_api::{Capacity, Machine, MachineSpec, MachineStatus};
-    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
-    futures::stream::iter(0..MACHINES)
-        .map(|i| {
-            let (store, lease) = (store.clone(), &lease);
-            async move {
-                let name = format!("m{i:04}");
-                let spec = MachineSpec {
-                    max_fill: 100,
-                    ..Default::default()
-                };
-                store.create(&Machine::new(&name, spec)).await.unwrap();
-                store
-                    .update_status::<Machine, _>(&name, |_| {
-                        Some(MachineStatus {
-                            capacity: Capacity {
-                                total_bytes: 100 << 40,
-                                ..Default::default()
-                            },
-                            ..Default::default()
-                        })
-                    })
-                    .await
-                    .unwrap();
-                lease
-                    .put_attached(&store.keys().alive(&name), &name)
-                    .await
-                    .unwrap();
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
-    lease
 }

@@ -16,8 +16,8 @@
 
 use std::time::{Duration, Instant};
 
-use cobalt_api::{Capacity, Machine, MachineSpec, MachineStatus, Volume, VolumeSpec};
-use cobalt_e2e::{binary, record_bench_section};
+use cobalt_api::{Volume, VolumeSpec};
+use cobalt_e2e::{binary, record_bench_section, register_bench_machines};
 use cobalt_testkit::etcd::Etcd;
 use cobalt_testkit::process::Daemon;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -81,42 +81,10 @@ async fn main() {
     let store = etcd.store().await;
 
     // 1,000 machines, 100 TiB each (room for every volume), alive on one lease.
-    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
-    futures::stream::iter(0..MACHINES)
-        .map(|i| {
-            let (store, lease) = (store.clone(), &lease);
-            async move {
-                let name = format!("m{i:04}");
-                let mut m = Machine::new(
-                    &name,
-                    MachineSpec {
-                        max_fill: 100,
-                        ..Default::default()
-                    },
-                );
-                m.metadata.labels = [("zone".to_string(), format!("z{}", i % 4))].into();
-                store.create(&m).await.unwrap();
-                store
-                    .update_status::<Machine, _>(&name, |_| {
-                        Some(MachineStatus {
-                            capacity: Capacity {
-                                total_bytes: 100 << 40,
-                                ..Default::default()
-                            },
-                            ..Default::default()
-                        })
-                    })
-                    .await
-                    .unwrap();
-                lease
-                    .put_attached(&store.keys().alive(&name), &name)
-                    .await
-                    .unwrap();
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
+    let lease = register_bench_machines(&store, MACHINES, 100 << 40, |i| {
+        [("zone".to_string(), format!("z{}", i % 4))].into()
+    })
+    .await;
     futures::stream::iter(0..n)
         .map(|i| {
             let store = store.clone();

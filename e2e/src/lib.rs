@@ -573,6 +573,58 @@ pub fn server_of(v: &cobalt_api::Volume) -> String {
         .expect("an endpoint")
 }
 
+/// Registers `count` Machines `m0000`, `m0001`, … for a benchmark, 32 at a time: each with
+/// `maxFill: 100`, the labels `labels(i)` and `total_bytes` of capacity reported, its `alive` key
+/// on the returned lease (kept alive while it lives).
+pub async fn register_bench_machines(
+    store: &cobalt_store::Store,
+    count: usize,
+    total_bytes: u64,
+    labels: impl Fn(usize) -> cobalt_api::StringMap,
+) -> cobalt_store::Lease {
+    use cobalt_api::{Capacity, Machine, MachineSpec, MachineStatus};
+    use futures::StreamExt;
+    let lease = store
+        .grant_lease(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let (store, lease) = (store.clone(), &lease);
+            let labels = labels(i);
+            async move {
+                let name = format!("m{i:04}");
+                let spec = MachineSpec {
+                    max_fill: 100,
+                    ..Default::default()
+                };
+                let mut m = Machine::new(&name, spec);
+                m.metadata.labels = labels;
+                store.create(&m).await.unwrap();
+                store
+                    .update_status::<Machine, _>(&name, |_| {
+                        Some(MachineStatus {
+                            capacity: Capacity {
+                                total_bytes,
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        })
+                    })
+                    .await
+                    .unwrap();
+                lease
+                    .put_attached(&store.keys().alive(&name), &name)
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    lease
+}
+
 /// Merges one section into `bench/results.json` (the benches each write their own).
 pub fn record_bench_section(key: &str, section: serde_json::Value) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results.json");
