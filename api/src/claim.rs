@@ -147,7 +147,7 @@ pub enum ClaimPhase {
 }
 
 impl Claim {
-    pub fn new(name: impl Into<String>, host: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<crate::Text>, host: impl Into<String>) -> Self {
         Claim {
             api_version: API_VERSION.into(),
             kind: "Claim".into(),
@@ -181,15 +181,12 @@ impl Claim {
 
     /// Whether volume `labels` satisfy this claim's selector and group (ordinals aside).
     pub fn matches(&self, labels: &crate::compact::StringMap) -> bool {
-        self.spec
-            .selector
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.spec.selector.iter().all(|(k, v)| labels.has(k, v))
             && self
                 .spec
                 .group
                 .as_ref()
-                .is_none_or(|g| labels.get(GROUP_LABEL) == Some(g))
+                .is_none_or(|g| labels.has(GROUP_LABEL, g))
     }
 
     /// The labels a volume made from this claim's template carries: the selector's, the group
@@ -224,7 +221,7 @@ mod tests {
         labels.insert("app".into(), "db".into());
         assert!(!c.matches(&labels));
         let t = c.template_labels(Some(3));
-        assert_eq!(t.get(ORDINAL_LABEL).map(String::as_str), Some("3"));
+        assert_eq!(t.get(ORDINAL_LABEL).map(crate::Text::as_str), Some("3"));
         assert!(
             c.matches(&t),
             "a volume made from the template satisfies its claim"

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::compact::{word, Word};
+use crate::compact::{word, Text, Word};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {
@@ -30,8 +30,8 @@ pub struct Condition {
         deserialize_with = "crate::compact::deserialize_word"
     )]
     pub reason: Word,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
+    #[serde(default, skip_serializing_if = "Text::is_empty")]
+    pub message: Text,
     pub last_transition_time: DateTime<Utc>,
     #[serde(default)]
     pub observed_generation: i64,
@@ -67,14 +67,14 @@ pub fn set_condition(
             if c.reason != reason {
                 c.reason = word(reason);
             }
-            c.message = message.to_string();
+            c.message = Text::new(message);
             c.observed_generation = observed_generation;
         }
         None => conditions.push(Condition {
             type_: word(type_),
             status,
             reason: word(reason),
-            message: message.to_string(),
+            message: Text::new(message),
             last_transition_time: now,
             observed_generation,
         }),

@@ -35,7 +35,7 @@ pub mod validate;
 pub mod volume;
 
 pub use claim::{Claim, ClaimPhase, ClaimSpec, ClaimStatus, ClaimStrategy};
-pub use compact::StringMap;
+pub use compact::{StringMap, Text};
 pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
 pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
 pub use meta::{ByName, ObjectMeta, Resource, API_VERSION};

@@ -32,7 +32,7 @@ pub struct Machine {
 resource!(Machine, MachineStatus, "Machine", "machines");
 
 impl Machine {
-    pub fn new(name: impl Into<String>, spec: MachineSpec) -> Self {
+    pub fn new(name: impl Into<crate::Text>, spec: MachineSpec) -> Self {
         Machine {
             api_version: API_VERSION.into(),
             kind: "Machine".into(),

@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::compact::StringMap;
+use crate::compact::{StringMap, Text};
 
 /// The one API version of this release.
 pub const API_VERSION: &str = "cobalt.io/v1alpha1";
@@ -22,7 +22,7 @@ pub const API_VERSION: &str = "cobalt.io/v1alpha1";
 pub struct ObjectMeta {
     /// Unique within its kind: a DNS-1123 label (lowercase letters, digits and '-', at most 63).
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
-    pub name: String,
+    pub name: Text,
     #[serde(default, skip_serializing_if = "StringMap::is_empty")]
     pub labels: StringMap,
     #[serde(default, skip_serializing_if = "StringMap::is_empty")]
@@ -34,8 +34,8 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: i64,
     /// The etcd mod revision of the object; a replace must send the current one.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub resource_version: String,
+    #[serde(default, skip_serializing_if = "Text::is_empty")]
+    pub resource_version: Text,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,7 +46,7 @@ pub struct ObjectMeta {
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "crate::compact::exact_vec"
     )]
-    pub finalizers: Vec<String>,
+    pub finalizers: Vec<Text>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -54,7 +54,7 @@ fn is_zero(v: &i64) -> bool {
 }
 
 impl ObjectMeta {
-    pub fn named(name: impl Into<String>) -> Self {
+    pub fn named(name: impl Into<Text>) -> Self {
         ObjectMeta {
             name: name.into(),
             ..Default::default()

@@ -34,8 +34,8 @@ pub struct SelectorError {
 impl LabelSelector {
     pub fn matches(&self, labels: &crate::compact::StringMap) -> bool {
         self.0.iter().all(|t| match t {
-            Term::Equals(k, v) => labels.get(k) == Some(v),
-            Term::NotEquals(k, v) => labels.get(k) != Some(v),
+            Term::Equals(k, v) => labels.has(k, v),
+            Term::NotEquals(k, v) => !labels.has(k, v),
             Term::Exists(k) => labels.contains_key(k),
             Term::NotExists(k) => !labels.contains_key(k),
         })

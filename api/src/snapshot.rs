@@ -54,7 +54,7 @@ pub struct Snapshot {
 resource!(Snapshot, SnapshotStatus, "Snapshot", "snapshots");
 
 impl Snapshot {
-    pub fn new(name: impl Into<String>, volume: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<crate::Text>, volume: impl Into<String>) -> Self {
         Snapshot {
             api_version: API_VERSION.into(),
             kind: "Snapshot".into(),

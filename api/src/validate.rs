@@ -157,7 +157,7 @@ fn label_chars_ok(s: &str) -> bool {
 fn check_labels<'a>(
     errors: &mut ValidationErrors,
     field: &str,
-    labels: impl Iterator<Item = (&'a String, &'a String)>,
+    labels: impl Iterator<Item = (&'a str, &'a str)>,
 ) {
     for (k, v) in labels {
         for problem in [label_key_problem(k), label_value_problem(v)]
@@ -188,7 +188,11 @@ fn check_header(
     if let Some(p) = dns1123_label_problem(&meta.name) {
         errors.push("metadata.name", p);
     }
-    check_labels(errors, "metadata.labels", meta.labels.iter());
+    check_labels(
+        errors,
+        "metadata.labels",
+        meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     for key in meta.annotations.keys() {
         if let Some(p) = label_key_problem(key) {
             errors.push(format!("metadata.annotations[{key}]"), p);
@@ -285,7 +289,10 @@ pub fn validate_volume(v: &Volume) -> Result<(), ValidationErrors> {
         check_labels(
             &mut errors,
             "spec.placement.selector",
-            placement.selector.iter(),
+            placement
+                .selector
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
         );
     }
     if let Some(machine) = &spec.machine {
@@ -333,7 +340,14 @@ pub fn validate_claim(c: &Claim) -> Result<(), ValidationErrors> {
     if let Some(p) = export_host_problem(&c.spec.host) {
         errors.push("spec.host", p);
     }
-    check_labels(&mut errors, "spec.selector", c.spec.selector.iter());
+    check_labels(
+        &mut errors,
+        "spec.selector",
+        c.spec
+            .selector
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     match &c.spec.group {
         Some(g) => {
             if let Some(p) = label_value_problem(g).or_else(|| dns1123_label_problem(g)) {
@@ -496,18 +510,18 @@ mod tests {
     #[test]
     fn a_source_names_one_volume_or_one_snapshot_and_a_schedule_is_bounded() {
         let mut v = volume("restored");
-        v.spec.source = Some(crate::VolumeSource::snapshot("db-1"));
+        v.spec.source = Some(Box::new(crate::VolumeSource::snapshot("db-1")));
         assert_eq!(validate_volume(&v), Ok(()));
-        v.spec.source = Some(crate::VolumeSource {
+        v.spec.source = Some(Box::new(crate::VolumeSource {
             volume: Some("a".into()),
             snapshot: Some("b".into()),
-        });
+        }));
         assert_eq!(fields(validate_volume(&v)), ["spec.source"]);
-        v.spec.source = Some(crate::VolumeSource::snapshot("Bad_Name"));
-        v.spec.snapshots = Some(crate::SnapshotSchedule {
+        v.spec.source = Some(Box::new(crate::VolumeSource::snapshot("Bad_Name")));
+        v.spec.snapshots = Some(Box::new(crate::SnapshotSchedule {
             every: "soon".into(),
             keep: 0,
-        });
+        }));
         assert_eq!(
             fields(validate_volume(&v)),
             [
@@ -517,10 +531,10 @@ mod tests {
             ]
         );
         v.spec.source = None;
-        v.spec.snapshots = Some(crate::SnapshotSchedule {
+        v.spec.snapshots = Some(Box::new(crate::SnapshotSchedule {
             every: "500ms".into(),
             keep: 24,
-        });
+        }));
         let e = validate_volume(&v).unwrap_err();
         assert!(e.to_string().contains("minimum of 1s"), "{e}");
         v.spec.snapshots.as_mut().unwrap().every = "1h".into();
@@ -613,7 +627,7 @@ mod tests {
     #[test]
     fn clone_of_itself_and_bad_machine_names_are_refused() {
         let mut v = volume("a");
-        v.spec.source = Some(crate::VolumeSource::volume("a"));
+        v.spec.source = Some(Box::new(crate::VolumeSource::volume("a")));
         v.spec.machine = Some("Node_1".into());
         assert_eq!(
             fields(validate_volume(&v)),

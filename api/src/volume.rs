@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+use crate::compact::Text;
 use crate::condition::Condition;
 use crate::meta::{resource, ObjectMeta, API_VERSION};
 use crate::quantity::Quantity;
@@ -49,7 +50,7 @@ resource!(
 );
 
 impl Volume {
-    pub fn new(name: impl Into<String>, spec: VolumeSpec) -> Self {
+    pub fn new(name: impl Into<crate::Text>, spec: VolumeSpec) -> Self {
         Volume {
             api_version: API_VERSION.into(),
             kind: "Volume".into(),
@@ -74,19 +75,19 @@ pub struct VolumeSpec {
     pub compression: Compression,
     /// Makes this volume a clone of another volume's current content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<VolumeSource>,
+    pub source: Option<Box<VolumeSource>>,
     /// Which machines may hold the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
     /// The binding: set by the scheduler; set it yourself to pin; changing it moves the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub machine: Option<String>,
+    pub machine: Option<Text>,
     /// NFS export; without it, or with no clients, the volume is exported to nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<Export>,
     /// Snapshots taken on a schedule (`{every: 1h, keep: 24}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshots: Option<SnapshotSchedule>,
+    pub snapshots: Option<Box<SnapshotSchedule>>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -123,7 +124,7 @@ impl VolumeSpec {
         if !self.compression.is_none() {
             needs.push(Capability::Compression);
         }
-        match &self.source {
+        match self.source.as_deref() {
             Some(VolumeSource {
                 snapshot: Some(_), ..
             }) => needs.push(Capability::Snapshot),
@@ -349,7 +350,7 @@ pub struct Export {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExportClient {
     /// An IP address, a CIDR (10.0.0.0/24) or a hostname.
-    pub host: String,
+    pub host: Text,
     /// `rw` (read-write, the default) or `ro` (read-only).
     #[serde(default)]
     pub access: Access,
@@ -381,7 +382,7 @@ pub struct VolumeStatus {
     pub phase: VolumePhase,
     /// Where the data actually is (spec.machine is where it should be).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub machine: Option<String>,
+    pub machine: Option<Text>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<Endpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -619,9 +620,9 @@ impl MoveStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoint {
-    pub server: String,
+    pub server: Text,
     pub port: u16,
-    pub path: String,
+    pub path: Text,
     /// A command a user can paste to mount the volume.
     pub mount: String,
 }
@@ -719,7 +720,7 @@ mod tests {
         let mut spec = sized("1Gi").spec;
         assert!(spec.required_capabilities().is_empty());
         spec.compression = Compression::Zstd;
-        spec.source = Some(VolumeSource::volume("base"));
+        spec.source = Some(Box::new(VolumeSource::volume("base")));
         assert_eq!(
             spec.required_capabilities(),
             [Capability::Compression, Capability::Clone]

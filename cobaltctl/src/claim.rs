@@ -266,7 +266,7 @@ pub async fn run(c: &Client, o: ClaimOptions) -> anyhow::Result<i32> {
     let name = claim.metadata.name.clone();
     let object = Object {
         kind: Kind::Claim,
-        name: name.clone(),
+        name: name.to_string(),
         value: serde_json::to_value(&claim)?,
     };
     let verb = apply_one(c, &object, false, None).await?;

@@ -27,6 +27,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cobalt_reconcile::memory::tune_allocator();
     let cli = Cli::parse();
     if cli.print_openapi {
         print!("{}", cobalt_controller::openapi::document_text());

@@ -69,7 +69,7 @@ async fn bound_to(store: &Store, name: &str) -> Option<String> {
         .await
         .ok()
         .flatten()
-        .and_then(|v| v.spec.machine)
+        .and_then(|v| v.spec.machine.map(String::from))
 }
 
 struct InProcess(CancellationToken);
@@ -303,7 +303,7 @@ async fn a_thousand_volumes_created_at_once_never_overcommit_a_machine() {
     let mut reserved = std::collections::BTreeMap::<String, u64>::new();
     for v in &volumes {
         if let Some(m) = &v.spec.machine {
-            *reserved.entry(m.clone()).or_default() += v.spec.reserved_bytes();
+            *reserved.entry(m.to_string()).or_default() += v.spec.reserved_bytes();
         }
     }
     for (m, bytes) in &reserved {
@@ -607,6 +607,7 @@ async fn scheduled_condition(store: &Store, name: &str, reason: &str) -> String 
         },
     )
     .await
+    .to_string()
 }
 
 #[tokio::test]

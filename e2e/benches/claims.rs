@@ -111,9 +111,9 @@ async fn main() {
     let (post_ms, (bound, ready)) = tokio::join!(posts, collect);
     assert_eq!(bound.len(), n, "every claim bound");
     let started = started.lock().unwrap().clone();
-    let since = |at: &HashMap<String, Instant>| -> Vec<f64> {
+    let since = |at: &HashMap<cobalt_api::Text, Instant>| -> Vec<f64> {
         at.iter()
-            .map(|(name, t)| (*t - started[name]).as_secs_f64() * 1000.0)
+            .map(|(name, t)| (*t - started[name.as_str()]).as_secs_f64() * 1000.0)
             .collect()
     };
     let bound_ms = percentiles(since(&bound));

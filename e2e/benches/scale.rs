@@ -66,7 +66,7 @@ fn volume(i: usize) -> Volume {
         .annotations
         .insert("cobalt.io/scheduled-by".into(), "scheduler".into());
     v.metadata.finalizers = vec![cobalt_api::AGENT_FINALIZER.into()];
-    v.spec.machine = Some(format!("m{:04}", i % MACHINES));
+    v.spec.machine = Some(format!("m{:04}", i % MACHINES).into());
     v
 }
 
@@ -80,7 +80,7 @@ fn status(v: &Volume, used: u64) -> VolumeStatus {
         endpoint: Some(Endpoint {
             server: "10.0.3.17".into(),
             port: 2049,
-            path: format!("/{name}"),
+            path: format!("/{name}").into(),
             mount: format!("mount -t nfs4 10.0.3.17:/{name} /mnt/{name}"),
         }),
         usage: Some(Usage {

@@ -381,7 +381,7 @@ impl ReadyWatch {
                             bound
                                 .lock()
                                 .unwrap()
-                                .entry(object.metadata.name.clone())
+                                .entry(object.metadata.name.to_string())
                                 .or_insert(now);
                         }
                         if object
@@ -391,7 +391,7 @@ impl ReadyWatch {
                         {
                             seen.lock()
                                 .unwrap()
-                                .entry(object.metadata.name.clone())
+                                .entry(object.metadata.name.to_string())
                                 .or_insert(now);
                             changed.notify_waiters();
                         }

@@ -571,6 +571,7 @@ pub fn server_of(v: &cobalt_api::Volume) -> String {
         .and_then(|s| s.endpoint.as_ref())
         .map(|e| e.server.clone())
         .expect("an endpoint")
+        .to_string()
 }
 
 /// Registers `count` Machines `m0000`, `m0001`, … for a benchmark, 32 at a time: each with

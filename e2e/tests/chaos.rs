@@ -421,10 +421,10 @@ async fn refresh_targets(store: Store, targets: Targets, stop: Arc<AtomicBool>) 
                     let e = s.endpoint.as_ref()?;
                     (s.phase == VolumePhase::Ready).then(|| {
                         (
-                            v.metadata.name.clone(),
+                            v.metadata.name.to_string(),
                             v.metadata.uid.clone(),
-                            e.server.clone(),
-                            e.path.clone(),
+                            e.server.to_string(),
+                            e.path.to_string(),
                         )
                     })
                 })
@@ -589,7 +589,7 @@ async fn room(store: &Store, volumes: &[Volume]) -> Option<BTreeMap<String, i64>
                     .sum();
                 let limit = (total as f64 * 0.9 * 0.8) as i64;
                 (
-                    m.metadata.name.clone(),
+                    m.metadata.name.to_string(),
                     limit - counted as i64 - unplaced as i64,
                 )
             })
@@ -627,7 +627,8 @@ async fn run_workload(
         let alive: Vec<&Volume> = volumes
             .iter()
             .filter(|v| {
-                v.metadata.deletion_timestamp.is_none() && declared.contains_key(&v.metadata.name)
+                v.metadata.deletion_timestamp.is_none()
+                    && declared.contains_key(v.metadata.name.as_str())
             })
             .collect();
         let ready: Vec<&Volume> = alive.iter().copied().filter(|v| is_ready(v)).collect();
@@ -681,10 +682,10 @@ async fn run_workload(
                     continue;
                 };
                 let machine = v.status.as_ref().and_then(|s| s.machine.clone()).unwrap();
-                if room.get(&machine).copied().unwrap_or(0) < 32 * MIB {
+                if room.get(machine.as_str()).copied().unwrap_or(0) < 32 * MIB {
                     continue;
                 }
-                let d = declared.get_mut(&v.metadata.name).unwrap();
+                let d = declared.get_mut(v.metadata.name.as_str()).unwrap();
                 d.mib += 16;
                 let text = manifest(&v.metadata.name, d, &client);
                 (
@@ -696,7 +697,7 @@ async fn run_workload(
                 let Some(v) = pick(&mut rng, &alive) else {
                     continue;
                 };
-                let d = declared.get_mut(&v.metadata.name).unwrap();
+                let d = declared.get_mut(v.metadata.name.as_str()).unwrap();
                 d.extra_host = !d.extra_host;
                 let text = manifest(&v.metadata.name, d, &client);
                 (
@@ -709,8 +710,8 @@ async fn run_workload(
                     continue;
                 };
                 let machine = v.status.as_ref().and_then(|s| s.machine.clone()).unwrap();
-                let mib = declared[&v.metadata.name].mib;
-                if room.get(&machine).copied().unwrap_or(0) < (mib as i64 + 16) * MIB
+                let mib = declared[v.metadata.name.as_str()].mib;
+                if room.get(machine.as_str()).copied().unwrap_or(0) < (mib as i64 + 16) * MIB
                     || alive.len() >= 14
                 {
                     continue;
@@ -719,12 +720,12 @@ async fn run_workload(
                 let d = Declared {
                     mib,
                     extra_host: false,
-                    source: Some(v.metadata.name.clone()),
+                    source: Some(v.metadata.name.to_string()),
                 };
                 let text = manifest(&name, &d, &client);
                 declared.insert(name.clone(), d);
                 ops.clones
-                    .push((name, v.metadata.name.clone(), Instant::now()));
+                    .push((name, v.metadata.name.to_string(), Instant::now()));
                 (
                     "clone",
                     ctl(&ports, &mut rng, &["apply", "-f", "-"], Some(text)).await,
@@ -857,7 +858,7 @@ fn expected_files(
                 // never reused here, but a clone's inherited files carry the source's uid).
                 .filter(|w| w.volume != v.metadata.name || &w.uid == own_uid)
                 .collect();
-            (v.metadata.name.clone(), files)
+            (v.metadata.name.to_string(), files)
         })
         .collect()
 }
@@ -872,7 +873,7 @@ fn read_back(
         let Some(e) = v.status.as_ref().and_then(|s| s.endpoint.as_ref()) else {
             continue;
         };
-        for w in expected.get(&v.metadata.name).into_iter().flatten() {
+        for w in expected.get(v.metadata.name.as_str()).into_iter().flatten() {
             let mut result = Err(String::new());
             for _ in 0..3 {
                 result = nfs.read(&e.server, NFS_PORT, &e.path, &w.file);

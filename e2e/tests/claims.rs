@@ -74,7 +74,7 @@ async fn assert_no_double_binding(c: &Cluster) -> BTreeMap<String, String> {
     let mut by_volume = BTreeMap::new();
     for cl in claims(c).await {
         if let Some((volume, _)) = cl.bound_volume() {
-            let previous = by_volume.insert(volume.to_string(), cl.metadata.name.clone());
+            let previous = by_volume.insert(volume.to_string(), cl.metadata.name.to_string());
             assert!(
                 previous.is_none(),
                 "volume {volume} is bound to {} and {}",
@@ -175,7 +175,7 @@ async fn a_claim_storm_binds_each_volume_once_then_creates_the_rest_and_access_f
         .iter()
         .map(|cl| {
             vec![
-                cl.metadata.name.clone(),
+                cl.metadata.name.to_string(),
                 "--host".into(),
                 cl.spec.host.clone(),
                 "--selector".into(),
@@ -212,7 +212,7 @@ async fn a_claim_storm_binds_each_volume_once_then_creates_the_rest_and_access_f
             .find(|v| v.metadata.name == cl.metadata.name)
             .expect("made from the template");
         assert_eq!(
-            v.metadata.labels.get("app").map(String::as_str),
+            v.metadata.labels.get("app").map(cobalt_api::Text::as_str),
             Some("web"),
             "labelled to match"
         );
@@ -353,14 +353,14 @@ async fn a_held_claim_lapses_when_its_holder_dies_and_ordinals_stay_put() {
         v.metadata
             .labels
             .get("cobalt.io/claim-group")
-            .map(String::as_str),
+            .map(cobalt_api::Text::as_str),
         Some("kafka")
     );
     assert_eq!(
         v.metadata
             .labels
             .get("cobalt.io/ordinal")
-            .map(String::as_str),
+            .map(cobalt_api::Text::as_str),
         Some("1")
     );
     let server = server_of(&v);
@@ -451,7 +451,7 @@ async fn a_held_claim_lapses_when_its_holder_dies_and_ordinals_stay_put() {
         let n: BTreeMap<String, u32> = all
             .iter()
             .filter(|cl| cl.phase() == ClaimPhase::Bound)
-            .filter_map(|cl| Some((cl.metadata.name.clone(), cl.status.as_ref()?.ordinal?)))
+            .filter_map(|cl| Some((cl.metadata.name.to_string(), cl.status.as_ref()?.ordinal?)))
             .collect();
         (n.len() == 3).then_some(n)
     })

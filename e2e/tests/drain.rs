@@ -20,6 +20,7 @@ fn holder(v: &Volume) -> String {
         .as_ref()
         .and_then(|s| s.machine.clone())
         .unwrap_or_default()
+        .to_string()
 }
 
 async fn settled(c: &Cluster, name: &str) -> Volume {
@@ -131,7 +132,7 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
             v.metadata
                 .annotations
                 .get("cobalt.io/moved-by")
-                .map(String::as_str)
+                .map(cobalt_api::Text::as_str)
                 == Some("drain")
         );
     }
@@ -222,7 +223,7 @@ async fn a_lopsided_cluster_evens_out_by_itself() {
             v.metadata
                 .annotations
                 .get("cobalt.io/moved-by")
-                .map(String::as_str)
+                .map(cobalt_api::Text::as_str)
                 == Some("rebalance")
         })
         .count();
@@ -268,7 +269,7 @@ async fn a_grow_that_does_not_fit_moves_the_volume_where_it_fits_then_grows_it()
             .metadata
             .annotations
             .get("cobalt.io/moved-by")
-            .map(String::as_str),
+            .map(cobalt_api::Text::as_str),
         Some("grow")
     );
     assert!(c.nfs_read(&server_of(&grown), "grower/data.bin").unwrap() == bytes);

@@ -64,6 +64,7 @@ fn endpoint(v: &Volume) -> String {
         .and_then(|s| s.endpoint.as_ref())
         .map(|e| e.server.clone())
         .unwrap()
+        .to_string()
 }
 
 /// Shared by the killed and the partitioned agent: m1 goes away with a provisioned volume

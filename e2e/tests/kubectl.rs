@@ -189,7 +189,7 @@ async fn kubectl_drives_cobalt_unchanged() {
     .await;
     let v: cobalt_api::Volume = c.store.get("web").await.unwrap().unwrap();
     assert_eq!(
-        v.metadata.labels.get("tier").map(String::as_str),
+        v.metadata.labels.get("tier").map(cobalt_api::Text::as_str),
         Some("gold")
     );
     assert_eq!(v.spec.compression, cobalt_api::Compression::Zstd);

@@ -23,6 +23,7 @@ fn holder(v: &Volume) -> String {
         .as_ref()
         .and_then(|s| s.machine.clone())
         .expect("provisioned")
+        .to_string()
 }
 
 async fn snapshot(c: &Cluster, name: &str) -> Option<Snapshot> {

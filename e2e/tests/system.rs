@@ -60,6 +60,7 @@ fn server(v: &Volume) -> String {
         .and_then(|s| s.endpoint.as_ref())
         .map(|e| e.server.clone())
         .expect("an endpoint")
+        .to_string()
 }
 
 fn machine_of(v: &Volume) -> String {
@@ -67,6 +68,7 @@ fn machine_of(v: &Volume) -> String {
         .as_ref()
         .and_then(|s| s.machine.clone())
         .expect("placed")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

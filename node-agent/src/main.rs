@@ -33,6 +33,7 @@ const STALE_SWEEP: Duration = Duration::from_secs(60);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cobalt_reconcile::memory::tune_allocator();
     let cli = Cli::parse();
     if let Some(Command::Pool(p)) = &cli.command {
         return Ok(match p {
@@ -207,7 +208,10 @@ async fn main() -> anyhow::Result<()> {
             && !v.metadata.is_deleting()
             && backend.get(&v.metadata.uid).ok().flatten().is_some()
         {
-            set.insert(v.metadata.name.clone(), export_spec(&v, backend.as_ref()));
+            set.insert(
+                v.metadata.name.to_string(),
+                export_spec(&v, backend.as_ref()),
+            );
         }
     }
     match exports.replace_all(set).await {
@@ -307,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
                 .list()
                 .iter()
                 .filter(|s| s.spec.volume == v.metadata.name)
-                .map(|s| s.metadata.name.clone())
+                .map(|s| s.metadata.name.to_string())
                 .collect()
         })
         .with_metrics(reconcile_metrics.clone())
@@ -326,7 +330,7 @@ async fn main() -> anyhow::Result<()> {
                         v.spec.source.as_ref().and_then(|x| x.snapshot.as_deref())
                             == Some(s.metadata.name.as_str())
                     })
-                    .map(|v| v.metadata.name.clone())
+                    .map(|v| v.metadata.name.to_string())
                     .collect();
                 keys.push(s.spec.volume.clone());
                 keys

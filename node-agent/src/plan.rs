@@ -60,7 +60,7 @@ pub fn role(v: &Volume, machine: &str) -> Role {
     match holder {
         Some(h) if h == machine && bound_here => Role::Serving,
         Some(h) if h == machine => Role::MoveRequested {
-            to: v.spec.machine.clone().unwrap_or_else(|| "(unbound)".into()),
+            to: v.spec.machine.as_deref().unwrap_or("(unbound)").to_string(),
         },
         Some(h) if bound_here => Role::AwaitingData { on: h.to_string() },
         Some(_) => Role::NotHere,
@@ -192,7 +192,7 @@ impl Plan {
 pub fn record(v: &Volume) -> VolumeRecord {
     VolumeRecord {
         uid: v.metadata.uid.clone(),
-        name: v.metadata.name.clone(),
+        name: v.metadata.name.to_string(),
         size_bytes: v.granted_size_bytes(),
         compression: v.spec.compression,
     }
@@ -361,7 +361,7 @@ pub fn plan(v: &Volume, machine: &str, seen: &Observed) -> Plan {
 fn defragment_token(v: &Volume) -> Option<String> {
     let token = v.metadata.annotations.get(DEFRAGMENT_ANNOTATION)?;
     let done = v.status.as_ref().and_then(|s| s.defragmented.as_ref());
-    (done != Some(token)).then(|| token.clone())
+    (done.map(String::as_str) != Some(token.as_str())).then(|| token.to_string())
 }
 
 /// How the volume is exported after the plan ran.
@@ -420,7 +420,7 @@ pub fn status(v: &Volume, report: &Report, now: DateTime<Utc>) -> VolumeStatus {
         return s;
     }
     let machine = &report.machine;
-    s.machine = Some(machine.clone());
+    s.machine = Some(machine.clone().into());
     // Used bytes come from the periodic pool-wide refresh; a new volume starts at what was
     // last reported, or 0.
     let used_bytes = s.usage.as_ref().map_or(0, |u| u.used_bytes);
@@ -691,7 +691,7 @@ mod tests {
     #[test]
     fn a_restore_is_made_from_the_local_snapshot_or_waits_for_it() {
         let mut v = volume();
-        v.spec.source = Some(VolumeSource::snapshot("db-1"));
+        v.spec.source = Some(Box::new(VolumeSource::snapshot("db-1")));
         let p = plan(&v, "m1", &seen(None));
         assert!(
             p.steps.is_empty(),
@@ -717,7 +717,7 @@ mod tests {
     #[test]
     fn a_clone_is_made_from_the_local_source_seeded_from_a_remote_one_or_waits() {
         let mut v = volume();
-        v.spec.source = Some(VolumeSource::volume("base"));
+        v.spec.source = Some(Box::new(VolumeSource::volume("base")));
         let p = plan(&v, "m1", &seen(None));
         assert!(p.steps.is_empty(), "no source here yet: nothing is created");
         assert_eq!(p.waiting_for_source.as_deref(), Some("base"));
@@ -949,8 +949,9 @@ mod tests {
             machine: v
                 .status
                 .as_ref()
-                .and_then(|s| s.machine.clone())
-                .unwrap_or_else(|| "m1".into()),
+                .and_then(|s| s.machine.as_deref())
+                .unwrap_or("m1")
+                .to_string(),
             plan,
             limit_bytes: 64 * MIB,
             resize_blocked: None,

@@ -60,7 +60,7 @@ pub async fn register(
     if let Some(mut m) = store.get::<Machine>(&me.name).await? {
         if backend_labels
             .iter()
-            .any(|(k, v)| m.metadata.labels.get(k) != Some(v))
+            .any(|(k, v)| !m.metadata.labels.has(k, v))
         {
             m.metadata.labels.extend(backend_labels.clone());
             store.replace(&m).await?;

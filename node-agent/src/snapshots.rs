@@ -199,10 +199,10 @@ impl SnapshotAgent {
                     && !v.metadata.is_deleting()
                     && s.move_.is_none()
                     && s.machine.as_deref() == Some(me.as_str());
-                if !ok || s.snapshots.contains(&name) {
+                if !ok || s.snapshots.iter().any(|s| *s == *name) {
                     return None;
                 }
-                s.snapshots.push(name.clone());
+                s.snapshots.push(name.to_string());
                 Some(s)
             })
             .await?;
@@ -210,7 +210,7 @@ impl SnapshotAgent {
             .object
             .status
             .as_ref()
-            .is_some_and(|s| s.snapshots.contains(&name))
+            .is_some_and(|s| s.snapshots.iter().any(|s| *s == *name))
         {
             return Ok(Action::RequeueAfter(WAIT_RETRY));
         }
@@ -283,7 +283,7 @@ impl SnapshotAgent {
             .or_else(|| {
                 volume
                     .as_ref()
-                    .filter(|v| v.snapshot_names().contains(&name))
+                    .filter(|v| v.snapshot_names().iter().any(|s| *s == *name))
                     .map(|v| v.metadata.uid.clone())
             });
         if let Some(vuid) = volume_uid.clone() {
@@ -310,7 +310,7 @@ impl SnapshotAgent {
                 .store
                 .update_status::<Volume, _>(&v.metadata.name, |v| {
                     let mut s = v.status.clone()?;
-                    if v.metadata.uid != uid || !s.snapshots.contains(&name) {
+                    if v.metadata.uid != uid || !s.snapshots.iter().any(|s| *s == *name) {
                         return None;
                     }
                     s.snapshots.retain(|x| *x != name);
@@ -435,11 +435,13 @@ pub async fn run_schedules(
                 .get(&v.metadata.uid)
                 .is_some_and(|t| t.elapsed() < period);
             if due && !recent {
-                let mut snap =
-                    Snapshot::new(scheduled_name(&v.metadata.name, now), &v.metadata.name);
+                let mut snap = Snapshot::new(
+                    scheduled_name(&v.metadata.name, now),
+                    v.metadata.name.as_str(),
+                );
                 snap.metadata
                     .labels
-                    .insert(VOLUME_LABEL.into(), v.metadata.name.clone());
+                    .insert(VOLUME_LABEL.into(), v.metadata.name.to_string());
                 snap.metadata
                     .labels
                     .insert(SCHEDULED_LABEL.into(), "true".into());

@@ -44,9 +44,9 @@ pub struct VolumeAgent {
 /// Where clients mount volume `name` exported from `address` on NFS port `port`.
 pub fn endpoint(address: &str, port: u16, name: &str) -> Endpoint {
     Endpoint {
-        server: address.to_string(),
+        server: address.to_string().into(),
         port,
-        path: format!("/{name}"),
+        path: format!("/{name}").into(),
         mount: format!("mount -t nfs4 -o port={port} {address}:/{name} /mnt/{name}"),
     }
 }
@@ -54,7 +54,7 @@ pub fn endpoint(address: &str, port: u16, name: &str) -> Endpoint {
 /// The export a provisioned volume should have.
 pub fn export_spec(volume: &Volume, backend: &dyn Backend) -> ExportSpec {
     ExportSpec {
-        name: volume.metadata.name.clone(),
+        name: volume.metadata.name.to_string(),
         uid: volume.metadata.uid.clone(),
         source: backend.path(&volume.metadata.uid),
         clients: volume
@@ -80,12 +80,12 @@ pub fn add_claim_clients(
         }
         if !spec.clients.iter().any(|x| x.host == c.spec.host) {
             spec.clients.push(cobalt_api::volume::ExportClient {
-                host: c.spec.host.clone(),
+                host: c.spec.host.clone().into(),
                 access: c.spec.access,
                 root_squash: c.spec.root_squash,
             });
         }
-        names.push(c.metadata.name.clone());
+        names.push(c.metadata.name.to_string());
     }
     names.sort();
     names
@@ -196,13 +196,13 @@ impl VolumeAgent {
         let held: Vec<String> = snapshots
             .iter()
             .filter(|s| s.belongs_to(&v.metadata.name, &v.metadata.uid))
-            .map(|s| s.metadata.name.clone())
+            .map(|s| s.metadata.name.to_string())
             .collect();
         if held.is_empty() {
             return Ok(());
         }
         Err(AgentError::HasSnapshots {
-            volume: v.metadata.name.clone(),
+            volume: v.metadata.name.to_string(),
             snapshots: held.join(", "),
         })
     }
@@ -249,7 +249,7 @@ impl VolumeAgent {
         };
         let clone_source_remote = clone_source.as_ref().and_then(|src| {
             let holder = served_by(src)?;
-            (holder != self.machine).then(|| (holder, src.metadata.uid.clone()))
+            (holder != self.machine).then(|| (holder.to_string(), src.metadata.uid.clone()))
         });
         let restore_source = v
             .spec

@@ -126,7 +126,8 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
     assert!(live
         .metadata
         .finalizers
-        .contains(&"cobalt.io/agent".to_string()));
+        .iter()
+        .any(|f| f == "cobalt.io/agent"));
 
     let b = node.backend();
     assert!(
@@ -188,7 +189,7 @@ async fn a_bound_volume_becomes_a_limited_compressed_subvolume_that_resizes_clon
 
     // A clone has the source's files and its own size.
     let mut clone = bound("media-copy", "16Mi");
-    clone.spec.source = Some(VolumeSource::volume("media"));
+    clone.spec.source = Some(Box::new(VolumeSource::volume("media")));
     store.create(&clone).await.unwrap();
     let copy = ready(&store, "media-copy").await;
     let copy_uid = copy.metadata.uid.clone();

@@ -80,7 +80,7 @@ impl Drop for Node {
 
 fn client(host: &ClientHost, access: Access) -> ExportClient {
     ExportClient {
-        host: host.addr.to_string(),
+        host: host.addr.to_string().into(),
         access,
         root_squash: false,
     }

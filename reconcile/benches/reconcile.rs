@@ -32,7 +32,7 @@ impl Reconciler<Volume> for Seen {
     type Error = String;
     async fn reconcile(&self, v: Arc<Volume>, _ctx: Context<Volume>) -> Result<Action, String> {
         self.0.lock().unwrap().insert(
-            v.metadata.name.clone(),
+            v.metadata.name.to_string(),
             (v.metadata.generation, Instant::now()),
         );
         Ok(Action::Done)

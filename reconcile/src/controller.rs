@@ -114,21 +114,8 @@ impl Default for Config {
 const TRIGGER_BUFFER: usize = 4096;
 
 /// A wave of at least this many reconciles (a first list or a resync of a large cache) is
-/// followed, once the queue has drained, by [`release_after_wave`].
+/// followed, once the queue has drained, by [`crate::memory::release_after_wave`].
 const LARGE_WAVE: usize = 10_000;
-
-/// Gives the memory a large wave freed back to the operating system. Between the objects a
-/// cache keeps, a wave over 100,000 of them frees queue entries, keys and the temporaries of
-/// every reconcile; glibc's allocator keeps those pages resident (~270 bytes a volume, measured
-/// on a controller holding 100,000), `malloc_trim` returns them. Once a wave: it walks the heap,
-/// a few milliseconds.
-fn release_after_wave() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers and only releases memory that is free.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// Starts a task that turns another kind's changes into triggers, when the runner starts.
 type StartForwarder = Box<dyn FnOnce(mpsc::Sender<Trigger>, CancellationToken) + Send>;
@@ -255,7 +242,7 @@ impl<R: Resource, Rec: Reconciler<R>> Controller<R, Rec> {
             if queue.is_empty() && running.is_empty() {
                 if wave >= LARGE_WAVE {
                     queue.shrink_to_fit();
-                    release_after_wave();
+                    crate::memory::release_after_wave();
                 }
                 wave = 0;
             }

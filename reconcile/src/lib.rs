@@ -33,6 +33,7 @@
 pub mod backoff;
 pub mod cache;
 pub mod controller;
+pub mod memory;
 pub mod metrics;
 pub mod queue;
 pub mod reflector;

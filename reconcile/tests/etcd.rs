@@ -40,7 +40,7 @@ impl Reconciler<Volume> for Seen {
         self.0
             .lock()
             .unwrap()
-            .insert(v.metadata.name.clone(), v.spec.size.to_string());
+            .insert(v.metadata.name.to_string(), v.spec.size.to_string());
         Ok(Action::Done)
     }
 }

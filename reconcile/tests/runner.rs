@@ -78,14 +78,14 @@ impl Reconciler<Volume> for Probe {
     type Error = String;
     async fn reconcile(&self, v: Arc<Volume>, _ctx: Context<Volume>) -> Result<Action, String> {
         let key = v.metadata.name.clone();
-        self.log
-            .runs
-            .lock()
-            .unwrap()
-            .push((key.clone(), v.metadata.generation, Instant::now()));
+        self.log.runs.lock().unwrap().push((
+            key.to_string(),
+            v.metadata.generation,
+            Instant::now(),
+        ));
         {
             let mut running = self.log.running.lock().unwrap();
-            let n = running.entry(key.clone()).or_default();
+            let n = running.entry(key.to_string()).or_default();
             *n += 1;
             let mut peak = self.log.peak_per_key.lock().unwrap();
             *peak = (*peak).max(*n);
@@ -100,10 +100,16 @@ impl Reconciler<Volume> for Probe {
             }
         }
         tokio::time::sleep(self.work).await;
-        *self.log.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+        *self
+            .log
+            .running
+            .lock()
+            .unwrap()
+            .get_mut(key.as_str())
+            .unwrap() -= 1;
         *self.log.total_running.lock().unwrap() -= 1;
         let mut failures = self.failures.lock().unwrap();
-        match failures.get_mut(&key) {
+        match failures.get_mut(key.as_str()) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 Err(format!("{key} failed on purpose"))

@@ -88,7 +88,7 @@ impl Store {
                 name,
             });
         }
-        obj.meta_mut().resource_version = header_revision(resp.header()).to_string();
+        obj.meta_mut().resource_version = header_revision(resp.header()).to_string().into();
         Ok(obj)
     }
 
@@ -260,7 +260,7 @@ impl Store {
             Some(revision) => {
                 *new.status_mut() = Some(computed);
                 if object_changed {
-                    new.meta_mut().resource_version = revision.to_string();
+                    new.meta_mut().resource_version = revision.to_string().into();
                 }
                 Ok(new)
             }
@@ -278,7 +278,7 @@ impl Store {
         let conflict = || Error::Conflict {
             kind: R::KIND,
             name: name.clone(),
-            sent: sent.clone(),
+            sent: sent.to_string(),
         };
         let expected: i64 = sent.parse().map_err(|_| {
             Error::Invalid(format!(
@@ -355,7 +355,7 @@ impl Store {
         match self.commit(guards, ops).await? {
             Some(revision) => {
                 if object_changed {
-                    new.meta_mut().resource_version = revision.to_string();
+                    new.meta_mut().resource_version = revision.to_string().into();
                 }
                 Ok(new)
             }
@@ -426,7 +426,7 @@ impl Store {
         ops.extend(views.into_ops());
         match self.commit(guards, ops).await? {
             Some(revision) => {
-                obj.meta_mut().resource_version = revision.to_string();
+                obj.meta_mut().resource_version = revision.to_string().into();
                 Ok(Deleted::Pending(obj))
             }
             None => Err(Error::Conflict {
@@ -725,7 +725,7 @@ pub(crate) fn encode<R: Resource>(obj: &R) -> Result<Vec<u8>> {
 pub(crate) fn decode_object<R: Resource>(kv: &KeyValue) -> Result<R> {
     let mut obj: R = serde_json::from_slice(kv.value()).map_err(|e| corrupt(kv, e))?;
     if obj.meta().resource_version.is_empty() {
-        obj.meta_mut().resource_version = kv.mod_revision().to_string();
+        obj.meta_mut().resource_version = kv.mod_revision().to_string().into();
     }
     Ok(obj)
 }

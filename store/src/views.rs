@@ -417,14 +417,14 @@ mod tests {
             "v",
             VolumeSpec {
                 size: "1Gi".parse().unwrap(),
-                machine: spec.map(str::to_string),
+                machine: spec.map(cobalt_api::Text::new),
                 ..Default::default()
             },
         );
         v.metadata.resource_version = "7".into();
         if serving.is_some() || moving_to.is_some() {
             v.status = Some(VolumeStatus {
-                machine: serving.map(str::to_string),
+                machine: serving.map(cobalt_api::Text::new),
                 move_: moving_to.map(|to| {
                     Box::new(MoveStatus::granted(
                         serving.unwrap_or_default(),

@@ -303,7 +303,7 @@ impl<R: Resource> ResourceWatch<R> {
             (Part::Object, EventType::Delete) => {
                 if let Some(old) = self.objects.take(name) {
                     let mut object = Arc::unwrap_or_clone(old.0);
-                    object.meta_mut().resource_version = revision.to_string();
+                    object.meta_mut().resource_version = revision.to_string().into();
                     self.pending.push_back(WatchEvent::Deleted {
                         object: Arc::new(object),
                         revision,

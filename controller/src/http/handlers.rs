@@ -386,7 +386,7 @@ async fn replace_kind<R: ApiKind>(
         return Err(cobalt_store::Error::Conflict {
             kind: R::KIND,
             name: name.into(),
-            sent: object.meta().resource_version.clone(),
+            sent: object.meta().resource_version.to_string(),
         }
         .into());
     }

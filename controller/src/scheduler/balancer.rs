@@ -47,7 +47,12 @@ pub fn volume_view(v: &Volume, policy: &Policy) -> Option<VolumeView> {
     if v.metadata.is_deleting() {
         return None;
     }
-    let target = v.spec.machine.clone().filter(|t| *t != holder);
+    let target = v
+        .spec
+        .machine
+        .as_deref()
+        .filter(|t| *t != holder)
+        .map(str::to_string);
     let cooling = v
         .metadata
         .annotations
@@ -55,13 +60,13 @@ pub fn volume_view(v: &Volume, policy: &Policy) -> Option<VolumeView> {
         .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
         .is_some_and(|t| (Utc::now() - t).num_seconds() < policy.cooldown_seconds as i64);
     Some(VolumeView {
-        name: v.metadata.name.clone(),
+        name: v.metadata.name.to_string(),
         granted: s
             .move_
             .as_ref()
             .is_some_and(|m| Some(&m.to) == target.as_ref()),
         target,
-        holder,
+        holder: holder.to_string(),
         bytes: v.ledger_bytes(),
         pinned: !v.metadata.annotations.contains_key(SCHEDULED_BY),
         selector: v
@@ -119,7 +124,7 @@ impl Balancer {
             .iter()
             .filter(|m| m.spec.drain && !m.metadata.is_deleting())
             .map(|m| DrainView {
-                machine: m.metadata.name.clone(),
+                machine: m.metadata.name.to_string(),
                 pinned_too: m.spec.drain_pinned,
             })
             .collect();
@@ -188,7 +193,7 @@ impl Balancer {
             return Ok(());
         }
         let mut moved = (*v).clone();
-        moved.spec.machine = Some(p.to.clone());
+        moved.spec.machine = Some(p.to.clone().into());
         moved
             .metadata
             .annotations

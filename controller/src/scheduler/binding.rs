@@ -577,7 +577,7 @@ impl VolumeScheduler {
         let requests: Vec<Request> = pending
             .iter()
             .map(|v| Request {
-                name: v.metadata.name.clone(),
+                name: v.metadata.name.to_string(),
                 reserved_bytes: v.spec.reserved_bytes(),
                 needs: v.spec.required_capabilities(),
                 selector: v
@@ -592,8 +592,9 @@ impl VolumeScheduler {
                         .and_then(|src| {
                             src.status
                                 .as_ref()
-                                .and_then(|st| st.machine.clone())
-                                .or_else(|| src.spec.machine.clone())
+                                .and_then(|st| st.machine.as_deref())
+                                .or(src.spec.machine.as_deref())
+                                .map(str::to_string)
                         })
                         .unwrap_or_else(|| format!("(source volume {volume} is not placed)")),
                     None => {
@@ -656,7 +657,7 @@ impl VolumeScheduler {
                 // One write: the binding, the agent's finalizer (so a delete waits for the data
                 // to go) and the Scheduled condition.
                 let mut bound = (*volume).clone();
-                bound.spec.machine = Some(machine.clone());
+                bound.spec.machine = Some(machine.clone().into());
                 bound
                     .metadata
                     .annotations
@@ -719,7 +720,7 @@ pub fn machine_views(
     let mut views: Vec<MachineView> = machines
         .iter()
         .map(|m| MachineView {
-            name: m.metadata.name.clone(),
+            name: m.metadata.name.to_string(),
             labels: m.metadata.labels.clone(),
             ready: m.is_ready_with(is_alive(alive, &m.metadata.name)),
             capabilities: m

@@ -44,7 +44,8 @@ pub struct ClaimBinder {
 
 /// True while the claim may hold a volume: not held at all, or held and renewed.
 pub fn is_live(c: &Claim, held: &BTreeSet<String>) -> bool {
-    !c.metadata.is_deleting() && (c.spec.hold_seconds.is_none() || held.contains(&c.metadata.name))
+    !c.metadata.is_deleting()
+        && (c.spec.hold_seconds.is_none() || held.contains(c.metadata.name.as_str()))
 }
 
 /// A stable 64-bit hash (FNV-1a, then mixed) of `claim` and `volume`: the rendezvous rank that spreads claims
@@ -81,7 +82,7 @@ pub fn choose_volume<'a>(
         .filter(|v| {
             !v.metadata.is_deleting()
                 && claim.matches(&v.metadata.labels)
-                && !bound.contains_key(&v.metadata.name)
+                && !bound.contains_key(v.metadata.name.as_str())
         })
         .min_by_key(|v| {
             let on_ready = v
@@ -124,12 +125,12 @@ pub fn choose_ordinal(
 fn bound_status(c: &Claim, v: &Volume, ordinal: Option<u32>) -> ClaimStatus {
     let mut s = c.status.clone().unwrap_or_default();
     s.phase = ClaimPhase::Bound;
-    s.volume = Some(v.metadata.name.clone());
+    s.volume = Some(v.metadata.name.to_string());
     s.volume_uid = Some(v.metadata.uid.clone());
     s.ordinal = ordinal.or(s.ordinal);
     s.observed_generation = c.metadata.generation;
     let vs = v.status.as_ref();
-    s.machine = vs.and_then(|s| s.machine.clone());
+    s.machine = vs.and_then(|s| s.machine.as_deref()).map(str::to_string);
     s.endpoint = vs.and_then(|s| s.endpoint.clone());
     let now = Utc::now();
     let which = match s.ordinal {
@@ -145,7 +146,7 @@ fn bound_status(c: &Claim, v: &Volume, ordinal: Option<u32>) -> ClaimStatus {
         c.metadata.generation,
         now,
     );
-    let exported = vs.is_some_and(|s| s.claims.contains(&c.metadata.name));
+    let exported = vs.is_some_and(|s| s.claims.iter().any(|n| *n == c.metadata.name));
     let volume_ready = vs.is_some_and(|s| s.phase == VolumePhase::Ready);
     let (ok, reason, message) = match (volume_ready, exported) {
         (true, true) => (
@@ -365,7 +366,7 @@ impl ClaimBinder {
             Some(v) => (v.clone(), None),
             None => {
                 let name = &c.metadata.name;
-                let taken = self.volumes.get(name).is_some() || bound.contains_key(name);
+                let taken = self.volumes.get(name).is_some() || bound.contains_key(name.as_str());
                 match from_template(c, name, None) {
                     Some(t) if !taken => (t.clone(), Some(t)),
                     Some(_) => {
@@ -421,12 +422,12 @@ impl ClaimBinder {
         let label = n.to_string();
         let numbered = self.volumes.list().into_iter().find(|v| {
             !v.metadata.is_deleting()
-                && v.metadata.labels.get(GROUP_LABEL) == Some(&group)
-                && v.metadata.labels.get(ORDINAL_LABEL) == Some(&label)
+                && v.metadata.labels.has(GROUP_LABEL, &group)
+                && v.metadata.labels.has(ORDINAL_LABEL, &label)
         });
         let name = format!("{group}-{n}");
         let pick: Result<(Volume, Option<Volume>), (&str, String)> = match numbered {
-            Some(v) if bound.contains_key(&v.metadata.name) => Err((
+            Some(v) if bound.contains_key(v.metadata.name.as_str()) => Err((
                 "VolumeUnavailable",
                 format!(
                     "volume {} (ordinal {n}) is still held by its previous claim",
@@ -495,7 +496,7 @@ impl ClaimBinder {
             .bind_claim(Bind {
                 claim: stored,
                 status,
-                volume: Some(volume.metadata.name.clone()),
+                volume: Some(volume.metadata.name.to_string()),
                 ordinal,
                 create: create.clone(),
             })
@@ -685,7 +686,7 @@ pub fn claims_for_volume(claims: &Cache<Claim>, v: &Volume) -> Vec<String> {
                 || c.status.as_ref().and_then(|s| s.volume.as_deref())
                     == Some(v.metadata.name.as_str())
         })
-        .map(|c| c.metadata.name.clone())
+        .map(|c| c.metadata.name.to_string())
         .collect()
 }
 
@@ -746,7 +747,7 @@ mod tests {
             first.metadata.name,
             "deterministic"
         );
-        let taken = BTreeMap::from([(first.metadata.name.clone(), r("other"))]);
+        let taken = BTreeMap::from([(first.metadata.name.to_string(), r("other"))]);
         let next = choose_volume(&c, &vols, &taken, &alive).unwrap();
         assert_ne!(
             next.metadata.name, first.metadata.name,
@@ -758,7 +759,7 @@ mod tests {
                     .unwrap()
                     .metadata
                     .name
-                    .clone()
+                    .to_string()
             })
             .collect();
         assert!(
@@ -768,7 +769,7 @@ mod tests {
         let web: Vec<String> = vols
             .iter()
             .filter(|v| v.metadata.labels["app"] == "web")
-            .map(|v| v.metadata.name.clone())
+            .map(|v| v.metadata.name.to_string())
             .collect();
         let all: BTreeMap<String, ClaimRef> = web.into_iter().map(|n| (n, r("x"))).collect();
         assert!(

@@ -32,7 +32,7 @@ impl Reconciler<Machine> for MachineLifecycle {
         let alive = self
             .alive
             .read()
-            .map(|a| a.contains(&name))
+            .map(|a| a.contains(name.as_str()))
             .unwrap_or(false);
         let update = self
             .store

@@ -183,10 +183,10 @@ mod tests {
         );
         v.metadata.resource_version = "7".into();
         if restore {
-            v.spec.source = Some(VolumeSource {
+            v.spec.source = Some(Box::new(VolumeSource {
                 volume: None,
                 snapshot: Some("nightly".into()),
-            });
+            }));
         }
         Arc::new(v)
     }

@@ -175,11 +175,7 @@ fn place_one(strategy: PlacementStrategy, request: &Request, machines: &[Machine
             .is_some_and(|r| *r != m.name)
         {
             why.not_source += 1;
-        } else if !request
-            .selector
-            .iter()
-            .all(|(k, v)| m.labels.get(k) == Some(v))
-        {
+        } else if !request.selector.iter().all(|(k, v)| m.labels.has(k, v)) {
             why.selector += 1;
         } else if let Err(c) = request.served_by(m) {
             *why.lacking.entry(c).or_default() += 1;
@@ -247,10 +243,7 @@ pub fn place_batch(
                         let m = &machines[i];
                         m.ready
                             && !m.unschedulable
-                            && request
-                                .selector
-                                .iter()
-                                .all(|(k, v)| m.labels.get(k) == Some(v))
+                            && request.selector.iter().all(|(k, v)| m.labels.has(k, v))
                             && request.served_by(m).is_ok()
                     })
                     .map(|(pos, _)| pos as u32)
@@ -630,7 +623,7 @@ mod tests {
                         let m = machines.iter().find(|m| &m.name == machine).unwrap();
                         assert!(m.ready && !m.unschedulable, "round {round}");
                         assert!(
-                            r.selector.iter().all(|(k, v)| m.labels.get(k) == Some(v)),
+                            r.selector.iter().all(|(k, v)| m.labels.has(k, v)),
                             "round {round}: selector ignored"
                         );
                         assert!(

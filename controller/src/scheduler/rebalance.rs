@@ -440,7 +440,7 @@ pub fn plan(
                 && v.bytes <= m[empty].reservable_bytes()
                 && v.selector
                     .iter()
-                    .all(|(k, val)| m[empty].labels.get(k) == Some(val))
+                    .all(|(k, val)| m[empty].labels.has(k, val))
                 && v.needs.iter().all(|c| m[empty].capabilities.contains(c))
                 && budget.room(&from, Some(&to), v.bytes)
         }) {

@@ -97,7 +97,7 @@ impl Moves {
             );
             let me = self.clone();
             let (name, uid) = (v.metadata.name.clone(), uid.clone());
-            tokio::spawn(async move { me.pull(name, uid, started, cancel).await });
+            tokio::spawn(async move { me.pull(name.to_string(), uid, started, cancel).await });
         }
     }
 
@@ -255,7 +255,7 @@ impl Moves {
             let converged = (incremental && bytes < self.config.converged_bytes)
                 || t0.elapsed() < QUICK_ROUND
                 || rounds >= self.config.max_rounds;
-            let spec_here = Some(self.machine.clone());
+            let spec_here = Some(cobalt_api::Text::new(&self.machine));
             let advanced = self
                 .update_move(name, m.started, |mv, vol| {
                     if mv.stage.is_committed() || vol.spec.machine != spec_here {
@@ -358,7 +358,7 @@ impl Moves {
                 m.cut_over_millis = Some((now - began).num_milliseconds().max(0) as u64);
                 let from = m.from.clone();
                 let (reason, message) = m.describe();
-                s.machine = Some(me.clone());
+                s.machine = Some(me.clone().into());
                 s.endpoint = exported.then(|| endpoint(&address, port, &name));
                 s.phase = VolumePhase::Ready;
                 s.usage = Some(Usage {
@@ -745,7 +745,7 @@ impl Moves {
             let name = match by_uid.get(r.uid.as_str()) {
                 Some(v) if crate::plan::stale_here(v, &self.machine) => v.metadata.name.clone(),
                 Some(_) => continue,
-                None => r.name.clone(),
+                None => r.name.clone().into(),
             };
             if let Err(e) = self.remove_stale_copy(&name, &r.uid).await {
                 tracing::warn!(volume = %name, error = %e, "a stale copy is kept for now");
