@@ -587,9 +587,17 @@ mod tests {
     fn text_holds_short_strings_inline_and_reads_as_a_string() {
         let short = "vol-000001";
         let long = "10737418240 bytes on machine m0017";
-        for (s, inline) in [(short, true), (&"x".repeat(Text::INLINE), true), (long, false)] {
+        for (s, inline) in [
+            (short, true),
+            (&"x".repeat(Text::INLINE), true),
+            (long, false),
+        ] {
             assert_eq!(Text::new(s).is_inline(), inline, "{s}");
-            assert_eq!(Text::from(s.to_string()).is_inline(), inline, "{s} from a String");
+            assert_eq!(
+                Text::from(s.to_string()).is_inline(),
+                inline,
+                "{s} from a String"
+            );
             let decoded: Text = serde_json::from_str(&format!("{s:?}")).unwrap();
             assert_eq!(decoded.is_inline(), inline, "{s} decoded");
             assert_eq!(decoded, s);
