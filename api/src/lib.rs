@@ -38,7 +38,7 @@ pub use claim::{Claim, ClaimPhase, ClaimSpec, ClaimStatus, ClaimStrategy};
 pub use compact::{StringMap, Text};
 pub use condition::{find_condition, set_condition, Condition, ConditionStatus};
 pub use machine::{Capacity, Machine, MachinePhase, MachineSpec, MachineStatus, BACKEND_LABEL};
-pub use meta::{ByName, ObjectMeta, Resource, API_VERSION};
+pub use meta::{ByName, ObjectMeta, Resource, API_VERSION, LAST_APPLIED};
 pub use quantity::{Quantity, QuantityError};
 pub use snapshot::{Snapshot, SnapshotPhase, SnapshotSchedule, SnapshotSpec, SnapshotStatus};
 pub use validate::{FieldError, ValidationErrors};

@@ -40,6 +40,13 @@ async fn settled(c: &Cluster, name: &str) -> Volume {
     .await
 }
 
+fn last_applied(v: &Volume) -> Option<String> {
+    v.metadata
+        .annotations
+        .get(cobalt_api::LAST_APPLIED)
+        .map(|a| a.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_deleted() {
     let mut c = Cluster::start("binpack").await;
@@ -47,6 +54,7 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
     let client = c.client.addr.to_string();
     // Binpack puts them all on one ssd machine; one is pinned there by the user.
     let mut data = Vec::new();
+    let mut applied = Vec::new();
     for (i, name) in ["d1", "d2", "d3"].iter().enumerate() {
         c.apply_text(&yaml(
             name,
@@ -60,6 +68,7 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
         c.nfs_write(&server_of(&v), &format!("{name}/data.bin"), &bytes)
             .unwrap();
         data.push((name.to_string(), bytes));
+        applied.push(last_applied(&v).expect("apply records what it applied"));
     }
     let full = holder(&c.store.get::<Volume>("d1").await.unwrap().unwrap());
     let other_ssd = if full == "m1" { "m2" } else { "m1" };
@@ -119,9 +128,16 @@ async fn a_drained_machine_gives_up_its_volumes_with_their_data_and_can_then_be_
     )
     .await;
     assert!(blocked.contains("pinned"), "{blocked}");
-    for (name, bytes) in &data {
+    for ((name, bytes), applied) in data.iter().zip(&applied) {
         let v = settled(&c, name).await;
         assert_ne!(holder(&v), full, "{name} left the drained machine");
+        // The drain's writes start from the leader's cache, which leaves the last-applied
+        // annotation out of bound volumes: the stored volume keeps it as apply wrote it.
+        assert_eq!(
+            last_applied(&v).as_ref(),
+            Some(applied),
+            "{name} keeps what apply recorded"
+        );
         assert!(
             c.nfs_read(&server_of(&v), &format!("{name}/data.bin"))
                 .unwrap()

@@ -29,6 +29,20 @@ pub async fn reflect<R: Resource>(
     reflect_in(store, Scope::All, cache, metrics, shutdown).await
 }
 
+/// Keeps `cache` equal to every object of kind `R`, each passed through `trim` first: what the
+/// cache's readers never look at can be left out of memory (the controller leaves out bound
+/// volumes' last-applied annotation, see [`cobalt_api::ObjectMeta::trim_for_cache`]; the store
+/// refuses to write such a copy as it is).
+pub async fn reflect_trimmed<R: Resource>(
+    store: Store,
+    cache: Cache<R>,
+    metrics: Option<Metrics>,
+    shutdown: CancellationToken,
+    trim: fn(&mut R),
+) {
+    run(store, Scope::All, cache, metrics, shutdown, Some(trim)).await
+}
+
 /// Keeps `cache` equal to the objects of kind `R` in `scope`: with [`Scope::View`], the ones
 /// that concern one machine (an object that stops concerning it leaves the cache as if deleted).
 pub async fn reflect_in<R: Resource>(
@@ -38,12 +52,28 @@ pub async fn reflect_in<R: Resource>(
     metrics: Option<Metrics>,
     shutdown: CancellationToken,
 ) {
+    run(store, scope, cache, metrics, shutdown, None).await
+}
+
+async fn run<R: Resource>(
+    store: Store,
+    scope: Scope,
+    cache: Cache<R>,
+    metrics: Option<Metrics>,
+    shutdown: CancellationToken,
+    trim: Option<fn(&mut R)>,
+) {
     let kind = R::KIND;
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let listed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = store.list_in::<R>(&scope) => r,
+            r = async {
+                match trim {
+                    Some(trim) => store.list_in_trimmed::<R>(&scope, trim).await,
+                    None => store.list_in::<R>(&scope).await,
+                }
+            } => r,
         };
         let (items, revision) = match listed {
             Ok(v) => v,
@@ -63,6 +93,9 @@ pub async fn reflect_in<R: Resource>(
         // One decoded copy of each object, shared by the watch's state and the cache.
         let items: Vec<std::sync::Arc<R>> = items.into_iter().map(std::sync::Arc::new).collect();
         let mut watch = store.watch_after_list_in(&scope, &items, revision);
+        if let Some(trim) = trim {
+            watch = watch.trimming(trim);
+        }
         cache.replace_all(items, revision);
         if let Some(m) = &metrics {
             m.reflected(kind, cache.len(), None);

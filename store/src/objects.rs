@@ -14,7 +14,7 @@
 
 use chrono::Utc;
 use cobalt_api::selector::LabelSelector;
-use cobalt_api::Resource;
+use cobalt_api::{Resource, LAST_APPLIED};
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use serde_json::Value;
 
@@ -123,6 +123,19 @@ impl Store {
         self.list_at(scope, &LabelSelector::default(), None).await
     }
 
+    /// [`Store::list_in`] with each object passed through `trim` as soon as it is decoded (for a
+    /// cache that leaves out what it never reads, see
+    /// [`cobalt_api::ObjectMeta::trim_for_cache`]): what is left out is freed before the next
+    /// object is decoded, so its room is taken again at once.
+    pub async fn list_in_trimmed<R: Resource>(
+        &self,
+        scope: &Scope,
+        trim: fn(&mut R),
+    ) -> Result<(Vec<R>, i64)> {
+        let (stored, revision) = self.list_stored::<R>(scope, None, Some(trim)).await?;
+        Ok((stored.into_iter().map(|s| s.object).collect(), revision))
+    }
+
     /// [`Store::list`] as of revision `at` (`None`: the current one). Read page by page and
     /// decoded as it comes, so no more than a page of raw values is held at once (and no
     /// response nears gRPC's message size limit, however many objects there are).
@@ -132,7 +145,7 @@ impl Store {
         selector: &LabelSelector,
         at: Option<i64>,
     ) -> Result<(Vec<R>, i64)> {
-        let (stored, revision) = self.list_stored::<R>(scope, at).await?;
+        let (stored, revision) = self.list_stored::<R>(scope, at, None).await?;
         let objects = stored
             .into_iter()
             .map(|s| s.object)
@@ -146,6 +159,7 @@ impl Store {
         &self,
         scope: &Scope,
         at: Option<i64>,
+        trim: Option<fn(&mut R)>,
     ) -> Result<(Vec<Stored<R>>, i64)> {
         let prefix = scope.root(&self.keys, R::PLURAL);
         let end = prefix_end(&prefix);
@@ -170,7 +184,7 @@ impl Store {
             start = last.key().to_vec();
             start.push(0);
             // Pages follow key order, so an object's status on the next page still finds it.
-            assemble_into(&prefix, &mut stored, &page)?;
+            assemble_into(&prefix, &mut stored, &page, trim)?;
             if !more {
                 break;
             }
@@ -208,9 +222,12 @@ impl Store {
         R: Resource,
         F: Fn(&R) -> R::Status,
     {
+        // A cache's trimmed copy cannot be written from: the read path restores what it lacks.
         let optimistic = seen.name() == obj.name()
             && seen.meta().resource_version == obj.meta().resource_version
-            && !obj.meta().is_deleting();
+            && !obj.meta().is_deleting()
+            && !seen.meta().trimmed
+            && !obj.meta().trimmed;
         let Some(expected) = optimistic
             .then(|| seen.meta().resource_version.parse::<i64>().ok())
             .flatten()
@@ -550,6 +567,16 @@ impl Store {
         let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut after = seen.clone();
         *after.status_mut() = Some(status.clone());
+        if seen.meta().trimmed
+            && after
+                .machine_views()
+                .iter()
+                .any(|m| !seen.machine_views().contains(m))
+        {
+            // A machine joins and gets a copy of the object, which a cache's trimmed copy
+            // cannot be: the read path writes it from the stored object.
+            return self.update_status(&name, change).await;
+        }
         // The object is guarded by `seen`'s resourceVersion, so a joining machine's copy of it
         // is current.
         let views = view_ops(
@@ -685,6 +712,15 @@ pub(crate) fn as_new<R: Resource>(obj: &mut R) {
 fn replacement<R: Resource>(old: &R, obj: &R) -> R {
     let mut new = obj.clone();
     let (o, m) = (old.meta(), new.meta_mut());
+    if m.trimmed && !o.trimmed {
+        // `obj` was edited from a cache's copy: the annotation left out comes from `old`, the
+        // stored object, as it is.
+        if let Some(applied) = o.annotations.get(LAST_APPLIED) {
+            m.annotations
+                .insert(LAST_APPLIED.to_string(), applied.to_string());
+        }
+        m.trimmed = false;
+    }
     m.uid = o.uid.clone();
     m.creation_timestamp = o.creation_timestamp;
     m.deletion_timestamp = o.deletion_timestamp;
@@ -709,7 +745,22 @@ fn status_guard<S: serde::Serialize>(key: &str, seen: Option<&S>) -> Result<Comp
     })
 }
 
+/// A copy kept without its last-applied annotation ([`ObjectMeta::trim_for_cache`]) is never
+/// written: that would remove the annotation. Every write path that may get one takes the
+/// stored object first; this is the net under them.
+pub(crate) fn refuse_trimmed<R: Resource>(obj: &R) -> Result<()> {
+    if obj.meta().trimmed {
+        return Err(Error::Invalid(format!(
+            "{} {}: a cache's copy without its {LAST_APPLIED} annotation cannot be written as it is",
+            R::KIND,
+            obj.name()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn encode<R: Resource>(obj: &R) -> Result<Vec<u8>> {
+    refuse_trimmed(obj)?;
     let mut value = serde_json::to_value(obj).map_err(|e| Error::Invalid(e.to_string()))?;
     if let Value::Object(map) = &mut value {
         map.remove("status");
@@ -744,7 +795,7 @@ fn corrupt(kv: &KeyValue, e: impl std::fmt::Display) -> Error {
 /// Groups a sorted range of keys under `root` into objects with their status.
 fn assemble<R: Resource>(root: &str, kvs: &[KeyValue]) -> Result<Vec<Stored<R>>> {
     let mut out: Vec<Stored<R>> = Vec::new();
-    assemble_into(root, &mut out, kvs)?;
+    assemble_into(root, &mut out, kvs, None)?;
     Ok(out)
 }
 
@@ -753,6 +804,7 @@ pub(crate) fn assemble_into<R: Resource>(
     root: &str,
     out: &mut Vec<Stored<R>>,
     kvs: &[KeyValue],
+    trim: Option<fn(&mut R)>,
 ) -> Result<()> {
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key());
@@ -762,7 +814,15 @@ pub(crate) fn assemble_into<R: Resource>(
         match part {
             // "object" sorts before "status", so the object is already in `out`.
             Part::Object => out.push(Stored {
-                object: decode_object(kv)?,
+                object: {
+                    let mut object = decode_object(kv)?;
+                    // At once, so what is left out is freed before the next object is decoded
+                    // (and its room taken again by that object's), not after the whole list.
+                    if let Some(trim) = trim {
+                        trim(&mut object);
+                    }
+                    object
+                },
                 object_create_revision: kv.create_revision(),
                 object_mod_revision: kv.mod_revision(),
                 status_mod_revision: 0,

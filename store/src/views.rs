@@ -142,6 +142,7 @@ pub(crate) fn view_ops<R: Resource>(keys: &Keys, t: Transition<'_, R>) -> Result
 /// The object without its status, keeping its resourceVersion: a copy written after the object
 /// was (by a status write that adds a machine) says which revision of the object it is.
 fn encode_with_version<R: Resource>(obj: &R) -> Result<Vec<u8>> {
+    crate::objects::refuse_trimmed(obj)?;
     let mut value = serde_json::to_value(obj).map_err(|e| Error::Invalid(e.to_string()))?;
     if let Value::Object(map) = &mut value {
         map.remove("status");
@@ -245,7 +246,7 @@ impl Store {
         let mut pages = self.pages(&root);
         while let Some(page) = pages.next().await? {
             objects.extend(last.take());
-            assemble_into(&root, &mut objects, &page)?;
+            assemble_into(&root, &mut objects, &page, None)?;
             last = objects.pop();
             for stored in objects.drain(..) {
                 let copies = held.remove(stored.object.name()).unwrap_or_default();

@@ -83,6 +83,8 @@ pub struct ResourceWatch<R: Resource> {
     restarts: u64,
     /// Bytes of keys and values received in events.
     bytes: u64,
+    /// Applied to each object decoded from an event (see [`ResourceWatch::trimming`]).
+    trim: Option<fn(&mut R)>,
     _kind: PhantomData<R>,
 }
 
@@ -136,6 +138,7 @@ impl Store {
             failures: 0,
             restarts: 0,
             bytes: 0,
+            trim: None,
             _kind: PhantomData,
         }
     }
@@ -161,6 +164,14 @@ fn with_requested(e: Error, requested: i64) -> Error {
 }
 
 impl<R: Resource> ResourceWatch<R> {
+    /// Applies `trim` to every object this watch decodes from now on (a cache leaving out what
+    /// it never reads, e.g. [`cobalt_api::ObjectMeta::trim_for_cache`]); the objects it was
+    /// given by a list are the caller's to trim the same way.
+    pub fn trimming(mut self, trim: fn(&mut R)) -> Self {
+        self.trim = Some(trim);
+        self
+    }
+
     /// The revision up to which every change has been delivered.
     pub fn revision(&self) -> i64 {
         self.revision
@@ -285,6 +296,9 @@ impl<R: Resource> ResourceWatch<R> {
         match (part, event.event_type()) {
             (Part::Object, EventType::Put) => {
                 let mut object = decode_object::<R>(kv)?;
+                if let Some(trim) = self.trim {
+                    trim(&mut object);
+                }
                 let event = match self.objects.take(name) {
                     Some(old) => {
                         *object.status_mut() = old.0.status().cloned();

@@ -1075,3 +1075,112 @@ async fn repairing_the_views_restores_missing_copies_and_removes_stray_ones() {
         "a second repair finds nothing to do"
     );
 }
+
+/// A cache's copy of a bound volume leaves out the last-applied annotation (the controller's,
+/// `ObjectMeta::trim_for_cache`). Every write made from such a copy keeps the stored
+/// annotation byte for byte: a replace, a replace with status from the cached copy, a status
+/// write that gives a joining machine a copy of the object; and a watch told to trim hands out
+/// trimmed copies.
+#[tokio::test]
+async fn writes_from_a_trimmed_cache_copy_keep_the_last_applied_annotation() {
+    let etcd = Etcd::start();
+    let store = etcd.store().await;
+    let applied = r#"{"apiVersion":"cobalt.io/v1alpha1","kind":"Volume","metadata":{"name":"a"},"spec":{"size":"1Gi"}}"#;
+    let mut v = volume("a", "1Gi");
+    v.metadata
+        .annotations
+        .insert(cobalt_api::LAST_APPLIED.into(), applied.into());
+    v.spec.machine = Some("m1".into());
+    let v = store.create(&v).await.unwrap();
+    let annotation = |v: &Volume| {
+        v.metadata
+            .annotations
+            .get(cobalt_api::LAST_APPLIED)
+            .map(|a| a.to_string())
+    };
+    let stored = || async { store.get::<Volume>("a").await.unwrap().unwrap() };
+    let trimmed = |v: &Volume| {
+        let mut t = v.clone();
+        t.metadata.trim_for_cache();
+        assert!(t.metadata.trimmed && annotation(&t).is_none());
+        t
+    };
+
+    // A list and a watch told to trim hand out trimmed copies.
+    let (listed, revision) = store
+        .list_in_trimmed::<Volume>(&Scope::All, |v| v.metadata.trim_for_cache())
+        .await
+        .unwrap();
+    assert!(listed[0].metadata.trimmed && annotation(&listed[0]).is_none());
+    let mut watch = store
+        .watch_after_list::<Volume, Volume>(&[], revision)
+        .trimming(|v| v.metadata.trim_for_cache());
+
+    // A spec edit of the cached copy (a grow).
+    let mut grown = trimmed(&v);
+    grown.spec.size = "2Gi".parse().unwrap();
+    let grown = store.replace(&grown).await.unwrap();
+    assert_eq!(annotation(&grown).as_deref(), Some(applied));
+    assert_eq!(annotation(&stored().await).as_deref(), Some(applied));
+    match watch.next().await.unwrap() {
+        WatchEvent::Modified { object, .. } | WatchEvent::Added { object, .. } => {
+            assert!(object.metadata.trimmed, "the watch trims what it decodes");
+            assert_eq!(annotation(&object), None);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // A replace with status tried from the cached copy: read first, so nothing is lost.
+    let seen = trimmed(&stored().await);
+    let mut moved = seen.clone();
+    moved.spec.machine = Some("m2".into());
+    let moved = store
+        .replace_with_status_from(&seen, &moved, |_| phase(VolumePhase::Scheduled))
+        .await
+        .unwrap();
+    assert_eq!(annotation(&moved).as_deref(), Some(applied));
+    assert_eq!(annotation(&stored().await).as_deref(), Some(applied));
+
+    // A status write from the cached copy that makes a machine join (a move's target): the
+    // joining machine's copy of the object carries the annotation.
+    let seen = trimmed(&stored().await);
+    let started = chrono::Utc::now();
+    let update = store
+        .update_status_from(&seen, |v| {
+            let mut s = v.status.clone().unwrap_or_default();
+            s.machine = Some("m1".into());
+            s.move_ = Some(Box::new(cobalt_api::MoveStatus::granted(
+                "m1", "m3", started,
+            )));
+            Some(s)
+        })
+        .await
+        .unwrap();
+    assert!(update.written.is_some());
+    let in_m3 = in_view(&store, "m3", "a").await.expect("m3 joined");
+    assert_eq!(annotation(&in_m3).as_deref(), Some(applied));
+    // A status write that makes no machine join is written from the cached copy as it is.
+    let seen = trimmed(&stored().await);
+    let update = store
+        .update_status_from(&seen, |v| {
+            let mut s = v.status.clone().unwrap();
+            s.move_.as_mut().unwrap().rounds = 1;
+            Some(s)
+        })
+        .await
+        .unwrap();
+    assert!(update.written.is_some());
+    assert!(update.object.metadata.trimmed);
+    assert_eq!(annotation(&stored().await).as_deref(), Some(applied));
+    assert_eq!(
+        annotation(&in_view(&store, "m3", "a").await.unwrap()).as_deref(),
+        Some(applied)
+    );
+
+    // A create of a trimmed copy is refused, naming why.
+    let mut copy = trimmed(&stored().await);
+    copy.metadata.name = "b".into();
+    let refused = store.create(&copy).await.unwrap_err();
+    assert!(refused.to_string().contains("last-applied"), "{refused}");
+    assert!(store.get::<Volume>("b").await.unwrap().is_none());
+}
