@@ -164,32 +164,9 @@ impl From<String> for Text {
     }
 }
 
-impl From<&Text> for Text {
-    fn from(s: &Text) -> Text {
-        s.clone()
-    }
-}
-
-impl From<Cow<'_, str>> for Text {
-    fn from(s: Cow<'_, str>) -> Text {
-        match s {
-            Cow::Borrowed(s) => Text::new(s),
-            Cow::Owned(s) => s.into(),
-        }
-    }
-}
-
 impl From<Text> for String {
     fn from(s: Text) -> String {
         s.0.into_string()
-    }
-}
-
-impl std::str::FromStr for Text {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Text, Self::Err> {
-        Ok(Text::new(s))
     }
 }
 

@@ -567,12 +567,7 @@ impl Store {
         let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut after = seen.clone();
         *after.status_mut() = Some(status.clone());
-        if seen.meta().trimmed
-            && after
-                .machine_views()
-                .iter()
-                .any(|m| !seen.machine_views().contains(m))
-        {
+        if seen.meta().trimmed && !after.machine_views().is_subset(&seen.machine_views()) {
             // A machine joins and gets a copy of the object, which a cache's trimmed copy
             // cannot be: the read path writes it from the stored object.
             return self.update_status(&name, change).await;
