@@ -267,7 +267,7 @@ pub async fn run(c: &Client, o: ClaimOptions) -> anyhow::Result<i32> {
     let object = Object {
         kind: Kind::Claim,
         name: name.to_string(),
-        value: serde_json::to_value(&claim)?,
+        manifest: crate::merge::Applied::new(&serde_json::to_value(&claim)?),
     };
     let verb = apply_one(c, &object, false, None).await?;
     println!("claim/{name} {verb}");

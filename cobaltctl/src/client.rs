@@ -10,6 +10,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -258,17 +259,23 @@ impl Client {
     }
 
     /// Every object of `kind`, by name: what `apply` and `diff` of many manifests compare
-    /// against. A large cluster's list is tens of megabytes of JSON, and decoding it is what a
-    /// repository re-applied unchanged waits for once it has arrived, so its items are decoded
-    /// on every core (the server is done by then).
-    pub async fn list_by_name(&self, kind: Kind) -> Result<HashMap<String, Value>, CtlError> {
-        let (code, text) = self
-            .send_text(self.request(reqwest::Method::GET, self.url(kind, None)))
-            .await?;
+    /// against. A large cluster's list is tens of megabytes of JSON, and what a repository
+    /// re-applied unchanged waits for once it has arrived is reading it, so it is kept as sent
+    /// and its items are decoded only when asked for ([`Listed`]), on every core (the server is
+    /// done by then).
+    pub async fn list_by_name(&self, kind: Kind) -> Result<Listed, CtlError> {
+        let resp = self
+            .request(reqwest::Method::GET, self.url(kind, None))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let code = resp.status();
+        let body = resp.bytes().await.map_err(|e| self.connect_error(e))?;
         if !code.is_success() {
-            return Err(api_error(code, text));
+            return Err(api_error(code, String::from_utf8_lossy(&body).into_owned()));
         }
-        tokio::task::spawn_blocking(move || items_by_name(&text))
+        tokio::task::spawn_blocking(move || Listed::index(Vec::from(body)))
             .await
             .map_err(|e| CtlError::Other(format!("decoding the list failed: {e}")))?
     }
@@ -370,50 +377,109 @@ impl WatchStream {
     }
 }
 
-/// A list's items by name, each decoded into a [`Value`], the items split over the machine's
-/// cores (at most [`MAX_DECODE_THREADS`]).
-fn items_by_name(text: &str) -> Result<HashMap<String, Value>, CtlError> {
-    #[derive(Deserialize)]
-    struct List<'a> {
-        #[serde(default, borrow)]
-        items: Vec<&'a serde_json::value::RawValue>,
+/// One list of a kind as the server sent it, each item found by its name. An item is decoded
+/// only when asked for: a repository re-applied against a cluster holding more than it decodes
+/// the objects its files name, not the whole list.
+pub struct Listed {
+    body: String,
+    /// Each item's name and where its JSON is in `body`.
+    items: HashMap<String, Range<usize>>,
+}
+
+impl Listed {
+    /// Checks the body is a list and finds each item's name, the items split over the
+    /// machine's cores (at most [`MAX_DECODE_THREADS`]).
+    pub(crate) fn index(body: Vec<u8>) -> Result<Listed, CtlError> {
+        #[derive(Deserialize)]
+        struct List<'a> {
+            #[serde(default, borrow)]
+            items: Vec<&'a serde_json::value::RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Named<'a> {
+            #[serde(borrow)]
+            metadata: Name<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Name<'a> {
+            #[serde(borrow)]
+            name: std::borrow::Cow<'a, str>,
+        }
+        let body = String::from_utf8(body)
+            .map_err(|e| CtlError::Other(format!("the server's list is not valid: {e}")))?;
+        let list: List = serde_json::from_str(&body).map_err(invalid_list)?;
+        let start = body.as_ptr() as usize;
+        let index = |items: &[&serde_json::value::RawValue]| {
+            items
+                .iter()
+                .map(|raw| {
+                    let named: Named = serde_json::from_str(raw.get())?;
+                    // `raw` is a slice of `body`: where it starts there.
+                    let at = raw.get().as_ptr() as usize - start;
+                    Ok((named.metadata.name.into_owned(), at..at + raw.get().len()))
+                })
+                .collect::<Result<Vec<_>, serde_json::Error>>()
+        };
+        let mut items = HashMap::with_capacity(list.items.len());
+        for part in on_every_core(&list.items, index) {
+            items.extend(part.map_err(invalid_list)?);
+        }
+        drop(list);
+        Ok(Listed { body, items })
     }
-    let bad =
-        |e: serde_json::Error| CtlError::Other(format!("the server's list is not valid: {e}"));
-    let list: List = serde_json::from_str(text).map_err(bad)?;
+
+    /// Every item's name and JSON.
+    pub fn raw(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.items
+            .iter()
+            .map(|(name, at)| (name.as_str(), &self.body[at.clone()]))
+    }
+
+    /// The items called `names` (those the list has), decoded on every core.
+    pub fn decode(&self, names: &[&str]) -> Result<HashMap<String, Value>, CtlError> {
+        let wanted: Vec<(&str, &str)> = names
+            .iter()
+            .filter_map(|name| Some((*name, &self.body[self.items.get(*name)?.clone()])))
+            .collect();
+        let decode = |items: &[(&str, &str)]| {
+            items
+                .iter()
+                .map(|(name, json)| Ok((name.to_string(), serde_json::from_str(json)?)))
+                .collect::<Result<Vec<_>, serde_json::Error>>()
+        };
+        let mut out = HashMap::with_capacity(wanted.len());
+        for part in on_every_core(&wanted, decode) {
+            out.extend(part.map_err(invalid_list)?);
+        }
+        Ok(out)
+    }
+}
+
+fn invalid_list(e: serde_json::Error) -> CtlError {
+    CtlError::Other(format!("the server's list is not valid: {e}"))
+}
+
+/// `work` over `items` split into one part per core (at most [`MAX_DECODE_THREADS`]), each
+/// part on a thread of its own; the parts' results in order.
+pub(crate) fn on_every_core<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_DECODE_THREADS);
-    let per_thread = list.items.len().div_ceil(threads).max(1);
-    let decode = |items: &[&serde_json::value::RawValue]| {
-        items
-            .iter()
-            .filter_map(|raw| {
-                let item: Value = match serde_json::from_str(raw.get()) {
-                    Ok(item) => item,
-                    Err(e) => return Some(Err(e)),
-                };
-                let name = item.pointer("/metadata/name")?.as_str()?.to_string();
-                Some(Ok((name, item)))
-            })
-            .collect::<Result<Vec<(String, Value)>, serde_json::Error>>()
-    };
-    let parts = std::thread::scope(|s| {
-        let running: Vec<_> = list
-            .items
+    let per_thread = items.len().div_ceil(threads).max(1);
+    let work = &work;
+    std::thread::scope(|s| {
+        let running: Vec<_> = items
             .chunks(per_thread)
-            .map(|items| s.spawn(move || decode(items)))
+            .map(|part| s.spawn(move || work(part)))
             .collect();
         running
             .into_iter()
             .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<Vec<_>>()
-    });
-    let mut by_name = HashMap::with_capacity(list.items.len());
-    for part in parts {
-        by_name.extend(part.map_err(bad)?);
-    }
-    Ok(by_name)
+            .collect()
+    })
 }
 
 /// The API error an unsuccessful answer carries (a body that is not JSON is kept as text).
@@ -447,5 +513,52 @@ fn failure(code: StatusCode, body: &Value) -> ApiFailure {
             .map(str::to_string)
             .unwrap_or_else(|| body.to_string()),
         causes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn list(items: Vec<Value>) -> Listed {
+        let body = json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "VolumeList",
+                          "metadata": {"resourceVersion": "7"}, "items": items});
+        Listed::index(body.to_string().into_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_listed_item_is_found_by_name_and_decoded_as_sent() {
+        let items: Vec<Value> = (0..50)
+            .map(|i| json!({"metadata": {"name": format!("v{i}"), "labels": {"note": "a \"quoted\" \\ value"}}, "spec": {"size": "1Gi"}}))
+            .collect();
+        let listed = list(items.clone());
+        assert_eq!(listed.raw().count(), 50);
+        let decoded = listed.decode(&["v3", "v49", "absent"]).unwrap();
+        assert_eq!(decoded.len(), 2, "a name the list lacks is left out");
+        assert_eq!(decoded["v3"], items[3]);
+        assert_eq!(decoded["v49"], items[49]);
+        for (name, raw) in listed.raw() {
+            let v: Value = serde_json::from_str(raw).unwrap();
+            assert_eq!(v["metadata"]["name"], name);
+        }
+        assert!(list(vec![]).decode(&["v1"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_list_that_is_not_one_is_refused_saying_so() {
+        for body in [
+            &b"not json"[..],
+            b"{\"items\": [{\"spec\": {}}]}",
+            b"\xff\xfe",
+        ] {
+            let Err(e) = Listed::index(body.to_vec()) else {
+                panic!("{:?} was taken for a list", String::from_utf8_lossy(body));
+            };
+            assert!(
+                e.to_string().contains("the server's list is not valid"),
+                "{e}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::client::{Client, CtlError};
+use crate::client::{Client, CtlError, Listed};
 use crate::kinds::Kind;
 use crate::manifests;
 use crate::merge::{comparable, desired, unchanged, LAST_APPLIED};
@@ -34,14 +34,20 @@ const APPLY_ORDER: [Kind; 4] = [Kind::Machine, Kind::Volume, Kind::Snapshot, Kin
 /// What the server held of the objects about to be applied, read once per kind where there
 /// are many of them. An object of a kind that was not listed is read with its own GET.
 struct Live {
-    listed: HashMap<Kind, HashMap<String, Value>>,
+    listed: HashMap<Kind, Known>,
+}
+
+/// One kind's list, and the objects of the files it holds, decoded.
+struct Known {
+    list: Listed,
+    decoded: HashMap<String, Value>,
 }
 
 impl Live {
     /// Reads the manifests of `files` and, while they are parsed, lists each kind as soon as
     /// the files hold [`LIST_FROM`] objects of it (a GitOps repository's list arrives while its
     /// files are still being read). A manifest error wins over a failed list: nothing is
-    /// written either way.
+    /// written either way. Of each list, only the objects the files name are decoded.
     async fn load(
         c: &Client,
         files: &[String],
@@ -64,10 +70,9 @@ impl Live {
         let mut lists = futures::stream::FuturesUnordered::new();
         let mut listed = HashMap::new();
         let mut list_error = None;
-        let mut record = |kind: Kind, result: Result<HashMap<String, Value>, CtlError>| match result
-        {
-            Ok(by_name) => {
-                listed.insert(kind, by_name);
+        let mut record = |kind: Kind, result: Result<Listed, CtlError>| match result {
+            Ok(list) => {
+                listed.insert(kind, list);
             }
             Err(e) => {
                 list_error.get_or_insert(e);
@@ -89,13 +94,23 @@ impl Live {
         if let Some(e) = list_error {
             return Err(e.into());
         }
-        Ok((objects, Live { listed }))
+        let mut known = HashMap::new();
+        for (kind, list) in listed {
+            let names: Vec<&str> = objects
+                .iter()
+                .filter(|o| o.kind == kind)
+                .map(|o| o.name.as_str())
+                .collect();
+            let decoded = list.decode(&names)?;
+            known.insert(kind, Known { list, decoded });
+        }
+        Ok((objects, Live { listed: known }))
     }
 
     /// `Some(live)` when the kind was listed (`Some(None)`: the server has no such object);
     /// `None` when the object must be read on its own.
     fn of(&self, o: &manifests::Object) -> Option<Option<&Value>> {
-        self.listed.get(&o.kind).map(|by_name| by_name.get(&o.name))
+        self.listed.get(&o.kind).map(|k| k.decoded.get(&o.name))
     }
 
     async fn get<'a>(
@@ -214,33 +229,20 @@ async fn prune_leftovers(
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let annotation = format!("/metadata/annotations/{}", LAST_APPLIED.replace('/', "~1"));
     for kind in [Kind::Volume, Kind::Machine, Kind::Snapshot, Kind::Claim] {
-        let listed_here;
-        let items: Vec<&Value> = match live.listed.get(&kind) {
-            Some(by_name) => by_name
-                .values()
-                .filter(|item| {
-                    let labels = item
-                        .pointer("/metadata/labels")
-                        .and_then(|l| cobalt_api::StringMap::deserialize(l).ok())
-                        .unwrap_or_default();
-                    parsed.matches(&labels)
-                })
-                .collect(),
+        let mut leftovers: Vec<String> = match live.listed.get(&kind) {
+            Some(known) => applied_by(&known.list, &parsed)?,
             None => {
-                listed_here = c.list(kind, Some(selector)).await?;
-                listed_here["items"]
+                let list = c.list(kind, Some(selector)).await?;
+                list["items"]
                     .as_array()
-                    .map(|items| items.iter().collect())
-                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .filter(|item| item.pointer(&annotation).is_some())
+                    .filter_map(|item| Some(item.pointer("/metadata/name")?.as_str()?.to_string()))
+                    .collect()
             }
         };
-        let mut leftovers: Vec<String> = items
-            .into_iter()
-            .filter(|item| item.pointer(&annotation).is_some())
-            .filter_map(|item| item.pointer("/metadata/name")?.as_str())
-            .filter(|name| !applied.contains(&(kind, *name)))
-            .map(str::to_string)
-            .collect();
+        leftovers.retain(|name| !applied.contains(&(kind, name.as_str())));
         leftovers.sort();
         let mut results = std::pin::pin!(in_order(&leftovers, parallel, |name| async move {
             if dry_run {
@@ -257,6 +259,45 @@ async fn prune_leftovers(
         }
     }
     Ok(())
+}
+
+/// The names of the listed objects that carry the labels `selector` asks for and apply's
+/// annotation, read without decoding the rest of each object (on every core).
+fn applied_by(
+    list: &Listed,
+    selector: &cobalt_api::selector::LabelSelector,
+) -> anyhow::Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow)]
+        metadata: Meta<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        labels: cobalt_api::StringMap,
+        #[serde(default, borrow)]
+        annotations: HashMap<std::borrow::Cow<'a, str>, serde::de::IgnoredAny>,
+    }
+    let items: Vec<(&str, &str)> = list.raw().collect();
+    let pick = |items: &[(&str, &str)]| {
+        let mut names = Vec::new();
+        for (_, json) in items {
+            let item: Item = serde_json::from_str(json)?;
+            let m = item.metadata;
+            if m.annotations.contains_key(LAST_APPLIED) && selector.matches(&m.labels) {
+                names.push(m.name.into_owned());
+            }
+        }
+        Ok::<_, serde_json::Error>(names)
+    };
+    let mut names = Vec::new();
+    for part in crate::client::on_every_core(&items, pick) {
+        names.extend(part.map_err(|e| anyhow::anyhow!("the server's list is not valid: {e}"))?);
+    }
+    Ok(names)
 }
 
 /// Applies one object. `known` is what a list read of the kind said the server holds
@@ -278,17 +319,17 @@ pub(crate) async fn apply_one(
             }
         };
         let Some(live) = live else {
-            let body = desired(&serde_json::json!({}), &o.value);
+            let body = desired(&serde_json::json!({}), &o.manifest.value);
             match c.create(o.kind, &body, dry_run).await {
                 Ok(_) => return Ok("created"),
                 Err(CtlError::Api(f)) if f.reason == "AlreadyExists" => continue,
                 Err(e) => return Err(e.into()),
             }
         };
-        if unchanged(live, &o.value) {
+        if unchanged(live, &o.manifest) {
             return Ok("unchanged");
         }
-        let want = desired(live, &o.value);
+        let want = desired(live, &o.manifest.value);
         if comparable(&want) == comparable(live) {
             return Ok("unchanged");
         }
@@ -748,9 +789,9 @@ pub async fn diff(
     let mut results = Box::pin(in_order(&objects, parallel, |o| live.get(c, o)));
     while let Some((o, live)) = results.next().await {
         let (before, after) = match live?.as_deref() {
-            Some(l) if unchanged(l, &o.value) => continue,
+            Some(l) if unchanged(l, &o.manifest) => continue,
             Some(l) => {
-                let (before, after) = (strip(l), strip(&desired(l, &o.value)));
+                let (before, after) = (strip(l), strip(&desired(l, &o.manifest.value)));
                 if before == after {
                     continue; // the same values render the same YAML
                 }
@@ -758,7 +799,7 @@ pub async fn diff(
             }
             None => (
                 String::new(),
-                output::yaml(&strip(&desired(&serde_json::json!({}), &o.value))),
+                output::yaml(&strip(&desired(&serde_json::json!({}), &o.manifest.value))),
             ),
         };
         if before != after {
@@ -1162,5 +1203,36 @@ pub async fn drain(
             anyhow::bail!("timed out after {timeout:?} draining machine {name}: {last}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prune_candidates_carry_the_selected_labels_and_apply_annotation() {
+        let item = |name: &str, labels: Value, applied: bool| {
+            let annotations = if applied {
+                json!({LAST_APPLIED: "{}", "other": "x"})
+            } else {
+                json!({"other": "x"})
+            };
+            json!({"metadata": {"name": name, "labels": labels, "annotations": annotations}, "spec": {}})
+        };
+        let items = vec![
+            item("mine", json!({"set": "gitops", "tier": "hot"}), true),
+            item("not-applied", json!({"set": "gitops"}), false),
+            item("other-set", json!({"set": "other"}), true),
+            json!({"metadata": {"name": "bare"}}),
+            item("mine-too", json!({"set": "gitops"}), true),
+        ];
+        let body = json!({"items": items}).to_string().into_bytes();
+        let listed = Listed::index(body).unwrap();
+        let selector: cobalt_api::selector::LabelSelector = "set=gitops".parse().unwrap();
+        let mut names = applied_by(&listed, &selector).unwrap();
+        names.sort();
+        assert_eq!(names, ["mine", "mine-too"]);
     }
 }

@@ -91,20 +91,34 @@ pub fn desired(live: &Value, manifest: &Value) -> Value {
     out
 }
 
+/// A manifest as `apply` sends it: the part it manages ([`managed`]), and that part as the
+/// last-applied annotation holds it. Worked out once per manifest, while the files are read
+/// (and the server's list is still on its way).
+pub struct Applied {
+    pub value: Value,
+    pub text: String,
+}
+
+impl Applied {
+    pub fn new(manifest: &Value) -> Self {
+        let value = managed(manifest);
+        let text = value.to_string();
+        Self { value, text }
+    }
+}
+
 /// True when applying `manifest` to `live` would change nothing: `live` was last applied from
 /// this very manifest and still holds every field the manifest sets. Then the three-way merge
 /// returns `live` as it is, so this answers what `comparable(desired(live, manifest)) ==
 /// comparable(live)` answers, without copying `live` — the common case of a repository
 /// re-applied unchanged. `false` means "work out the merge".
-pub fn unchanged(live: &Value, manifest: &Value) -> bool {
-    let manifest = managed(manifest);
+pub fn unchanged(live: &Value, manifest: &Applied) -> bool {
     let last = live
-        .pointer(&format!(
-            "/metadata/annotations/{}",
-            LAST_APPLIED.replace('/', "~1")
-        ))
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(LAST_APPLIED))
         .and_then(Value::as_str);
-    last == Some(manifest.to_string().as_str()) && holds(live, &manifest)
+    last == Some(manifest.text.as_str()) && holds(live, &manifest.value)
 }
 
 /// Every field of `manifest` is in `live` with the same value (objects compared key by key,
@@ -179,10 +193,10 @@ mod tests {
         live["spec"]["machine"] = json!("n");
         live["status"] = json!({"phase": "Ready"});
         // Never applied: the merge adds the annotation, so it is a change.
-        assert!(!unchanged(&live, &manifest));
+        assert!(!unchanged(&live, &Applied::new(&manifest)));
         let applied = desired(&live, &manifest);
         assert!(
-            unchanged(&applied, &manifest),
+            unchanged(&applied, &Applied::new(&manifest)),
             "re-applying what was applied"
         );
         assert_eq!(
@@ -203,7 +217,10 @@ mod tests {
                     edited["spec"].as_object_mut().unwrap().remove("export");
                 }
             }
-            assert!(!unchanged(&edited, &manifest), "{path} edited");
+            assert!(
+                !unchanged(&edited, &Applied::new(&manifest)),
+                "{path} edited"
+            );
             assert_ne!(
                 comparable(&desired(&edited, &manifest)),
                 comparable(&edited),
@@ -213,7 +230,7 @@ mod tests {
         // A different manifest than the last applied one is never taken as unchanged.
         let mut other = manifest.clone();
         other["spec"]["compression"] = json!("zstd");
-        assert!(!unchanged(&applied, &other));
+        assert!(!unchanged(&applied, &Applied::new(&other)));
     }
 
     #[test]
