@@ -151,13 +151,32 @@ async fn list_kind<R: ApiKind>(
         let refs: Vec<&R> = items.iter().collect();
         return Ok(Json(super::table::table(&refs, Some(revision), true)).into_response());
     }
-    Ok(Json(json!({
-        "apiVersion": API_VERSION,
-        "kind": R::LIST_KIND,
-        "metadata": {"resourceVersion": revision.to_string()},
-        "items": items,
-    }))
+    Ok(Json(ListBody {
+        api_version: API_VERSION,
+        kind: R::LIST_KIND,
+        metadata: ListMeta {
+            resource_version: revision.to_string(),
+        },
+        items: &items,
+    })
     .into_response())
+}
+
+/// A list as the API answers it (`VolumeList`, …), written straight from the objects: a large
+/// list is tens of megabytes, and a generic JSON copy of it first cost as much as the writing.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListBody<'a, R> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: ListMeta,
+    items: &'a [R],
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListMeta {
+    resource_version: String,
 }
 
 async fn watch_kind<R: ApiKind>(
