@@ -278,8 +278,14 @@ fn applied_by(
         name: std::borrow::Cow<'a, str>,
         #[serde(default)]
         labels: cobalt_api::StringMap,
-        #[serde(default, borrow)]
-        annotations: HashMap<std::borrow::Cow<'a, str>, serde::de::IgnoredAny>,
+        #[serde(default)]
+        annotations: Annotations,
+    }
+    /// Only whether apply's annotation is there: the rest is skipped, nothing is kept.
+    #[derive(Default, Deserialize)]
+    struct Annotations {
+        #[serde(rename = "cobalt.io/last-applied")]
+        last_applied: Option<serde::de::IgnoredAny>,
     }
     let items: Vec<(&str, &str)> = list.raw().collect();
     let pick = |items: &[(&str, &str)]| {
@@ -287,7 +293,7 @@ fn applied_by(
         for (_, json) in items {
             let item: Item = serde_json::from_str(json)?;
             let m = item.metadata;
-            if m.annotations.contains_key(LAST_APPLIED) && selector.matches(&m.labels) {
+            if m.annotations.last_applied.is_some() && selector.matches(&m.labels) {
                 names.push(m.name.into_owned());
             }
         }
