@@ -185,14 +185,22 @@ impl Client {
         &self,
         r: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, String), CtlError> {
+        let (code, body) = self.send_bytes(r).await?;
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn send_bytes(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Vec<u8>), CtlError> {
         let resp = r
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
             .map_err(|e| self.connect_error(e))?;
         let code = resp.status();
-        let text = resp.text().await.map_err(|e| self.connect_error(e))?;
-        Ok((code, text))
+        let body = resp.bytes().await.map_err(|e| self.connect_error(e))?;
+        Ok((code, Vec::from(body)))
     }
 
     fn connect_error(&self, e: reqwest::Error) -> CtlError {
@@ -264,18 +272,13 @@ impl Client {
     /// and its items are decoded only when asked for ([`Listed`]), on every core (the server is
     /// done by then).
     pub async fn list_by_name(&self, kind: Kind) -> Result<Listed, CtlError> {
-        let resp = self
-            .request(reqwest::Method::GET, self.url(kind, None))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        let code = resp.status();
-        let body = resp.bytes().await.map_err(|e| self.connect_error(e))?;
+        let (code, body) = self
+            .send_bytes(self.request(reqwest::Method::GET, self.url(kind, None)))
+            .await?;
         if !code.is_success() {
             return Err(api_error(code, String::from_utf8_lossy(&body).into_owned()));
         }
-        tokio::task::spawn_blocking(move || Listed::index(Vec::from(body)))
+        tokio::task::spawn_blocking(move || Listed::index(body))
             .await
             .map_err(|e| CtlError::Other(format!("decoding the list failed: {e}")))?
     }
@@ -424,7 +427,6 @@ impl Listed {
         for part in on_every_core(&list.items, index) {
             items.extend(part.map_err(invalid_list)?);
         }
-        drop(list);
         Ok(Listed { body, items })
     }
 
