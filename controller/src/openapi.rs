@@ -185,7 +185,7 @@ pub fn document() -> Value {
             "put": {
                 "operationId": "hold_claims",
                 "summary": "Renew a held claim (spec.holdSeconds): keeps its etcd lease alive, or starts a new one. Without renewals for holdSeconds the claim is released.",
-                "responses": with(error_responses(&[("403", "Reader token."), ("404", "Not found."), ("422", "The claim has no spec.holdSeconds.")]), "200", "Renewed; the claim.", r("Claim"), "application/json")
+                "responses": with(error_responses(&[("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("422", "The claim has no spec.holdSeconds.")]), "200", "Renewed; the claim.", r("Claim"), "application/json")
             }
         }),
     );
@@ -327,7 +327,7 @@ fn collection_path(plural: &str, schema: &str) -> Value {
             "summary": format!("Create a {}.", schema.to_lowercase()),
             "parameters": [param("dryRun")],
             "requestBody": body(schema),
-            "responses": with(error_responses(&[("400", "Malformed body (position given)."), ("403", "Reader token."), ("409", "AlreadyExists."), ("422", "Invalid: details.causes lists every field.")]), "201", "Created.", r(schema), "application/json")
+            "responses": with(error_responses(&[("400", "Malformed body (position given)."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("409", "AlreadyExists."), ("422", "Invalid: details.causes lists every field.")]), "201", "Created.", r(schema), "application/json")
         }
     })
 }
@@ -344,14 +344,14 @@ fn item_path(plural: &str, schema: &str) -> Value {
             "summary": "Replace metadata and spec; metadata.resourceVersion must be the current one.",
             "parameters": [param("dryRun")],
             "requestBody": body(schema),
-            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token."), ("404", "Not found."), ("409", "Conflict: stale resourceVersion."), ("422", "Invalid.")]), "200", "Replaced.", r(schema), "application/json")
+            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("409", "Conflict: stale resourceVersion."), ("422", "Invalid.")]), "200", "Replaced.", r(schema), "application/json")
         },
         "patch": {
             "operationId": format!("patch_{plural}"),
             "summary": "Apply a JSON merge patch (RFC 7386) to metadata and spec; status is not patched. A resourceVersion in the patch is a precondition.",
             "parameters": [param("dryRun"), param("fieldValidation"), param("fieldManager")],
             "requestBody": {"required": true, "content": {"application/merge-patch+json": {"schema": {"type": "object"}}}},
-            "responses": with(error_responses(&[("400", "Malformed patch."), ("403", "Reader token."), ("404", "Not found."), ("409", "Conflict: the resourceVersion precondition failed, or the object kept changing."), ("415", "Not a merge patch (strategic merge, JSON patch and apply patches are not supported)."), ("422", "The patched object is invalid.")]), "200", "Patched.", r(schema), "application/json")
+            "responses": with(error_responses(&[("400", "Malformed patch."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("409", "Conflict: the resourceVersion precondition failed, or the object kept changing."), ("415", "Not a merge patch (strategic merge, JSON patch and apply patches are not supported)."), ("422", "The patched object is invalid.")]), "200", "Patched.", r(schema), "application/json")
         },
         "delete": {
             "operationId": format!("delete_{plural}"),
@@ -373,14 +373,17 @@ fn status_path(plural: &str, schema: &str) -> Value {
             "summary": "Write the status (agents and controllers).",
             "parameters": [param("dryRun")],
             "requestBody": body(schema),
-            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token."), ("404", "Not found."), ("422", "Invalid.")]), "200", "Updated.", r(schema), "application/json")
+            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("422", "Invalid.")]), "200", "Updated.", r(schema), "application/json")
         }
     })
 }
 
 fn delete_responses(schema: &str) -> Value {
     let mut m = error_responses(&[
-        ("403", "Reader token."),
+        (
+            "403",
+            "Reader token, or a machine token writing what does not concern its machine.",
+        ),
         ("404", "Not found."),
         ("409", "Precondition failed."),
     ]);

@@ -1051,3 +1051,181 @@ async fn the_served_openapi_document_asks_for_a_token_only_when_the_server_check
         .await;
     assert_eq!(code, StatusCode::UNAUTHORIZED, "and it does check");
 }
+
+/// Least privilege: a machine token reads, registers its own Machine, and writes only the status
+/// (and the agent's finalizer) of what concerns its machine. Every refusal is a 403 naming the
+/// machine, and nothing refused is written.
+#[tokio::test]
+async fn a_machine_token_writes_only_what_concerns_its_machine() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    std::fs::write(
+        &file,
+        "tokens:\n  - {name: ops, token: admin-token-0123456789, role: admin}\n  - {name: m1, token: m1-token-0123456789ab, role: machine, machine: m1}\n  - {name: m2, token: m2-token-0123456789ab, role: machine, machine: m2}\n",
+    )
+    .unwrap();
+    let mut api = Api::start(&etcd, Some(&file)).await;
+    let machine = |name: &str| json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": {"address": "10.0.0.1"}});
+    let pinned = |name: &str, to: &str| {
+        let mut v = volume(name, "1Gi");
+        v["spec"]["machine"] = json!(to);
+        v
+    };
+    let admin = "admin-token-0123456789";
+    let (m1, m2) = ("m1-token-0123456789ab", "m2-token-0123456789ab");
+    let refused = |(code, body): (StatusCode, Value), what: &str| {
+        assert_eq!(code, StatusCode::FORBIDDEN, "{what}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("machine m1"),
+            "{what}: {body}"
+        );
+    };
+
+    // Registration: its own Machine only.
+    api.token = Some(m1.into());
+    assert_eq!(
+        api.post("machines", &machine("m1")).await.0,
+        StatusCode::CREATED
+    );
+    refused(
+        api.post("machines", &machine("m2")).await,
+        "another machine",
+    );
+    api.token = Some(admin.into());
+    assert_eq!(
+        api.post("machines", &machine("m2")).await.0,
+        StatusCode::CREATED
+    );
+    for v in [pinned("db", "m1"), pinned("other", "m2")] {
+        assert_eq!(api.post("volumes", &v).await.0, StatusCode::CREATED);
+    }
+    let snap = json!({"apiVersion": "cobalt.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": "db-s"}, "spec": {"volume": "db"}});
+    assert_eq!(api.post("snapshots", &snap).await.0, StatusCode::CREATED);
+
+    api.token = Some(m1.into());
+    let (_, mut db) = api.get("volumes/db").await;
+    // The status of a volume bound to it: yes. Of another machine's: no.
+    db["status"] = json!({"phase": "Ready", "machine": "m1"});
+    let (code, body) = api.put("volumes/db/status", &db).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, mut other) = api.get("volumes/other").await;
+    other["status"] = json!({"phase": "Ready", "machine": "m2"});
+    refused(
+        api.put("volumes/other/status", &other).await,
+        "another machine's volume",
+    );
+    // Saying its volume is somewhere it does not concern: no.
+    db["status"] = json!({"phase": "Ready", "machine": "m2"});
+    refused(
+        api.put("volumes/db/status", &db).await,
+        "status.machine elsewhere",
+    );
+
+    // The spec users declared: no change, no delete, no create.
+    let (_, mut db) = api.get("volumes/db").await;
+    db["spec"]["size"] = json!("1Ti");
+    refused(api.put("volumes/db", &db).await, "a spec change");
+    db["spec"]["size"] = json!("1Gi");
+    db["spec"]["machine"] = json!("m2");
+    refused(api.put("volumes/db", &db).await, "a binding change");
+    refused(api.delete("volumes/db").await, "a delete");
+    refused(
+        api.post("volumes", &volume("mine", "1Gi")).await,
+        "a create",
+    );
+    refused(
+        api.send(
+            api.req(reqwest::Method::PATCH, "volumes/db")
+                .header("content-type", "application/merge-patch+json")
+                .body(r#"{"spec":{"size":"2Gi"}}"#),
+        )
+        .await,
+        "a patch",
+    );
+    // The agent's finalizer: yes.
+    let (_, mut db) = api.get("volumes/db").await;
+    db["metadata"]["finalizers"] = json!(["cobalt.io/agent"]);
+    let (code, body) = api.put("volumes/db", &db).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, mut other) = api.get("volumes/other").await;
+    other["metadata"]["finalizers"] = json!(["cobalt.io/agent"]);
+    refused(
+        api.put("volumes/other", &other).await,
+        "another machine's finalizer",
+    );
+
+    // Its own Machine: status and the cobalt.io/ labels; not the operator's labels or spec.
+    let (_, mut me) = api.get("machines/m1").await;
+    me["metadata"]["labels"] = json!({"cobalt.io/backend": "btrfs"});
+    let (code, body) = api.put("machines/m1", &me).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, mut me) = api.get("machines/m1").await;
+    me["metadata"]["labels"]["disk"] = json!("ssd");
+    refused(api.put("machines/m1", &me).await, "an operator's label");
+    me["status"] = json!({"phase": "Ready"});
+    let (code, body) = api.put("machines/m1/status", &me).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, mut them) = api.get("machines/m2").await;
+    them["status"] = json!({"phase": "NotReady"});
+    refused(
+        api.put("machines/m2/status", &them).await,
+        "another machine's status",
+    );
+    refused(api.delete("machines/m2").await, "deleting a machine");
+
+    // A snapshot of its volume: status yes; m2's token: no.
+    let (_, mut s) = api.get("snapshots/db-s").await;
+    s["status"] = json!({"phase": "Pending"});
+    let (code, body) = api.put("snapshots/db-s/status", &s).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    api.token = Some(m2.into());
+    let (code, body) = api.put("snapshots/db-s/status", &s).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("machine m2"),
+        "{body}"
+    );
+
+    // Nothing refused was written.
+    let db: cobalt_api::Volume = api.store.get("db").await.unwrap().unwrap();
+    assert_eq!(db.spec.size.bytes(), 1 << 30);
+    assert_eq!(db.spec.machine.as_deref(), Some("m1"));
+    assert_eq!(db.status.unwrap().machine.as_deref(), Some("m1"));
+    let other: cobalt_api::Volume = api.store.get("other").await.unwrap().unwrap();
+    assert!(other.status.is_none() && other.metadata.finalizers.is_empty());
+    let me: cobalt_api::Machine = api.store.get("m1").await.unwrap().unwrap();
+    assert!(!me.metadata.labels.contains_key("disk"));
+    let them: cobalt_api::Machine = api.store.get("m2").await.unwrap().unwrap();
+    assert!(them.status.is_none());
+    assert!(api
+        .store
+        .get::<cobalt_api::Volume>("mine")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_machine_token_must_name_its_machine_and_only_machine_tokens_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    for (entry, says) in [
+        (
+            "{name: n1, token: n1-token-0123456789ab, role: machine}",
+            "needs `machine: NAME`",
+        ),
+        (
+            "{name: n1, token: n1-token-0123456789ab, role: machine, machine: Bad_Name}",
+            "machine:",
+        ),
+        (
+            "{name: ci, token: ci-token-0123456789ab, role: admin, machine: n1}",
+            "only for role machine",
+        ),
+    ] {
+        std::fs::write(&file, format!("tokens:\n  - {entry}\n")).unwrap();
+        let err = Tokens::load(&file).unwrap_err().to_string();
+        assert!(err.contains(says), "{entry}: {err}");
+    }
+}

@@ -250,13 +250,6 @@ async fn main() -> anyhow::Result<()> {
         config.usage_refresh,
         shutdown.clone(),
     )));
-    tasks.push(tokio::spawn(cobalt_agent::snapshots::run_schedules(
-        store.clone(),
-        name.clone(),
-        volumes.clone(),
-        snapshots.clone(),
-        shutdown.clone(),
-    )));
     tasks.push(tokio::spawn(cobalt_agent::snapshots::report_space(
         store.clone(),
         name.clone(),

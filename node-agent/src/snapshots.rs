@@ -1,6 +1,7 @@
 //! Snapshots on this machine: the reconciler that takes and deletes the Snapshots of the
-//! volumes held here, the schedules (`spec.snapshots`) that create and prune them, and the
-//! periodic report of the space they hold.
+//! volumes held here, and the periodic report of the space they hold. (The schedules,
+//! `spec.snapshots`, are run by the controller's leader, which creates and prunes the Snapshot
+//! objects; the agent takes and frees them like any other.)
 //!
 //! **Taking** (in this order, each step idempotent, so a crash anywhere resumes):
 //! 1. the volume is held here, Ready, not moving, not being deleted (else the snapshot waits,
@@ -17,12 +18,10 @@
 //! see ARCHITECTURE.md "Snapshots" for what was measured), then drops it from the volume's list and
 //! removes the finalizer.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cobalt_api::snapshot::{scheduled_name, SCHEDULED_LABEL, VOLUME_LABEL};
 use cobalt_api::{
     set_condition, Capability, ConditionStatus, Snapshot, SnapshotPhase, SnapshotStatus, Volume,
     VolumePhase, AGENT_FINALIZER,
@@ -369,110 +368,6 @@ impl Reconciler<Snapshot> for SnapshotAgent {
             Some(v) if !snap.ready() => self.take(&snap, &v, &ctx).await,
             _ => Ok(Action::Done),
         }
-    }
-}
-
-/// The scheduled snapshots of one volume, oldest first.
-fn scheduled_of<'a>(v: &Volume, all: &'a [Arc<Snapshot>]) -> Vec<&'a Arc<Snapshot>> {
-    let mut mine: Vec<&Arc<Snapshot>> = all
-        .iter()
-        .filter(|s| {
-            s.metadata.labels.contains_key(SCHEDULED_LABEL)
-                && s.spec.volume == v.metadata.name
-                && s.belongs_to(&v.metadata.name, &v.metadata.uid)
-                && !s.metadata.is_deleting()
-        })
-        .collect();
-    mine.sort_by_key(|s| (s.metadata.creation_timestamp, s.metadata.name.clone()));
-    mine
-}
-
-/// Runs the `spec.snapshots` schedules of the volumes held here: every second, a volume whose
-/// newest scheduled snapshot is `every` old (or that has none) gets a new one, and the oldest
-/// taken ones beyond `keep` are deleted. The record is the Snapshot objects in etcd, so a
-/// restarted agent neither repeats nor forgets a schedule.
-pub async fn run_schedules(
-    store: Store,
-    machine: String,
-    volumes: Cache<Volume>,
-    snapshots: Cache<Snapshot>,
-    shutdown: CancellationToken,
-) {
-    // What this process created last per volume uid, so a cache that has not seen the create
-    // yet does not make a second one.
-    let mut created: HashMap<String, Instant> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if !snapshots.is_ready() || !volumes.is_ready() {
-            continue;
-        }
-        let all = snapshots.list();
-        for v in volumes.list() {
-            let (Some(schedule), Some(status)) = (&v.spec.snapshots, &v.status) else {
-                continue;
-            };
-            let Some(period) = schedule.period() else {
-                continue;
-            };
-            if status.machine.as_deref() != Some(machine.as_str())
-                || status.phase != VolumePhase::Ready
-                || v.metadata.is_deleting()
-                || v.moving().is_some()
-            {
-                continue;
-            }
-            let mine = scheduled_of(&v, &all);
-            let now = Utc::now();
-            let newest = mine
-                .iter()
-                .filter_map(|s| s.metadata.creation_timestamp)
-                .max();
-            let due = newest.is_none_or(|t| (now - t).to_std().unwrap_or_default() >= period);
-            let recent = created
-                .get(&v.metadata.uid)
-                .is_some_and(|t| t.elapsed() < period);
-            if due && !recent {
-                let mut snap = Snapshot::new(
-                    scheduled_name(&v.metadata.name, now),
-                    v.metadata.name.as_str(),
-                );
-                snap.metadata
-                    .labels
-                    .insert(VOLUME_LABEL.into(), v.metadata.name.to_string());
-                snap.metadata
-                    .labels
-                    .insert(SCHEDULED_LABEL.into(), "true".into());
-                match store.create(&snap).await {
-                    Ok(_) | Err(cobalt_store::Error::AlreadyExists { .. }) => {
-                        created.insert(v.metadata.uid.clone(), Instant::now());
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %v.metadata.name, error = %e, "scheduled snapshot not created; retrying")
-                    }
-                }
-            }
-            let taken: Vec<_> = mine.iter().filter(|s| s.ready()).collect();
-            let extra = taken.len().saturating_sub(schedule.keep as usize);
-            for old in taken.into_iter().take(extra) {
-                match store.delete::<Snapshot>(&old.metadata.name, None).await {
-                    Ok(_) | Err(cobalt_store::Error::NotFound { .. }) => {
-                        tracing::info!(snapshot = %old.metadata.name, keep = schedule.keep, "pruned by the schedule")
-                    }
-                    Err(e) => {
-                        tracing::warn!(snapshot = %old.metadata.name, error = %e, "pruning failed; retrying")
-                    }
-                }
-            }
-        }
-        let live: std::collections::HashSet<String> = volumes
-            .list()
-            .iter()
-            .map(|v| v.metadata.uid.clone())
-            .collect();
-        created.retain(|uid, _| live.contains(uid));
     }
 }
 

@@ -1,10 +1,12 @@
-//! Bearer-token authentication from a tokens file, with two roles: `admin` (everything) and
-//! `reader` (GET only).
+//! Bearer-token authentication from a tokens file, with three roles: `admin` (everything),
+//! `reader` (GET only) and `machine` (a storage machine's agent: reads, and writes only what
+//! concerns its machine — see [`super::scope`]).
 //!
 //! ```yaml
 //! tokens:
 //!   - {name: ci, token: 3f9a…, role: admin}
 //!   - {name: grafana, token: 77c1…, role: reader}
+//!   - {name: node-1, token: 5be0…, role: machine, machine: node-1}
 //! ```
 //! Health probes (`/healthz`, `/readyz`), the OpenAPI documents (`/openapi.json`,
 //! `/openapi/v3…`), `/version` and the dashboard's page `/ui` (static: what it shows it reads
@@ -20,6 +22,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::scope::Caller;
 use super::status::ApiError;
 use super::AppState;
 
@@ -28,6 +31,7 @@ use super::AppState;
 pub enum Role {
     Admin,
     Reader,
+    Machine,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +42,9 @@ struct TokenEntry {
     name: String,
     token: String,
     role: Role,
+    /// With `role: machine`: the machine the token is for.
+    #[serde(default)]
+    machine: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,9 +53,16 @@ struct TokensFile {
     tokens: Vec<TokenEntry>,
 }
 
-/// Token → role.
+/// Token → who holds it.
 #[derive(Clone, Debug, Default)]
-pub struct Tokens(HashMap<String, Role>);
+pub struct Tokens(HashMap<String, Holder>);
+
+/// A token's role, and for a machine token its machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub role: Role,
+    pub machine: Option<String>,
+}
 
 impl Tokens {
     pub fn load(path: &Path) -> Result<Tokens, crate::config::ConfigError> {
@@ -61,18 +75,52 @@ impl Tokens {
                     path.display()
                 )));
             }
-            map.insert(entry.token, entry.role);
+            let invalid = |what: String| {
+                crate::config::ConfigError::Invalid(format!("{}: {what}", path.display()))
+            };
+            match (entry.role, &entry.machine) {
+                (Role::Machine, None) => {
+                    return Err(invalid(format!(
+                        "token {:?}: role machine needs `machine: NAME`, the machine it is for",
+                        entry.name
+                    )))
+                }
+                (Role::Machine, Some(m)) => {
+                    if let Some(e) = cobalt_api::validate::dns1123_label_problem(m) {
+                        return Err(invalid(format!("token {:?}: machine: {e}", entry.name)));
+                    }
+                }
+                (role, Some(_)) => {
+                    return Err(invalid(format!(
+                        "token {:?}: `machine` is only for role machine, not {role:?}",
+                        entry.name
+                    )))
+                }
+                (_, None) => {}
+            }
+            map.insert(
+                entry.token,
+                Holder {
+                    role: entry.role,
+                    machine: entry.machine,
+                },
+            );
         }
         Ok(Tokens(map))
     }
 
-    pub fn role(&self, token: &str) -> Option<Role> {
-        self.0.get(token).copied()
+    pub fn holder(&self, token: &str) -> Option<&Holder> {
+        self.0.get(token)
     }
 }
 
-pub async fn require_token(State(s): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(s): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let Some(tokens) = &s.tokens else {
+        request.extensions_mut().insert(Caller::Admin);
         return next.run(request).await;
     };
     let path = request.uri().path();
@@ -89,8 +137,8 @@ pub async fn require_token(State(s): State<AppState>, request: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let role = match presented.and_then(|t| tokens.role(t)) {
-        Some(r) => r,
+    let holder = match presented.and_then(|t| tokens.holder(t)) {
+        Some(h) => h.clone(),
         None => {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -101,13 +149,48 @@ pub async fn require_token(State(s): State<AppState>, request: Request, next: Ne
         }
     };
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
-    if role == Role::Reader && !reads {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "this token has the reader role and cannot change anything",
-        )
-        .into_response();
-    }
+    let caller = match (holder.role, holder.machine) {
+        (Role::Reader, _) if !reads => {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this token has the reader role and cannot change anything",
+            )
+            .into_response();
+        }
+        (Role::Machine, Some(machine)) => {
+            if !reads && !machine_route(request.method(), path) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    format!(
+                        "a machine token (machine {machine}) may only read, register its Machine, \
+                         and write the status and the agent's finalizer of what its machine holds"
+                    ),
+                )
+                .into_response();
+            }
+            Caller::Machine(machine)
+        }
+        _ => Caller::Admin,
+    };
+    request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+/// The writes a machine token may attempt (each is checked further against the stored object):
+/// `PUT …/{plural}/{name}` and `…/{name}/status`, and `POST …/machines` (registration).
+fn machine_route(method: &Method, path: &str) -> bool {
+    let Some(rest) = path
+        .strip_prefix(super::API_PREFIX)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::POST, ["machines"]) => true,
+        (&Method::PUT, [_, name]) | (&Method::PUT, [_, name, "status"]) => !name.is_empty(),
+        _ => false,
+    }
 }

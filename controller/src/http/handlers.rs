@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 
 use super::query::Query;
 use axum::http::{HeaderMap, StatusCode};
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::kinds::{decode_body, field_error, ApiKind};
+use super::scope::{self, Caller, Concerns};
 use super::status::ApiError;
 use super::AppState;
 
@@ -189,22 +190,27 @@ async fn watch_kind<R: ApiKind>(
 
 pub async fn create(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(plural): Path<String>,
     Query(p): Query<Params>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    by_kind!(plural, create_kind(s, p, &headers, &body))
+    by_kind!(plural, create_kind(s, &caller, p, &headers, &body))
 }
 
 async fn create_kind<R: ApiKind>(
     s: AppState,
+    caller: &Caller,
     p: Params,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let dry_run = p.dry_run()?;
     let mut object: R = decode_body(headers, body)?;
+    if let Some(machine) = caller.machine() {
+        scope::create(machine, &object).map_err(forbidden)?;
+    }
     *object.status_mut() = None;
     object.prepare_create();
     if let Some((volume, field)) = object.requires_volume() {
@@ -365,16 +371,18 @@ async fn patch_kind<R: ApiKind>(
 
 pub async fn replace(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((plural, name)): Path<(String, String)>,
     Query(p): Query<Params>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    by_kind!(plural, replace_kind(s, &name, p, &headers, &body))
+    by_kind!(plural, replace_kind(s, &caller, &name, p, &headers, &body))
 }
 
 async fn replace_kind<R: ApiKind>(
     s: AppState,
+    caller: &Caller,
     name: &str,
     p: Params,
     headers: &HeaderMap,
@@ -408,6 +416,10 @@ async fn replace_kind<R: ApiKind>(
             sent: object.meta().resource_version.to_string(),
         }
         .into());
+    }
+    if let Some(machine) = caller.machine() {
+        let concerned = concerns(&s, machine, &current.object).await?;
+        scope::replace(machine, &current.object, &object, concerned).map_err(forbidden)?;
     }
     object
         .validate_update(&current.object)
@@ -623,16 +635,21 @@ pub async fn get_status(
 
 pub async fn replace_status(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((plural, name)): Path<(String, String)>,
     Query(p): Query<Params>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    by_kind!(plural, replace_status_kind(s, &name, p, &headers, &body))
+    by_kind!(
+        plural,
+        replace_status_kind(s, &caller, &name, p, &headers, &body)
+    )
 }
 
 async fn replace_status_kind<R: ApiKind>(
     s: AppState,
+    caller: &Caller,
     name: &str,
     p: Params,
     headers: &HeaderMap,
@@ -654,14 +671,73 @@ async fn replace_status_kind<R: ApiKind>(
             "is required on the status subresource",
         ));
     };
+    let Some(machine) = caller.machine() else {
+        if dry_run {
+            return Ok(Json(object).into_response());
+        }
+        let update = bounded(
+            &s,
+            s.store
+                .update_status::<R, _>(name, |_| Some(status.clone())),
+        )
+        .await?;
+        return Ok(Json(update.object).into_response());
+    };
+    // A machine token: checked against the stored object, and again inside the write against
+    // the object each attempt reads (so a status is never written past a change that ended
+    // the machine's concern).
+    let stored = bounded(&s, s.store.get::<R>(name))
+        .await?
+        .ok_or_else(|| not_found::<R>(name))?;
+    let volume_concerned = concerns(&s, machine, &stored).await?;
+    let allowed = |current: &R| -> Result<(), String> {
+        let concerned = match current.concerns() {
+            Concerns::Machines(m) => m.contains(machine),
+            // A Snapshot's volume was looked up above.
+            Concerns::VolumeOf { held_by, .. } => volume_concerned || held_by == Some(machine),
+            Concerns::Nobody => false,
+        };
+        scope::status(machine, current, concerned)?;
+        current.machine_status(machine, &status)
+    };
+    allowed(&stored).map_err(forbidden)?;
     if dry_run {
         return Ok(Json(object).into_response());
     }
+    let mut refused = None;
     let update = bounded(
         &s,
         s.store
-            .update_status::<R, _>(name, |_| Some(status.clone())),
+            .update_status::<R, _>(name, |current| match allowed(current) {
+                Ok(()) => Some(status.clone()),
+                Err(why) => {
+                    refused = Some(why);
+                    None
+                }
+            }),
     )
     .await?;
+    if let Some(why) = refused {
+        return Err(forbidden(why));
+    }
     Ok(Json(update.object).into_response())
+}
+
+/// 403 with the reason a machine token may not do something.
+fn forbidden(why: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "Forbidden", why)
+}
+
+/// Whether `object` concerns `machine` (for a Snapshot, through its volume, read here).
+async fn concerns<R: ApiKind>(s: &AppState, machine: &str, object: &R) -> Result<bool, ApiError> {
+    Ok(match object.concerns() {
+        Concerns::Nobody => false,
+        Concerns::Machines(m) => m.contains(machine),
+        Concerns::VolumeOf { volume, held_by } => {
+            held_by == Some(machine)
+                || bounded(s, s.store.get::<Volume>(volume))
+                    .await?
+                    .is_some_and(|v| v.concerned_machines().contains(machine))
+        }
+    })
 }

@@ -8,6 +8,7 @@ use cobalt_api::validate::{
 use cobalt_api::{Claim, FieldError, Machine, Resource, Snapshot, Volume};
 use serde_json::Value;
 
+use super::scope::Concerns;
 use super::status::ApiError;
 
 /// A kind served under `/apis/cobalt.io/v1alpha1/<plural>`.
@@ -26,6 +27,14 @@ pub trait ApiKind: Resource + schemars::JsonSchema {
     fn requires_volume(&self) -> Option<(&str, &'static str)> {
         None
     }
+    /// Which machines' tokens may write this object's status and the agent's finalizer.
+    fn concerns(&self) -> Concerns<'_> {
+        Concerns::Nobody
+    }
+    /// Further rules on a status written by a machine token (see [`super::scope`]).
+    fn machine_status(&self, _machine: &str, _new: &Self::Status) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl ApiKind for Volume {
@@ -36,12 +45,21 @@ impl ApiKind for Volume {
     fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
         validate_volume_update(old, self)
     }
+    fn concerns(&self) -> Concerns<'_> {
+        Concerns::Machines(self.concerned_machines())
+    }
+    fn machine_status(&self, machine: &str, new: &Self::Status) -> Result<(), String> {
+        super::scope::volume_status(machine, self, new)
+    }
 }
 
 impl ApiKind for Machine {
     const LIST_KIND: &'static str = "MachineList";
     fn validate(&self) -> Result<(), ValidationErrors> {
         validate_machine(self)
+    }
+    fn concerns(&self) -> Concerns<'_> {
+        Concerns::Machines([self.metadata.name.as_str()].into())
     }
 }
 
@@ -61,6 +79,12 @@ impl ApiKind for Snapshot {
     }
     fn requires_volume(&self) -> Option<(&str, &'static str)> {
         Some((&self.spec.volume, "spec.volume"))
+    }
+    fn concerns(&self) -> Concerns<'_> {
+        Concerns::VolumeOf {
+            volume: &self.spec.volume,
+            held_by: self.status.as_ref().and_then(|s| s.machine.as_deref()),
+        }
     }
 }
 

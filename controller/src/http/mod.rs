@@ -17,6 +17,7 @@ pub mod kinds;
 pub mod local;
 pub mod metrics;
 pub mod query;
+pub mod scope;
 pub mod status;
 pub mod table;
 pub mod tls;

@@ -1,6 +1,6 @@
 //! The leader-elected scheduler (the seeds' "single master" engine). Every controller campaigns;
 //! the leader runs [`binding::VolumeScheduler`], [`lifecycle::MachineLifecycle`] and
-//! [`claims::ClaimBinder`] on the reconcile library, writing only through a store fenced by its leadership — a deposed or partitioned
+//! [`claims::ClaimBinder`] on the reconcile library, and the snapshot [`schedules`], writing only through a store fenced by its leadership — a deposed or partitioned
 //! leader's writes fail. When the leader's lease is lost it stops at once and campaigns again;
 //! when its process dies, another controller wins after the lease TTL.
 //!
@@ -15,11 +15,12 @@ pub mod moves;
 pub mod passes;
 pub mod placement;
 pub mod rebalance;
+pub mod schedules;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cobalt_api::{Claim, Machine, Volume};
+use cobalt_api::{Claim, Machine, Snapshot, Volume};
 use cobalt_reconcile::reflector::{reflect, reflect_trimmed};
 use cobalt_reconcile::{Cache, CancellationToken, Config, Controller, Metrics};
 use cobalt_store::Store;
@@ -162,6 +163,7 @@ async fn lead(
     let volumes = Cache::<Volume>::new();
     let machines = Cache::<Machine>::new();
     let claims = Cache::<Claim>::new();
+    let snapshots = Cache::<Snapshot>::new();
     // Liveness must be known before any decision: an empty set would make every machine look
     // gone and every unprovisioned volume look orphaned.
     let initial = loop {
@@ -198,6 +200,12 @@ async fn lead(
             Some(reconcile_metrics.clone()),
             term.clone(),
         )),
+        tokio::spawn(reflect(
+            store.clone(),
+            snapshots.clone(),
+            Some(reconcile_metrics.clone()),
+            term.clone(),
+        )),
     ];
     let volume_config = Config {
         name: "volume-scheduler".into(),
@@ -219,6 +227,7 @@ async fn lead(
     };
     let fenced_balancer = fenced.clone();
     let fenced_claims = fenced.clone();
+    let fenced_schedules = fenced.clone();
     // The term's events go through the fenced store: a deposed leader's are refused too.
     let events = cobalt_store::Recorder::start(
         fenced.clone(),
@@ -295,6 +304,12 @@ async fn lead(
         },
     };
     tasks.push(tokio::spawn(balancer.run(term.clone())));
+    tasks.push(tokio::spawn(schedules::run(
+        fenced_schedules,
+        volumes.clone(),
+        snapshots,
+        term.clone(),
+    )));
     let requeue_volumes = volume_controller.requeue_handle();
     let requeue_machines = machine_controller.requeue_handle();
     tasks.push(tokio::spawn(volume_controller.run(term.clone())));
