@@ -371,9 +371,15 @@ fn status_path(plural: &str, schema: &str) -> Value {
         "put": {
             "operationId": format!("replace_{plural}_status"),
             "summary": "Write the status (agents and controllers).",
-            "parameters": [param("dryRun")],
+            "parameters": [param("dryRun"), {
+                "name": "Cobalt-Status-Precondition",
+                "in": "header",
+                "required": false,
+                "description": "`<object create revision>/<status mod revision>` as the writer read them from etcd: the status is written only if both are still current (else 409).",
+                "schema": {"type": "string", "pattern": "^[0-9]+/[0-9]+$"}
+            }],
             "requestBody": body(schema),
-            "responses": with(error_responses(&[("400", "Malformed body."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("422", "Invalid.")]), "200", "Updated.", r(schema), "application/json")
+            "responses": with(error_responses(&[("400", "Malformed body or precondition."), ("403", "Reader token, or a machine token writing what does not concern its machine."), ("404", "Not found."), ("409", "Conflict: the status precondition no longer holds."), ("422", "Invalid.")]), "200", "Updated (header Cobalt-Written-Revision: the etcd revision written, when something changed).", r(schema), "application/json")
         }
     })
 }

@@ -13,7 +13,12 @@
 //! usageRefresh: 30s               # how often volume usage is re-read and reported
 //! moves: {maxIncoming: 1, maxOutgoing: 1, rateLimit: 0, convergedBytes: 16777216,
 //!         maxRounds: 6, idleTimeout: 30s}
+//! api: {server: https://cobalt.example:7420, tokenFile: /etc/cobalt/machine.token, ca: /etc/cobalt/ca.pem}
 //! ```
+//!
+//! With `api`, the agent's object and status writes go through the controllers' API with the
+//! machine's token (`role: machine` in the controllers' tokens file), so its etcd credentials
+//! may be read-only but for its liveness key and events (docs/operations.md "Least privilege").
 //!
 //! Peer agents pull moving volumes from `listen`, so for moves between machines it must be an
 //! address they reach: the machine's own address (`10.0.0.12:7421`) or `0.0.0.0:7421` (then the
@@ -80,6 +85,38 @@ impl Default for ExporterConfig {
     }
 }
 
+/// Where the agent writes objects and status when its etcd credentials may not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The controllers' API, `http(s)://HOST:PORT`.
+    pub server: String,
+    /// A file holding this machine's token (`role: machine, machine: <this machine>`).
+    pub token_file: PathBuf,
+    /// CA of the API's certificate, when not in the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+}
+
+impl ApiConfig {
+    /// The token, read from `tokenFile` (surrounding whitespace dropped).
+    pub fn token(&self) -> Result<String, ConfigError> {
+        let text =
+            std::fs::read_to_string(&self.token_file).map_err(|source| ConfigError::Read {
+                path: self.token_file.clone(),
+                source,
+            })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "api.tokenFile {} is empty; it must hold the machine's token",
+                self.token_file.display()
+            )));
+        }
+        Ok(token)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
@@ -123,6 +160,9 @@ pub struct AgentConfig {
     /// Moves to and from this machine.
     #[serde(default)]
     pub moves: crate::moves::MoveConfig,
+    /// Write objects and status through the controllers' API with a machine token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiConfig>,
 }
 
 impl AgentConfig {
@@ -222,6 +262,15 @@ pub struct Flags {
     /// How often every volume is reconciled again without a change, e.g. 5m.
     #[arg(long, value_parser = cobalt_api::duration::parse_duration)]
     pub resync: Option<Duration>,
+    /// Write objects and status through the controllers' API at this URL (with --api-token-file).
+    #[arg(long, requires = "api_token_file")]
+    pub api_server: Option<String>,
+    /// File holding this machine's API token (role machine).
+    #[arg(long, requires = "api_server")]
+    pub api_token_file: Option<PathBuf>,
+    /// CA of the API's certificate.
+    #[arg(long)]
+    pub api_ca: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -315,6 +364,7 @@ impl AgentConfig {
                 usage_refresh: usage_refresh(),
                 resync: resync(),
                 moves: Default::default(),
+                api: None,
             },
         };
         flags.etcd.apply(&mut c.etcd);
@@ -367,6 +417,27 @@ impl AgentConfig {
         }
         if let Some(r) = &flags.move_rate_limit {
             c.moves.rate_limit = r.bytes();
+        }
+        if let (Some(server), Some(token_file)) = (&flags.api_server, &flags.api_token_file) {
+            c.api = Some(ApiConfig {
+                server: server.clone(),
+                token_file: token_file.clone(),
+                ca: None,
+            });
+        }
+        if let Some(ca) = &flags.api_ca {
+            match &mut c.api {
+                Some(api) => api.ca = Some(ca.clone()),
+                None => return invalid("--api-ca needs api.server (or --api-server)".into()),
+            }
+        }
+        if let Some(api) = &c.api {
+            if !(api.server.starts_with("http://") || api.server.starts_with("https://")) {
+                return invalid(format!(
+                    "api.server {:?} must be an http:// or https:// URL",
+                    api.server
+                ));
+            }
         }
         if c.machine.is_empty() {
             c.machine = std::fs::read_to_string("/proc/sys/kernel/hostname")

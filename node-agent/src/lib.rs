@@ -6,6 +6,7 @@
 //! over elsewhere, or it is a stale copy this machine never published ([`published`]); a
 //! volume's data is named by the Volume's uid, never its name.
 
+pub mod api_writes;
 pub mod backend;
 pub mod config;
 pub mod exporter;

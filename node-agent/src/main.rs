@@ -62,6 +62,21 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::connect(&config.etcd)
         .await
         .context("etcd configuration")?;
+    // With `api`, objects and status are written through the controllers' API with the
+    // machine's token; etcd is read, and written only for liveness and events.
+    let store = match &config.api {
+        Some(api) => {
+            let writes = cobalt_agent::api_writes::ApiWrites::new(
+                &api.server,
+                &api.token()?,
+                api.ca.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            tracing::info!(server = %api.server, "writing objects and status through the API");
+            store.with_remote_writes(Arc::new(writes))
+        }
+        None => store,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cobalt_reconcile::shutdown::cancel_on_signal(
         shutdown.clone(),

@@ -87,6 +87,8 @@ pub struct Store {
     pub(crate) fence: Option<crate::election::Fence>,
     /// The endpoint prober of a multi-endpoint store; it stops when the last clone goes.
     prober: Option<std::sync::Arc<Prober>>,
+    /// Where object and status writes go instead of etcd ([`crate::remote`]).
+    pub(crate) remote: Option<std::sync::Arc<dyn crate::remote::RemoteWrites>>,
 }
 
 /// The task checking a multi-endpoint store's endpoints, and how calls wake it.
@@ -153,6 +155,7 @@ impl std::fmt::Debug for Store {
             .field("endpoints", &self.endpoints)
             .field("prefix", &self.keys.prefix())
             .field("fenced", &self.fence.is_some())
+            .field("writes_through_api", &self.remote.is_some())
             .finish()
     }
 }
@@ -207,6 +210,7 @@ impl Store {
             timeout,
             fence: None,
             prober,
+            remote: None,
         })
     }
 
@@ -265,6 +269,14 @@ impl Store {
                     requested: 0,
                     compact_revision: 0,
                 };
+            }
+            if status.message().contains("permission denied") {
+                return Error::Forbidden(format!(
+                    "etcd at {} denied this client's user ({}): with authentication on, a \
+                     storage machine's user may only read and write its liveness key and events",
+                    self.endpoints,
+                    status.message()
+                ));
             }
         }
         unavailable(&self.endpoints, self.timeout, e)

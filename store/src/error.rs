@@ -29,6 +29,8 @@ pub enum Error {
     },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("refused: {0}")]
+    Forbidden(String),
     #[error("stored data at {key} is unreadable: {message}")]
     Corrupt { key: String, message: String },
     #[error("etcd TLS setup failed: {0}")]

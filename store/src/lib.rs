@@ -29,6 +29,7 @@ pub mod lease;
 pub mod liveness;
 pub mod logging;
 pub mod objects;
+pub mod remote;
 pub mod views;
 pub mod watch;
 
@@ -41,5 +42,6 @@ pub use error::{Error, Result};
 pub use events::{Recorder, DEFAULT_EVENT_TTL};
 pub use lease::Lease;
 pub use objects::{Deleted, StatusUpdate, Stored};
+pub use remote::{RemoteWrites, StatusPrecondition};
 pub use views::{Repaired, Scope};
 pub use watch::{ResourceWatch, WatchEvent};

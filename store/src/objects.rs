@@ -26,7 +26,7 @@ use crate::views::{view_ops, Scope, Transition};
 /// Keys fetched per range request when listing (keeps each response well under gRPC limits).
 const LIST_PAGE: i64 = 500;
 /// Bound on read-modify-write retries of a status update under contention.
-const STATUS_RETRIES: usize = 16;
+pub(crate) const STATUS_RETRIES: usize = 16;
 
 /// What a delete did.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +59,9 @@ impl Store {
     /// Creates `obj`. The store sets uid, creationTimestamp, generation 1 and resourceVersion;
     /// any status sent is ignored (status is written through [`Store::update_status`]).
     pub async fn create<R: Resource>(&self, obj: &R) -> Result<R> {
+        if let Some(remote) = &self.remote {
+            return self.remote_create(remote.as_ref(), obj).await;
+        }
         let mut obj = obj.clone();
         let name = obj.name().to_string();
         as_new(&mut obj);
@@ -197,6 +200,9 @@ impl Store {
     /// generation bumps when the spec changed. While the object is being deleted, removing its
     /// last finalizer deletes it.
     pub async fn replace<R: Resource>(&self, obj: &R) -> Result<R> {
+        if let Some(remote) = &self.remote {
+            return self.remote_replace(remote.as_ref(), obj).await;
+        }
         self.replace_inner(obj, None::<fn(&R) -> R::Status>).await
     }
 
@@ -462,6 +468,11 @@ impl Store {
         R: Resource,
         F: FnMut(&R) -> Option<R::Status>,
     {
+        if let Some(remote) = &self.remote {
+            return self
+                .remote_update_status(remote.as_ref(), name, change)
+                .await;
+        }
         for _ in 0..STATUS_RETRIES {
             let current = self
                 .get_stored::<R>(name)
@@ -470,18 +481,78 @@ impl Store {
                     kind: R::KIND,
                     name: name.to_string(),
                 })?;
+            if let Some(update) = self.status_attempt(name, current, &mut change).await? {
+                return Ok(update);
+            }
+        }
+        Err(Error::Conflict {
+            kind: R::KIND,
+            name: name.to_string(),
+            sent: format!("status (after {STATUS_RETRIES} attempts under contention)"),
+        })
+    }
+
+    /// [`Store::update_status`] in one attempt, only if the object's create revision and the
+    /// status key's mod revision are still `expect` (what the caller read): else
+    /// [`Error::Conflict`]. What the API does for a write sent with a
+    /// [`StatusPrecondition`](crate::StatusPrecondition).
+    pub async fn update_status_if<R, F>(
+        &self,
+        name: &str,
+        expect: crate::StatusPrecondition,
+        mut change: F,
+    ) -> Result<StatusUpdate<R>>
+    where
+        R: Resource,
+        F: FnMut(&R) -> Option<R::Status>,
+    {
+        let conflict = || Error::Conflict {
+            kind: R::KIND,
+            name: name.to_string(),
+            sent: format!("status precondition {}", expect.to_header()),
+        };
+        let current = self
+            .get_stored::<R>(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: R::KIND,
+                name: name.to_string(),
+            })?;
+        if current.object_create_revision != expect.object_create_revision
+            || current.status_mod_revision != expect.status_mod_revision
+        {
+            return Err(conflict());
+        }
+        self.status_attempt(name, current, &mut change)
+            .await?
+            .ok_or_else(conflict)
+    }
+
+    /// One guarded status write from `current`: `None` when a guard failed (the caller reads
+    /// again or reports a conflict).
+    async fn status_attempt<R, F>(
+        &self,
+        name: &str,
+        current: Stored<R>,
+        change: &mut F,
+    ) -> Result<Option<StatusUpdate<R>>>
+    where
+        R: Resource,
+        F: FnMut(&R) -> Option<R::Status>,
+    {
+        {
             let mut object = current.object;
             let Some(status) = change(&object) else {
-                return Ok(StatusUpdate {
+                return Ok(Some(StatusUpdate {
                     object,
                     written: None,
-                });
+                }));
             };
             if object.status() == Some(&status) {
-                return Ok(StatusUpdate {
+                return Ok(Some(StatusUpdate {
                     object,
                     written: None,
-                });
+                }));
             }
             let key = self.keys.status(R::PLURAL, name);
             let guards = vec![
@@ -517,17 +588,13 @@ impl Store {
             ops.extend(views.into_ops());
             if let Some(revision) = self.commit(guards, ops).await? {
                 *object.status_mut() = Some(status);
-                return Ok(StatusUpdate {
+                return Ok(Some(StatusUpdate {
                     object,
                     written: Some(revision),
-                });
+                }));
             }
         }
-        Err(Error::Conflict {
-            kind: R::KIND,
-            name: name.to_string(),
-            sent: format!("status (after {STATUS_RETRIES} attempts under contention)"),
-        })
+        Ok(None)
     }
 
     /// Like [`Store::update_status`], but first tries against `seen` — the object as last
@@ -540,6 +607,10 @@ impl Store {
         F: FnMut(&R) -> Option<R::Status>,
     {
         let name = seen.name().to_string();
+        if self.remote.is_some() {
+            // Through the API the write is guarded by revisions `seen` does not carry.
+            return self.update_status(&name, change).await;
+        }
         let Ok(revision) = seen.meta().resource_version.parse::<i64>() else {
             return self.update_status(&name, change).await;
         };
@@ -624,6 +695,13 @@ impl Store {
         guards: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<Option<i64>> {
+        if self.remote.is_some() {
+            return Err(Error::Forbidden(
+                "this store writes through the API, which takes creates, replaces and status \
+                 writes only"
+                    .into(),
+            ));
+        }
         let txn = Txn::new()
             .when(self.with_fence(guards))
             .and_then(ops)

@@ -1,5 +1,7 @@
 //! A throwaway certificate authority with a server certificate (localhost, 127.0.0.1) and a
-//! client certificate, written as PEM files into a temporary directory.
+//! client certificate (CN `cobalt`), written as PEM files into a temporary directory; more
+//! client certificates by common name with [`TestCerts::client`] (etcd with authentication on
+//! takes a client certificate's CN as the user).
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,7 @@ use rcgen::{
 
 pub struct TestCerts {
     dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl TestCerts {
@@ -52,7 +55,24 @@ impl TestCerts {
         write("server-key.pem", &server_key);
         write("client.pem", &client);
         write("client-key.pem", &client_key);
-        TestCerts { dir }
+        TestCerts { dir, ca }
+    }
+
+    /// A client certificate with common name `cn`: `(cert, key)` paths, `<cn>.pem` and
+    /// `<cn>-key.pem`.
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(vec![cn.to_string()]).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.ca).expect("sign leaf");
+        let (c, k) = (
+            self.path(&format!("{cn}.pem")),
+            self.path(&format!("{cn}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write PEM");
+        std::fs::write(&k, key.serialize_pem()).expect("write PEM");
+        (c, k)
     }
 
     pub fn dir(&self) -> &Path {

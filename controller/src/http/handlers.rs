@@ -14,7 +14,7 @@ use axum::Json;
 use cobalt_api::event::{FieldSelector, OBJECT_FIELDS};
 use cobalt_api::selector::LabelSelector;
 use cobalt_api::{Claim, Machine, Snapshot, Volume, API_VERSION};
-use cobalt_store::Deleted;
+use cobalt_store::{Deleted, StatusPrecondition};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -671,56 +671,83 @@ async fn replace_status_kind<R: ApiKind>(
             "is required on the status subresource",
         ));
     };
-    let Some(machine) = caller.machine() else {
-        if dry_run {
-            return Ok(Json(object).into_response());
+    // A write sent with the revisions its sender read (as an agent's store sends it) is made
+    // only if they are still current: 409 otherwise, and the sender reads again.
+    let expect = match headers.get(StatusPrecondition::HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(StatusPrecondition::parse)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "header {} must be <object create revision>/<status mod revision>",
+                        StatusPrecondition::HEADER
+                    ))
+                })?,
+        ),
+    };
+    // A machine token is checked against the stored object, and again inside the write against
+    // the object the write reads (so a status is never written past a change that ended the
+    // machine's concern).
+    let machine = caller.machine();
+    let volume_concerned = match machine {
+        Some(machine) => {
+            let stored = bounded(&s, s.store.get::<R>(name))
+                .await?
+                .ok_or_else(|| not_found::<R>(name))?;
+            let concerned = concerns(&s, machine, &stored).await?;
+            machine_may_write_status(machine, &stored, &status, concerned).map_err(forbidden)?;
+            concerned
         }
-        let update = bounded(
-            &s,
-            s.store
-                .update_status::<R, _>(name, |_| Some(status.clone())),
-        )
-        .await?;
-        return Ok(Json(update.object).into_response());
+        None => false,
     };
-    // A machine token: checked against the stored object, and again inside the write against
-    // the object each attempt reads (so a status is never written past a change that ended
-    // the machine's concern).
-    let stored = bounded(&s, s.store.get::<R>(name))
-        .await?
-        .ok_or_else(|| not_found::<R>(name))?;
-    let volume_concerned = concerns(&s, machine, &stored).await?;
-    let allowed = |current: &R| -> Result<(), String> {
-        let concerned = match current.concerns() {
-            Concerns::Machines(m) => m.contains(machine),
-            // A Snapshot's volume was looked up above.
-            Concerns::VolumeOf { held_by, .. } => volume_concerned || held_by == Some(machine),
-            Concerns::Nobody => false,
-        };
-        scope::status(machine, current, concerned)?;
-        current.machine_status(machine, &status)
-    };
-    allowed(&stored).map_err(forbidden)?;
     if dry_run {
         return Ok(Json(object).into_response());
     }
     let mut refused = None;
-    let update = bounded(
-        &s,
-        s.store
-            .update_status::<R, _>(name, |current| match allowed(current) {
-                Ok(()) => Some(status.clone()),
-                Err(why) => {
-                    refused = Some(why);
-                    None
-                }
-            }),
-    )
-    .await?;
+    let change = |current: &R| {
+        if let Some(machine) = machine {
+            if let Err(why) = machine_may_write_status(machine, current, &status, volume_concerned)
+            {
+                refused = Some(why);
+                return None;
+            }
+        }
+        Some(status.clone())
+    };
+    let update = match expect {
+        Some(expect) => bounded(&s, s.store.update_status_if::<R, _>(name, expect, change)).await?,
+        None => bounded(&s, s.store.update_status::<R, _>(name, change)).await?,
+    };
     if let Some(why) = refused {
         return Err(forbidden(why));
     }
-    Ok(Json(update.object).into_response())
+    let mut response = Json(update.object).into_response();
+    if let Some(written) = update.written {
+        response.headers_mut().insert(
+            StatusPrecondition::WRITTEN_HEADER,
+            axum::http::HeaderValue::from(written),
+        );
+    }
+    Ok(response)
+}
+
+/// Whether `machine` may write `status` on `current`; `volume_concerned` is what
+/// [`concerns`] found (for a Snapshot, through its volume).
+fn machine_may_write_status<R: ApiKind>(
+    machine: &str,
+    current: &R,
+    status: &R::Status,
+    volume_concerned: bool,
+) -> Result<(), String> {
+    let concerned = match current.concerns() {
+        Concerns::Machines(m) => m.contains(machine),
+        Concerns::VolumeOf { held_by, .. } => volume_concerned || held_by == Some(machine),
+        Concerns::Nobody => false,
+    };
+    scope::status(machine, current, concerned)?;
+    current.machine_status(machine, status)
 }
 
 /// 403 with the reason a machine token may not do something.

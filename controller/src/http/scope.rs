@@ -8,8 +8,8 @@
 //! - the status of a Volume that concerns it (bound to it, held by it, or either end of its move
 //!   — `Volume::concerned_machines` of the stored object), where a move's or a clone seed's
 //!   transfer credential may be set only by the machine the volume is bound to (the move's
-//!   target; the source serves data to whoever holds that credential), and `status.machine`
-//!   may name only a machine the volume already concerns;
+//!   target; the source serves data to whoever holds that credential; either end may clear
+//!   it), and `status.machine` may name only a machine the volume already concerns;
 //! - the status of a Snapshot of such a volume (or held by it);
 //! - on those Volumes and Snapshots, the agent's finalizer (`cobalt.io/agent`), added or removed,
 //!   and nothing else of the object.
@@ -175,7 +175,10 @@ pub fn volume_status(machine: &str, old: &Volume, new: &VolumeStatus) -> Result<
         s.and_then(|s| s.move_.as_ref())
             .and_then(|m| m.credential_sha256.clone())
     };
-    if move_credential(Some(new)) != move_credential(old_status) && !bound_here {
+    // Setting one grants access to the data; clearing one (the move or seed over) only takes
+    // it away, which either end may do.
+    let sets = |new: Option<String>, old: Option<String>| new.is_some() && new != old;
+    if sets(move_credential(Some(new)), move_credential(old_status)) && !bound_here {
         return Err(denied(
             machine,
             format!(
@@ -188,7 +191,7 @@ pub fn volume_status(machine: &str, old: &Volume, new: &VolumeStatus) -> Result<
         s.and_then(|s| s.clone_seed.as_ref())
             .map(|c| c.credential_sha256.clone())
     };
-    if seed(Some(new)) != seed(old_status) && !bound_here {
+    if sets(seed(Some(new)), seed(old_status)) && !bound_here {
         return Err(denied(
             machine,
             format!(
@@ -306,6 +309,12 @@ mod tests {
         assert_eq!(volume_status("m2", &moving, &with_credential), Ok(()));
         let err = volume_status("m1", &moving, &with_credential).unwrap_err();
         assert!(err.contains("only the move's target"), "{err}");
+        // The source clears the finished move, credential and all.
+        let mut with = moving.clone();
+        with.status = Some(with_credential.clone());
+        let mut cleared = with_credential.clone();
+        cleared.move_ = None;
+        assert_eq!(volume_status("m1", &with, &cleared), Ok(()));
 
         // status.machine may name only a machine the volume concerns.
         let mut elsewhere = st.clone();

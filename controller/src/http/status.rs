@@ -111,6 +111,7 @@ impl From<cobalt_store::Error> for ApiError {
             E::Compacted { .. } => (StatusCode::GONE, "Expired"),
             E::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             E::Invalid(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            E::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             E::Corrupt { .. } | E::Tls(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         };
         let mut err = ApiError::new(code, reason, message);
