@@ -107,7 +107,8 @@ release:
 	$(CARGO) build --release --locked --target $(RELEASE_TARGET) -p cobalt-controller -p cobalt-agent -p cobaltctl
 	rm -rf dist && mkdir -p dist
 	for b in $(RELEASE_BINS); do cp target/$(RELEASE_TARGET)/release/$$b dist/; done
-	cd dist && sha256sum $(RELEASE_BINS) > SHA256SUMS
+	cp scripts/etcd-auth.sh dist/
+	cd dist && sha256sum $(RELEASE_BINS) etcd-auth.sh > SHA256SUMS
 	@for b in $(RELEASE_BINS); do file dist/$$b | grep -Eq "static(-pie)? linked|statically linked" || { echo "dist/$$b is not static"; exit 1; }; done
 	@cat dist/SHA256SUMS
 
