@@ -4,7 +4,7 @@
 //! what concerns this machine.
 //!
 //! Every request has a deadline ([`REQUEST_TIMEOUT`]); an unreachable or failing API is
-//! [`cobalt_store::Error::Unavailable`], which the reconcilers retry with backoff like an
+//! [`cobalt_store::Error::ApiUnavailable`], which the reconcilers retry with backoff like an
 //! unreachable etcd.
 
 use std::path::Path;
@@ -64,9 +64,8 @@ impl ApiWrites {
         if let Some(p) = precondition {
             request = request.header(StatusPrecondition::HEADER, p.to_header());
         }
-        let unavailable = |cause: String| Error::Unavailable {
-            endpoints: self.server.clone(),
-            deadline: REQUEST_TIMEOUT,
+        let unavailable = |cause: String| Error::ApiUnavailable {
+            server: self.server.clone(),
             cause,
         };
         let response = request

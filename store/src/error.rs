@@ -27,6 +27,8 @@ pub enum Error {
         deadline: Duration,
         cause: String,
     },
+    #[error("the API at {server} did not answer ({cause}); writes wait until a controller does")]
+    ApiUnavailable { server: String, cause: String },
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("refused: {0}")]
@@ -40,7 +42,10 @@ pub enum Error {
 impl Error {
     /// True when retrying the same call later may succeed (etcd unreachable or slow).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unavailable { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::ApiUnavailable { .. }
+        )
     }
 }
 

@@ -109,7 +109,9 @@ impl From<cobalt_store::Error> for ApiError {
             E::AlreadyExists { .. } => (StatusCode::CONFLICT, "AlreadyExists"),
             E::Conflict { .. } | E::Fenced { .. } => (StatusCode::CONFLICT, "Conflict"),
             E::Compacted { .. } => (StatusCode::GONE, "Expired"),
-            E::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            E::Unavailable { .. } | E::ApiUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+            }
             E::Invalid(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             E::Corrupt { .. } | E::Tls(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
