@@ -91,6 +91,7 @@ bench: deps
 	$(CARGO) bench -p cobalt-e2e --bench gitops
 	$(CARGO) bench -p cobalt-e2e --bench scale
 	$(CARGO) bench -p cobalt-e2e --bench scheduling
+	$(CARGO) bench -p cobalt-e2e --bench least_privilege
 
 demo: deps
 	bash scripts/demo.sh

@@ -1229,3 +1229,61 @@ fn a_machine_token_must_name_its_machine_and_only_machine_tokens_may() {
         assert!(err.contains(says), "{entry}: {err}");
     }
 }
+
+/// A status write sent with the revisions its sender read (`Cobalt-Status-Precondition`, what an
+/// agent writing through the API sends) lands only while they hold; the answer says which
+/// revision it wrote.
+#[tokio::test]
+async fn a_status_precondition_refuses_a_stale_write_and_names_the_revision_written() {
+    let etcd = Etcd::start();
+    let api = Api::start(&etcd, None).await;
+    api.post("volumes", &volume("a", "1Gi")).await;
+    let stored = api
+        .store
+        .get_stored::<cobalt_api::Volume>("a")
+        .await
+        .unwrap()
+        .unwrap();
+    let expect = cobalt_store::StatusPrecondition {
+        object_create_revision: stored.object_create_revision,
+        status_mod_revision: stored.status_mod_revision,
+    };
+    let (_, mut body) = api.get("volumes/a").await;
+    body["status"] = json!({"phase": "Ready"});
+    let put = |header: String, body: &Value| {
+        api.req(reqwest::Method::PUT, "volumes/a/status")
+            .header(cobalt_store::StatusPrecondition::HEADER, header)
+            .json(body)
+    };
+    let resp = put(expect.to_header(), &body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let written: i64 = resp
+        .headers()
+        .get(cobalt_store::StatusPrecondition::WRITTEN_HEADER)
+        .expect("the revision written")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = api
+        .store
+        .get_stored::<cobalt_api::Volume>("a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.status_mod_revision, written);
+
+    // The same precondition again is stale now: 409, and the status stays.
+    body["status"] = json!({"phase": "Failed"});
+    let (code, answer) = api.send(put(expect.to_header(), &body)).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{answer}");
+    let v: cobalt_api::Volume = api.store.get("a").await.unwrap().unwrap();
+    assert_eq!(v.status.unwrap().phase, cobalt_api::VolumePhase::Ready);
+    // Malformed: 400 naming the header.
+    let (code, answer) = api.send(put("latest".into(), &body)).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["message"]
+        .as_str()
+        .unwrap()
+        .contains(cobalt_store::StatusPrecondition::HEADER));
+}

@@ -6,6 +6,7 @@
 //! The binaries are the workspace's own (`target/debug/…`); `make e2e` builds them first.
 
 pub mod chaos;
+pub mod secured;
 pub mod soak;
 
 use std::path::PathBuf;

@@ -540,59 +540,57 @@ impl Store {
         R: Resource,
         F: FnMut(&R) -> Option<R::Status>,
     {
-        {
-            let mut object = current.object;
-            let Some(status) = change(&object) else {
-                return Ok(Some(StatusUpdate {
-                    object,
-                    written: None,
-                }));
-            };
-            if object.status() == Some(&status) {
-                return Ok(Some(StatusUpdate {
-                    object,
-                    written: None,
-                }));
-            }
-            let key = self.keys.status(R::PLURAL, name);
-            let guards = vec![
-                Compare::create_revision(
-                    self.keys.object(R::PLURAL, name),
-                    CompareOp::Equal,
-                    current.object_create_revision,
-                ),
-                Compare::mod_revision(key.clone(), CompareOp::Equal, current.status_mod_revision),
-            ];
-            let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
-            let mut after = object.clone();
-            *after.status_mut() = Some(status.clone());
-            let views = view_ops(
-                &self.keys,
-                Transition {
-                    old: Some(&object),
-                    new: Some(&after),
-                    object_written: false,
-                    status_written: true,
-                },
-            )?;
-            let mut guards = guards;
-            if views.copies_unwritten {
-                // A machine joins and gets the object copied: it must be the current one.
-                guards.push(Compare::mod_revision(
-                    self.keys.object(R::PLURAL, name),
-                    CompareOp::Equal,
-                    current.object_mod_revision,
-                ));
-            }
-            let mut ops = vec![TxnOp::put(key, value, None)];
-            ops.extend(views.into_ops());
-            if let Some(revision) = self.commit(guards, ops).await? {
-                *object.status_mut() = Some(status);
-                return Ok(Some(StatusUpdate {
-                    object,
-                    written: Some(revision),
-                }));
-            }
+        let mut object = current.object;
+        let Some(status) = change(&object) else {
+            return Ok(Some(StatusUpdate {
+                object,
+                written: None,
+            }));
+        };
+        if object.status() == Some(&status) {
+            return Ok(Some(StatusUpdate {
+                object,
+                written: None,
+            }));
+        }
+        let key = self.keys.status(R::PLURAL, name);
+        let guards = vec![
+            Compare::create_revision(
+                self.keys.object(R::PLURAL, name),
+                CompareOp::Equal,
+                current.object_create_revision,
+            ),
+            Compare::mod_revision(key.clone(), CompareOp::Equal, current.status_mod_revision),
+        ];
+        let value = serde_json::to_vec(&status).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut after = object.clone();
+        *after.status_mut() = Some(status.clone());
+        let views = view_ops(
+            &self.keys,
+            Transition {
+                old: Some(&object),
+                new: Some(&after),
+                object_written: false,
+                status_written: true,
+            },
+        )?;
+        let mut guards = guards;
+        if views.copies_unwritten {
+            // A machine joins and gets the object copied: it must be the current one.
+            guards.push(Compare::mod_revision(
+                self.keys.object(R::PLURAL, name),
+                CompareOp::Equal,
+                current.object_mod_revision,
+            ));
+        }
+        let mut ops = vec![TxnOp::put(key, value, None)];
+        ops.extend(views.into_ops());
+        if let Some(revision) = self.commit(guards, ops).await? {
+            *object.status_mut() = Some(status);
+            return Ok(Some(StatusUpdate {
+                object,
+                written: Some(revision),
+            }));
         }
         Ok(None)
     }

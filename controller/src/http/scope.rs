@@ -56,12 +56,14 @@ pub enum Concerns<'a> {
     },
 }
 
-/// The same object but for the agent's finalizer, `resourceVersion` and `status`: what a
-/// replace by a machine token may differ in.
-fn without_agent_parts<R: Resource>(obj: &R) -> Result<Value, String> {
+/// The same object but for `resourceVersion`, `status` and, with `finalizer`, the agent's
+/// finalizer: what a replace by a machine token may differ in.
+fn without_agent_parts<R: Resource>(obj: &R, finalizer: bool) -> Result<Value, String> {
     let mut o = obj.clone();
     let meta = o.meta_mut();
-    meta.finalizers.retain(|f| f != AGENT_FINALIZER);
+    if finalizer {
+        meta.finalizers.retain(|f| f != AGENT_FINALIZER);
+    }
     meta.resource_version = Default::default();
     *o.status_mut() = None;
     serde_json::to_value(&o).map_err(|e| e.to_string())
@@ -94,7 +96,7 @@ pub fn replace<R: Resource>(
             ),
         ));
     }
-    if without_agent_parts(old)? != without_agent_parts(new)? {
+    if without_agent_parts(old, true)? != without_agent_parts(new, true)? {
         return Err(denied(
             machine,
             format!(
@@ -117,7 +119,7 @@ fn replace_own_machine<R: Resource>(machine: &str, old: &R, new: &R) -> Result<(
         o.meta_mut()
             .labels
             .retain(|k, _| !k.starts_with(COBALT_LABELS));
-        without_agent_parts(&o)
+        without_agent_parts(&o, false)
     };
     if strip(old)? != strip(new)? {
         return Err(denied(
@@ -282,6 +284,12 @@ mod tests {
         let mut uncordon = old.clone();
         uncordon.spec.unschedulable = true;
         assert!(replace("m1", &old, &uncordon, true).is_err());
+        let mut held = old.clone();
+        held.metadata.finalizers.push(AGENT_FINALIZER.into());
+        assert!(
+            replace("m1", &old, &held, true).is_err(),
+            "no finalizer on its Machine"
+        );
 
         assert_eq!(create("m1", &old), Ok(()));
         assert!(create("m2", &old).is_err());
