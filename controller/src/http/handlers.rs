@@ -687,12 +687,12 @@ async fn replace_status_kind<R: ApiKind>(
                 })?,
         ),
     };
-    // A machine token is checked against the stored object, and again inside the write against
-    // the object the write reads (so a status is never written past a change that ended the
-    // machine's concern).
+    // A machine token is checked inside the write, against the object the write reads (so a
+    // status is never written past a change that ended the machine's concern). A Snapshot's
+    // concern goes through its volume, read first; a dry run is checked against a read.
     let machine = caller.machine();
     let volume_concerned = match machine {
-        Some(machine) => {
+        Some(machine) if dry_run || R::KIND == <Snapshot as cobalt_api::Resource>::KIND => {
             let stored = bounded(&s, s.store.get::<R>(name))
                 .await?
                 .ok_or_else(|| not_found::<R>(name))?;
@@ -700,7 +700,7 @@ async fn replace_status_kind<R: ApiKind>(
             machine_may_write_status(machine, &stored, &status, concerned).map_err(forbidden)?;
             concerned
         }
-        None => false,
+        _ => false,
     };
     if dry_run {
         return Ok(Json(object).into_response());
