@@ -559,4 +559,38 @@ mod tests {
         let err = AgentConfig::load(&flags).unwrap_err().to_string();
         assert!(err.contains("btrfs or loop"), "{err}");
     }
+
+    #[test]
+    fn the_api_flags_set_where_writes_go_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("machine.token");
+        std::fs::write(&token, "  abc-0123456789abcdef\n").unwrap();
+        let mut flags = example();
+        flags.api_server = Some("https://cobalt.example:7420".into());
+        flags.api_token_file = Some(token.clone());
+        flags.api_ca = Some("/etc/cobalt/ca.pem".into());
+        let api = AgentConfig::load(&flags).unwrap().api.unwrap();
+        assert_eq!(api.server, "https://cobalt.example:7420");
+        assert_eq!(
+            api.ca.as_deref(),
+            Some(std::path::Path::new("/etc/cobalt/ca.pem"))
+        );
+        assert_eq!(api.token().unwrap(), "abc-0123456789abcdef");
+
+        flags.api_server = Some("cobalt.example:7420".into());
+        let err = AgentConfig::load(&flags).unwrap_err().to_string();
+        assert!(err.contains("api.server") && err.contains("http"), "{err}");
+
+        let mut ca_alone = example();
+        ca_alone.api_ca = Some("/etc/cobalt/ca.pem".into());
+        let err = AgentConfig::load(&ca_alone).unwrap_err().to_string();
+        assert!(err.contains("--api-ca"), "{err}");
+
+        std::fs::write(&token, "\n").unwrap();
+        let err = api.token().unwrap_err().to_string();
+        assert!(
+            err.contains("api.tokenFile") && err.contains("empty"),
+            "{err}"
+        );
+    }
 }
