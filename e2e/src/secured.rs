@@ -31,7 +31,7 @@ pub fn token_of(machine: &str) -> String {
 }
 
 /// The etcd block of a daemon's config, identified by the client certificate `cert`/`key`.
-fn etcd_block(
+pub fn etcd_block(
     etcd: &Etcd,
     certs: &TestCerts,
     cert: &std::path::Path,

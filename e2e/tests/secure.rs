@@ -19,13 +19,13 @@ use cobalt_testkit::wait::until;
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const READER: &str = "reader-token-0123456789abcdef";
 
+/// The etcd block of the daemons' configs, with the client certificate step 1 made.
 fn etcd_block(etcd: &Etcd, certs: &TestCerts) -> String {
-    format!(
-        "etcd:\n  endpoints: [{}]\n  tls: {{ca: {}, cert: {}, key: {}}}\n",
-        etcd.endpoints()[0],
-        certs.path("ca.pem").display(),
-        certs.path("client.pem").display(),
-        certs.path("client-key.pem").display()
+    cobalt_e2e::secured::etcd_block(
+        etcd,
+        certs,
+        &certs.path("client.pem"),
+        &certs.path("client-key.pem"),
     )
 }
 

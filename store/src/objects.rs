@@ -114,6 +114,16 @@ impl Store {
         Ok(objects.pop())
     }
 
+    /// [`Store::get_stored`] of an object that must exist: [`Error::NotFound`] otherwise.
+    pub(crate) async fn get_existing<R: Resource>(&self, name: &str) -> Result<Stored<R>> {
+        self.get_stored::<R>(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: R::KIND,
+                name: name.to_string(),
+            })
+    }
+
     /// Lists every object of a kind matching `selector`, and the revision they were read at
     /// (a watch from `revision + 1` continues exactly where the list ends).
     pub async fn list<R: Resource>(&self, selector: &LabelSelector) -> Result<(Vec<R>, i64)> {
@@ -308,13 +318,7 @@ impl Store {
                 "metadata.resourceVersion {sent:?} must be the object's current resourceVersion"
             ))
         })?;
-        let current = self
-            .get_stored::<R>(&name)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: R::KIND,
-                name: name.clone(),
-            })?;
+        let current = self.get_existing::<R>(&name).await?;
         if current.object_mod_revision != expected {
             return Err(conflict());
         }
@@ -393,13 +397,7 @@ impl Store {
         name: &str,
         precondition: Option<&str>,
     ) -> Result<Deleted<R>> {
-        let current = self
-            .get_stored::<R>(name)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: R::KIND,
-                name: name.to_string(),
-            })?;
+        let current = self.get_existing::<R>(name).await?;
         if let Some(rv) = precondition {
             if rv != current.object_mod_revision.to_string() {
                 return Err(Error::Conflict {
@@ -474,13 +472,7 @@ impl Store {
                 .await;
         }
         for _ in 0..STATUS_RETRIES {
-            let current = self
-                .get_stored::<R>(name)
-                .await?
-                .ok_or_else(|| Error::NotFound {
-                    kind: R::KIND,
-                    name: name.to_string(),
-                })?;
+            let current = self.get_existing::<R>(name).await?;
             if let Some(update) = self.status_attempt(name, current, &mut change).await? {
                 return Ok(update);
             }
@@ -511,13 +503,7 @@ impl Store {
             name: name.to_string(),
             sent: format!("status precondition {}", expect.to_header()),
         };
-        let current = self
-            .get_stored::<R>(name)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: R::KIND,
-                name: name.to_string(),
-            })?;
+        let current = self.get_existing::<R>(name).await?;
         if current.object_create_revision != expect.object_create_revision
             || current.status_mod_revision != expect.status_mod_revision
         {

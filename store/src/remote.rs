@@ -138,13 +138,7 @@ impl Store {
         F: FnMut(&R) -> Option<R::Status>,
     {
         for _ in 0..STATUS_RETRIES {
-            let current = self
-                .get_stored::<R>(name)
-                .await?
-                .ok_or_else(|| Error::NotFound {
-                    kind: R::KIND,
-                    name: name.to_string(),
-                })?;
+            let current = self.get_existing::<R>(name).await?;
             let object = current.object;
             let Some(status) = change(&object) else {
                 return Ok(StatusUpdate {
