@@ -1,6 +1,7 @@
 //! Snapshots on the real three-machine cluster: take one with `cobaltctl snapshot`, change the
 //! volume, restore the snapshot into a new volume and read the old content over NFS; what a
-//! volume with snapshots may not do (be deleted, move); a schedule that prunes to `keep`; space
+//! volume with snapshots may not do (be deleted, move); a schedule that prunes to `keep` and goes
+//! on, unrepeated, when the leader running it is killed; space
 //! counted in the ledger; and the agent killed while a snapshot is taken and while one is freed.
 
 use std::time::Duration;
@@ -169,16 +170,20 @@ async fn a_snapshot_restores_old_content_over_nfs_blocks_delete_and_moves_and_sc
     // A schedule takes snapshots and prunes the oldest beyond keep.
     c.apply_text(&yaml(
         "sched",
-        "  snapshots: {every: 1s, keep: 2}\n",
+        "  snapshots: {every: 2s, keep: 2}\n",
         &client,
     ))
     .await;
     let sched = c.wait_ready("sched", "60s").await;
-    let mut seen = std::collections::BTreeSet::new();
+    // Every scheduled snapshot seen, with when it was created.
+    let mut seen = std::collections::BTreeMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let now = scheduled(&c, "sched").await;
-        seen.extend(now.iter().map(|s| s.metadata.name.clone()));
+        seen.extend(
+            now.iter()
+                .map(|s| (s.metadata.name.clone(), s.metadata.creation_timestamp)),
+        );
         if seen.len() >= 4 && now.len() <= 3 {
             break;
         }
@@ -189,6 +194,34 @@ async fn a_snapshot_restores_old_content_over_nfs_blocks_delete_and_moves_and_sc
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The schedule is the leader's: killed, the other controller takes over and neither repeats
+    // nor forgets it — it goes on, never two scheduled snapshots less than `every` apart.
+    let leader = c.leader_index().await;
+    c.controllers[leader].0.kill();
+    let taken_before = seen.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < taken_before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedule stopped with its leader: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = scheduled(&c, "sched").await;
+        seen.extend(
+            now.iter()
+                .map(|s| (s.metadata.name.clone(), s.metadata.creation_timestamp)),
+        );
+    }
+    let mut created: Vec<_> = seen.values().map(|t| t.expect("created")).collect();
+    created.sort();
+    for pair in created.windows(2) {
+        let gap = (pair[1] - pair[0]).to_std().unwrap();
+        assert!(
+            gap >= Duration::from_millis(1900),
+            "two scheduled snapshots {gap:?} apart: {seen:?}"
+        );
+    }
+
     // Slow the schedule down: no new ones for an hour, and exactly `keep` remain, in etcd and on
     // disk.
     c.apply_text(&yaml(
