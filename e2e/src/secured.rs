@@ -10,6 +10,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use cobalt_agent::backend::Backend;
 use cobalt_api::{Volume, VolumePhase};
 use cobalt_store::{EtcdConfig, Store, TlsFiles};
 use cobalt_testkit::btrfs::BtrfsPool;
@@ -18,8 +19,6 @@ use cobalt_testkit::etcd::Etcd;
 use cobalt_testkit::free_port;
 use cobalt_testkit::process::Daemon;
 use cobalt_testkit::wait::until;
-
-use cobalt_agent::backend::Backend;
 
 use crate::{binary, out};
 
