@@ -41,45 +41,33 @@ async fn agents_with_machine_credentials_run_their_volumes_and_cannot_change_wha
     // With the holder's own etcd user: nothing users declared, nothing of another machine.
     let holder = store_as(&c.etcd, &c.certs, &format!("cobalt-machine-{from}")).await;
     let mut kv = holder.raw();
-    let denied = |r: Result<_, etcd_client::Error>, what: &str| {
+    let denied = |r: Result<(), etcd_client::Error>, what: &str| {
         let e = r.err().unwrap_or_else(|| panic!("{what}: etcd allowed it"));
         assert!(e.to_string().contains("permission denied"), "{what}: {e}");
     };
-    denied(
-        kv.put(format!("{PREFIX}/volumes/db/object"), "{}", None)
-            .await
-            .map(|_| ()),
-        "a Volume's spec",
-    );
+    for (key, what) in [
+        (format!("{PREFIX}/volumes/db/object"), "a Volume's spec"),
+        (
+            format!("{PREFIX}/volumes/db/status"),
+            "a status straight into etcd",
+        ),
+        (
+            format!("{PREFIX}/machines/{to}/alive"),
+            "another machine's liveness",
+        ),
+        (format!("{PREFIX}/machines/{to}/object"), "another Machine"),
+        (
+            format!("{PREFIX}/views/{to}/volumes/db/status"),
+            "another machine's view",
+        ),
+    ] {
+        denied(kv.put(key, "{}", None).await.map(|_| ()), what);
+    }
     denied(
         kv.delete(format!("{PREFIX}/volumes/db/object"), None)
             .await
             .map(|_| ()),
         "deleting a Volume",
-    );
-    denied(
-        kv.put(format!("{PREFIX}/volumes/db/status"), "{}", None)
-            .await
-            .map(|_| ()),
-        "a status straight into etcd",
-    );
-    denied(
-        kv.put(format!("{PREFIX}/machines/{to}/alive"), from.as_str(), None)
-            .await
-            .map(|_| ()),
-        "another machine's liveness",
-    );
-    denied(
-        kv.put(format!("{PREFIX}/machines/{to}/object"), "{}", None)
-            .await
-            .map(|_| ()),
-        "another Machine",
-    );
-    denied(
-        kv.put(format!("{PREFIX}/views/{to}/volumes/db/status"), "{}", None)
-            .await
-            .map(|_| ()),
-        "another machine's view",
     );
     // The typed store says so in words.
     let mut bigger = db.clone();
